@@ -1,0 +1,56 @@
+"""gunicorn configuration: settings from the environment, and one-line hooks that call into webapp.
+
+Run: gunicorn -c gunicorn.conf.py    (every setting is an environment variable; see README.md)
+"""
+
+import sys
+
+from webapp import hooks, logs
+from webapp.settings import Settings, SettingsError
+
+try:
+    settings = Settings.from_env()
+except SettingsError as exc:
+    sys.exit(f"configuration error: {exc}")
+
+wsgi_app = "webapp:create_app()"
+bind = [settings.bind]
+workers = settings.workers
+worker_class = "gthread"  # request threads keep answering probes while the engine thread generates
+threads = settings.threads
+timeout = int(settings.worker_timeout)
+graceful_timeout = int(settings.graceful_timeout)
+preload_app = False  # the master never imports torch or touches CUDA
+control_socket_disable = True  # a per-user default path: two instances on one host would fight over it
+loglevel = settings.log_level
+errorlog = "-"
+accesslog = "-" if settings.access_log else None
+logger_class = logs.server_logger(settings.log_probes)
+
+
+def on_starting(server):
+    hooks.on_starting(server, settings)
+
+
+def pre_fork(server, worker):
+    hooks.pre_fork(server, worker)
+
+
+def post_fork(server, worker):
+    hooks.post_fork(server, worker, settings)
+
+
+def worker_exit(server, worker):
+    hooks.worker_exit(server, worker)
+
+
+def child_exit(server, worker):
+    hooks.child_exit(server, worker)
+
+
+def nworkers_changed(server, new_value, old_value):
+    hooks.nworkers_changed(server, new_value, old_value)
+
+
+def on_exit(server):
+    hooks.on_exit(server)

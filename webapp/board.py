@@ -1,0 +1,229 @@
+"""The readiness board: a shared-memory file with one fixed-width record per worker slot.
+
+The gunicorn master creates it before forking; every worker inherits the mapping, writes its own slot
+and reads all of them, so any worker can answer /readyz for the whole container. The master writes a
+slot only before the worker exists (pre_fork) and after it died (child_exit): one writer at a time.
+
+Readers never lock. Each record starts with a sequence counter (a seqlock): the writer makes it odd,
+writes the body, then makes it even again; a reader copies the body between two reads of the counter
+and retries if they differ or are odd, so it never sees a torn record and a writer never waits.
+Store order on the mapping is what the seqlock relies on; x86-64 keeps stores in order (TSO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import mmap
+import os
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+MAGIC = b"HDBOARD1"
+VERSION = 1
+BOARD_FILE = "board"
+DIR_PREFIX = "honest-diffusion-"
+
+# magic, version, capacity, expected workers, master pid, created (wall clock)
+_HEADER = struct.Struct("<8sHHHxxid")
+_HEADER_SIZE = 64
+_SEQ = struct.Struct("<Q")
+ERROR_BYTES = 240
+DEVICE_BYTES = 16
+# state, pid, attempt, max attempts, device, started, state since, ready, heartbeat, next retry,
+# last step (monotonic), started (wall), in flight, queued, served, failed, shed, error
+_BODY = struct.Struct(f"<BxxxiHH{DEVICE_BYTES}s7d5I{ERROR_BYTES}s")
+RECORD_SIZE = 512
+assert _SEQ.size + _BODY.size <= RECORD_SIZE
+_READ_TRIES = 10_000
+
+
+class State(enum.IntEnum):
+    """A worker's life (DESIGN.md §2). DEAD slots are free for the next worker."""
+
+    EMPTY = 0
+    STARTING = 1
+    LOADING = 2
+    WARMING = 3
+    READY = 4
+    FAILED = 5
+    UNHEALTHY = 6
+    DRAINING = 7
+    DEAD = 8
+
+
+FREE_STATES = frozenset({State.EMPTY, State.DEAD})
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """One worker's row. Times ending in ``_mono`` are time.monotonic() seconds (system-wide on Linux)."""
+
+    state: State = State.EMPTY
+    pid: int = 0
+    attempt: int = 0
+    max_attempts: int = 0
+    device: str = ""
+    started_mono: float = 0.0
+    state_since_mono: float = 0.0
+    ready_mono: float = 0.0
+    heartbeat_mono: float = 0.0
+    next_retry_mono: float = 0.0
+    last_step_mono: float = 0.0
+    started_wall: float = 0.0
+    in_flight: int = 0
+    queued: int = 0
+    served: int = 0
+    failed: int = 0
+    shed: int = 0
+    error: str = ""
+    torn: bool = False  # True when a consistent copy could not be read (a writer died mid-write)
+
+
+_FIELD_NAMES = [f.name for f in fields(SlotRecord) if f.name != "torn"]
+
+
+def _pack(record: SlotRecord) -> bytes:
+    values = [getattr(record, name) for name in _FIELD_NAMES]
+    values[0] = int(record.state)
+    values[4] = record.device.encode()[:DEVICE_BYTES]
+    values[-1] = _clip_utf8(record.error, ERROR_BYTES)
+    return _BODY.pack(*values)
+
+
+def _unpack(body: bytes) -> SlotRecord:
+    values = list(_BODY.unpack_from(body))
+    values[0] = State(values[0]) if values[0] in State._value2member_map_ else State.EMPTY
+    values[4] = values[4].rstrip(b"\0").decode(errors="replace")
+    values[-1] = values[-1].rstrip(b"\0").decode(errors="replace")
+    return SlotRecord(**dict(zip(_FIELD_NAMES, values, strict=True)))
+
+
+def _clip_utf8(text: str, limit: int) -> bytes:
+    data = text.encode()
+    if len(data) <= limit:
+        return data
+    return data[: limit - 3].decode(errors="ignore").encode() + b"..."
+
+
+class Board:
+    """A mapped board file. ``create`` in the master, inherited (or ``attach``) in workers."""
+
+    def __init__(self, path: Path, mapping: mmap.mmap, owner: bool) -> None:
+        self.path = path
+        self._map = mapping
+        self._owner = owner
+        self._write_lock = threading.Lock()  # a worker's threads take turns; other processes never wait
+        magic, version, capacity, _, master_pid, created = _HEADER.unpack_from(mapping, 0)
+        if magic != MAGIC or version != VERSION:
+            raise ValueError(f"{path} is not a readiness board of version {VERSION}")
+        self.capacity = capacity
+        self.master_pid = master_pid
+        self.created_wall = created
+
+    @classmethod
+    def create(cls, directory: Path, capacity: int, expected_workers: int) -> Board:
+        """Make a private 0700 folder in ``directory`` holding a 0600 board of ``capacity`` empty slots."""
+        private = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=directory))
+        path = private / BOARD_FILE
+        size = _HEADER_SIZE + capacity * RECORD_SIZE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        _HEADER.pack_into(mapping, 0, MAGIC, VERSION, capacity, expected_workers, os.getpid(), time.time())
+        return cls(path, mapping, owner=True)
+
+    @classmethod
+    def attach(cls, path: Path) -> Board:
+        """Map an existing board (for tools and tests; workers inherit the master's mapping)."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mapping = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(Path(path), mapping, owner=False)
+
+    @property
+    def expected_workers(self) -> int:
+        """The worker count gunicorn is configured for now (the master updates it on TTIN/TTOU)."""
+        return _HEADER.unpack_from(self._map, 0)[3]
+
+    def set_expected_workers(self, count: int) -> None:
+        struct.pack_into("<H", self._map, 8 + 2 + 2, count)
+
+    def _offset(self, slot: int) -> int:
+        if not 0 <= slot < self.capacity:
+            raise IndexError(f"slot {slot} is outside 0..{self.capacity - 1}")
+        return _HEADER_SIZE + slot * RECORD_SIZE
+
+    def read(self, slot: int) -> SlotRecord:
+        """A consistent copy of one slot, without locking; ``torn`` if its writer died mid-write."""
+        offset = self._offset(slot)
+        body_at = offset + _SEQ.size
+        for attempt in range(_READ_TRIES):
+            before = _SEQ.unpack_from(self._map, offset)[0]
+            if before % 2 == 0:
+                body = self._map[body_at : body_at + _BODY.size]
+                if _SEQ.unpack_from(self._map, offset)[0] == before:
+                    return _unpack(body)
+            if attempt % 100 == 99:
+                time.sleep(0)  # let a descheduled writer finish
+        return replace(_unpack(self._map[body_at : body_at + _BODY.size]), torn=True)
+
+    def read_all(self) -> list[SlotRecord]:
+        return [self.read(slot) for slot in range(self.capacity)]
+
+    def write(self, slot: int, **changes: object) -> SlotRecord:
+        """Change fields of ``slot`` (its single writer only); ``state`` changes stamp ``state_since_mono``."""
+        offset = self._offset(slot)
+        with self._write_lock:
+            seq = _SEQ.unpack_from(self._map, offset)[0]
+            seq += seq % 2  # a previous writer died mid-write: step past its odd value
+            current = _unpack(self._map[offset + _SEQ.size : offset + _SEQ.size + _BODY.size])
+            if "state" in changes and changes["state"] != current.state and "state_since_mono" not in changes:
+                changes["state_since_mono"] = time.monotonic()
+            record = replace(current, **changes)
+            body = _pack(record)
+            _SEQ.pack_into(self._map, offset, seq + 1)
+            self._map[offset + _SEQ.size : offset + _SEQ.size + len(body)] = body
+            _SEQ.pack_into(self._map, offset, seq + 2)
+            return record
+
+    def reset(self, slot: int, **fields_: object) -> SlotRecord:
+        """Replace ``slot`` with a fresh record (a new worker takes it over)."""
+        fresh = {name: getattr(SlotRecord(), name) for name in _FIELD_NAMES}
+        fresh.update(fields_)
+        return self.write(slot, **fresh)
+
+    def free_slot(self, taken: set[int]) -> int:
+        """The lowest slot that is neither taken by a live worker nor holding a live record."""
+        for slot in range(self.capacity):
+            if slot not in taken and self.read(slot).state in FREE_STATES:
+                return slot
+        for slot in range(self.capacity):  # every record busy: fall back to any slot no live worker holds
+            if slot not in taken:
+                return slot
+        raise RuntimeError(f"all {self.capacity} board slots are held by live workers")
+
+    def close(self) -> None:
+        self._map.close()
+
+    def remove(self) -> None:
+        """Unmap, delete the file and its private folder (the master, at exit)."""
+        self.close()
+        for target in (self.path, self.path.parent):
+            with contextlib.suppress(FileNotFoundError):
+                (os.unlink if target is self.path else os.rmdir)(target)
+
+
+def record_as_dict(record: SlotRecord) -> dict[str, object]:
+    data = asdict(record)
+    data["state"] = record.state.name
+    return data

@@ -1,0 +1,200 @@
+"""The engine: one thread per worker owns the model from load to serve; request threads hand it jobs.
+
+States on the board (DESIGN.md §2): STARTING -> LOADING (attempt k) -> WARMING -> READY, or FAILED when
+the load cannot succeed. Each load attempt is ``loader(settings, slot)`` plus one warm-up generation,
+because a model can load cleanly and only fail when used (a missing tokenizer does exactly that).
+A second thread writes the heartbeat, so a frozen process is visible to every other worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tenacity import RetryCallState
+
+from webapp import loading
+from webapp.board import Board, State
+from webapp.params import GenerationParams
+from webapp.settings import Settings, resolve_callable
+
+log = logging.getLogger(__name__)
+
+
+class Model(Protocol):
+    """What the engine needs from a loaded model (``webapp.pipeline.DiffusersModel`` is the real one)."""
+
+    device: str
+    default_size: tuple[int, int]
+
+    def generate(self, params: GenerationParams, on_step: Callable[[int], None]) -> list[Any]:
+        """Images (PIL) for ``params``, one per seed; call ``on_step(i)`` after each denoising step."""
+        ...
+
+
+class NotReady(Exception):
+    """The worker cannot take jobs now; ``state`` says why."""
+
+    def __init__(self, state: State) -> None:
+        super().__init__(f"this worker is {state.name}")
+        self.state = state
+
+
+class Overloaded(Exception):
+    """The queue is full; the job was not accepted."""
+
+
+@dataclass
+class Job:
+    params: GenerationParams
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    finished: float = 0.0
+
+
+class Engine:
+    """Owns one worker's model. ``start()`` returns at once; progress is written to ``board[slot]``."""
+
+    def __init__(self, settings: Settings, board: Board, slot: int) -> None:
+        self.settings = settings
+        self.board = board
+        self.slot = slot
+        self.state = State.STARTING
+        self.model: Model | None = None
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queued)
+        self._counts_lock = threading.Lock()
+        self._counts = {"in_flight": 0, "queued": 0, "served": 0, "failed": 0, "shed": 0}
+        self._stop = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the heartbeat and engine threads (daemons) and return immediately."""
+        threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.slot}", daemon=True).start()
+        threading.Thread(target=self._run, name=f"engine-{self.slot}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _set_state(self, state: State, **fields: object) -> None:
+        self.state = state
+        self.board.write(self.slot, state=state, **fields)
+        log.info(
+            "event=state slot=%s pid=%s state=%s%s",
+            self.slot,
+            self.board.read(self.slot).pid,
+            state.name,
+            "".join(f" {k}={v!r}" for k, v in fields.items() if k in ("attempt", "error", "device")),
+        )
+
+    def _heartbeat(self) -> None:
+        while not self._stop.is_set():
+            with self._counts_lock:
+                counts = dict(self._counts)
+            self.board.write(self.slot, heartbeat_mono=time.monotonic(), **counts)
+            self._stop.wait(self.settings.heartbeat_interval)
+
+    def _run(self) -> None:
+        try:
+            self.model = self._load()
+        except BaseException as exc:  # every failure must reach the board, never vanish
+            kind = "permanent error" if not loading.is_transient(exc) else "retries exhausted"
+            attempt = self.board.read(self.slot).attempt
+            message = f"{loading.describe(exc)} ({kind} after {attempt} attempt(s))"
+            log.exception("event=load_failed slot=%s error=%r", self.slot, message)
+            self._set_state(State.FAILED, error=message, next_retry_mono=0.0)
+            return
+        self._set_state(State.READY, ready_mono=time.monotonic(), next_retry_mono=0.0)
+        self._serve()
+
+    def _load(self) -> Model:
+        s = self.settings
+        policy = loading.retrying(
+            s.load_max_attempts, s.load_max_seconds, s.load_backoff_initial, s.load_backoff_max, self._before_retry
+        )
+        self.board.write(self.slot, max_attempts=s.load_max_attempts)
+        for attempt in policy:
+            with attempt:
+                number = attempt.retry_state.attempt_number
+                started = time.monotonic()
+                self._set_state(State.LOADING, attempt=number, next_retry_mono=0.0)
+                loader = resolve_callable(s.model_loader)
+                model = loader(s, self.slot)
+                self._set_state(State.WARMING, device=model.device)
+                warm = GenerationParams("warm-up", None, 1, s.default_guidance, *model.default_size, (0,))
+                model.generate(warm, self._on_step)
+                log.info(
+                    "event=loaded slot=%s attempt=%s device=%s seconds=%.2f",
+                    self.slot,
+                    number,
+                    model.device,
+                    time.monotonic() - started,
+                )
+        return model
+
+    def _before_retry(self, retry_state: RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        error = loading.describe(exc) if exc else "unknown error"
+        log.warning(
+            "event=load_retry slot=%s attempt=%s error=%r retry_in_s=%.2f",
+            self.slot,
+            retry_state.attempt_number,
+            error,
+            wait,
+        )
+        self._set_state(State.LOADING, error=error, next_retry_mono=time.monotonic() + wait)
+
+    # -- serving ------------------------------------------------------------------------------------
+
+    def _on_step(self, step: int) -> None:
+        self.board.write(self.slot, last_step_mono=time.monotonic())
+
+    def _count(self, **deltas: int) -> None:
+        with self._counts_lock:
+            for key, delta in deltas.items():
+                self._counts[key] += delta
+
+    def submit(self, params: GenerationParams) -> Job:
+        """Queue a job; raise NotReady unless READY, Overloaded when MAX_QUEUED jobs already wait."""
+        if self.state is not State.READY:
+            raise NotReady(self.state)
+        job = Job(params)
+        with self._counts_lock:
+            if self._counts["queued"] >= self.settings.max_queued:
+                self._counts["shed"] += 1
+                raise Overloaded(f"{self._counts['queued']} jobs already wait on this worker (MAX_QUEUED)")
+            self._counts["queued"] += 1
+        self._queue.put_nowait(job)
+        return job
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._count(queued=-1)
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its request gave up while it waited
+            self._count(in_flight=1)
+            job.started = time.monotonic()
+            try:
+                assert self.model is not None
+                images = self.model.generate(job.params, self._on_step)
+            except Exception as exc:  # the request gets a 500; the worker keeps serving
+                log.exception("event=generate_failed slot=%s error=%r", self.slot, loading.describe(exc))
+                job.finished = time.monotonic()
+                self._count(in_flight=-1, failed=1)
+                job.future.set_exception(exc)
+                continue
+            job.finished = time.monotonic()
+            self._count(in_flight=-1, served=1)
+            job.future.set_result(images)

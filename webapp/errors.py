@@ -1,0 +1,28 @@
+"""JSON error responses: ``{"error": {"code", "message", "field"}}``, with codes spelled once here."""
+
+from __future__ import annotations
+
+from flask import Response, jsonify
+
+BAD_JSON = "bad_json"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+PAYLOAD_TOO_LARGE = "payload_too_large"
+NOT_ACCEPTABLE = "not_acceptable"
+NOT_READY = "not_ready"
+OVERLOADED = "overloaded"
+TIMEOUT = "timeout"
+INTERNAL = "internal_error"
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    response = jsonify({"error": {"code": code, "message": message, "field": field}})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response

@@ -1,0 +1,109 @@
+"""gunicorn hook functions. gunicorn.conf.py calls each in one line; the logic lives here to be tested.
+
+Master: on_starting creates the board, pre_fork gives the new worker a free slot, child_exit marks a
+dead worker's slot DEAD (it runs for every death, SIGKILL included), on_exit removes the board.
+Worker: post_fork records the pid and starts the engine thread, then returns at once. Nothing here may
+raise in post_fork: an exception there makes gunicorn halt the whole server (worker boot error), so a
+failure is written to the board as FAILED instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from webapp import logs
+from webapp.board import Board, State
+from webapp.engine import Engine
+from webapp.runtime import Runtime
+from webapp.settings import Settings
+
+log = logging.getLogger("webapp.hooks")
+
+_board: Board | None = None  # created in the master, inherited by every forked worker
+_runtime: Runtime | None = None  # set in a worker by post_fork
+
+
+def board() -> Board | None:
+    """The board of this gunicorn instance, or None outside a server started with these hooks."""
+    return _board
+
+
+def current_runtime() -> Runtime | None:
+    return _runtime
+
+
+def board_capacity(workers: int) -> int:
+    """Slots for the workers plus a full second generation: a reload (SIGHUP) forks new workers before the
+    old ones have exited, and each needs its own slot."""
+    return 2 * workers + 2
+
+
+def on_starting(server: Any, settings: Settings) -> None:
+    global _board
+    logs.route_app_logs(server.log, settings.log_level)
+    settings.board_dir.mkdir(parents=True, exist_ok=True)
+    _board = Board.create(settings.board_dir, board_capacity(settings.workers), settings.workers)
+    server.log.info("event=board_created path=%s slots=%s", _board.path, _board.capacity)
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    assert _board is not None, "on_starting did not run"
+    taken = {w.slot for w in server.WORKERS.values() if hasattr(w, "slot")}
+    slot = _board.free_slot(taken)
+    worker.slot = slot
+    now = time.monotonic()
+    _board.reset(slot, state=State.STARTING, started_mono=now, started_wall=time.time(), heartbeat_mono=now)
+
+
+def post_fork(server: Any, worker: Any, settings: Settings) -> None:
+    global _runtime
+    slot = getattr(worker, "slot", None)
+    try:
+        assert _board is not None and slot is not None, "on_starting/pre_fork did not run"
+        _board.write(slot, pid=os.getpid(), heartbeat_mono=time.monotonic())
+        engine = Engine(settings, _board, slot)
+        _runtime = Runtime(settings, _board, slot, engine)
+        engine.start()
+        server.log.info("event=worker_started slot=%s pid=%s", slot, os.getpid())
+    except Exception as exc:  # raising here would halt gunicorn; report instead
+        server.log.exception("event=worker_start_failed slot=%s", slot)
+        if _board is not None and slot is not None:
+            _board.write(slot, pid=os.getpid(), state=State.FAILED, error=f"worker start failed: {exc!r}")
+            _runtime = Runtime(settings, _board, slot, None)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    if _runtime is not None:
+        if _runtime.engine is not None:
+            _runtime.engine.stop()
+        _runtime.board.write(_runtime.slot, state=State.DRAINING)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    slot = getattr(worker, "slot", None)
+    if _board is None or slot is None:
+        return
+    record = _board.read(slot)
+    if record.pid not in (0, worker.pid):
+        return  # the slot already belongs to another worker
+    # gunicorn does not pass the exit status to this hook; the state the worker died in says more.
+    detail = f"pid {worker.pid} exited while {record.state.name}"
+    if record.error:
+        detail += f"; last error: {record.error}"
+    _board.write(slot, state=State.DEAD, error=detail, in_flight=0, queued=0)
+    server.log.warning("event=worker_dead slot=%s pid=%s was=%s", slot, worker.pid, record.state.name)
+
+
+def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
+    if _board is not None:
+        _board.set_expected_workers(new_value)
+
+
+def on_exit(server: Any) -> None:
+    global _board
+    if _board is not None:
+        _board.remove()
+        _board = None

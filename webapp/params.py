@@ -1,0 +1,129 @@
+"""The parameters of one /generate request, and their validation.
+
+Every field is checked against limits from settings. A bad request raises ``InvalidRequest`` naming the
+field and the limit; nothing is clamped, and an unknown field is an error rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from webapp.settings import SIZE_MULTIPLE, Settings
+
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "seed",
+    "num_images",
+)
+
+
+class InvalidRequest(Exception):
+    """A client error: HTTP ``status``, a stable ``code`` and the offending ``field`` (or None)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A validated request. ``seeds`` holds one seed per image."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seeds: tuple[int, ...]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+
+def _invalid(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(422, "invalid_field", f"{field}: {message}", field)
+
+
+def _integer(payload: dict[str, Any], field: str, default: int | None, low: int, high: int) -> int | None:
+    value = payload.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(field, f"must be an integer from {low} to {high}, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise _invalid(field, f"must be from {low} to {high}, got {value}")
+    return value
+
+
+def _size(payload: dict[str, Any], field: str, default: int, settings: Settings) -> int:
+    low, high = settings.min_image_size, settings.max_image_size
+    value = _integer(payload, field, default, low, high)
+    assert value is not None
+    if value % SIZE_MULTIPLE:
+        raise _invalid(field, f"must be a multiple of {SIZE_MULTIPLE}, got {value}")
+    return value
+
+
+def _text(payload: dict[str, Any], field: str, limit: int, required: bool) -> str | None:
+    value = payload.get(field)
+    if value is None:
+        if required:
+            raise InvalidRequest(422, "missing_field", f"{field}: is required", field)
+        return None
+    if not isinstance(value, str):
+        raise _invalid(field, f"must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise _invalid(field, "must not be empty")
+    if len(value) > limit:
+        raise _invalid(field, f"must be at most {limit} characters, got {len(value)}")
+    if "\x00" in value:
+        raise _invalid(field, "must not contain NUL characters")
+    return value
+
+
+def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
+    """Validate a decoded JSON body; ``default_size`` (width, height) is the model's native size."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest(422, "invalid_body", f"the body must be a JSON object, got {type(payload).__name__}")
+    unknown = sorted(set(payload) - set(FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            422, "unknown_field", f"{unknown[0]}: unknown field (accepted: {', '.join(FIELDS)})", unknown[0]
+        )
+
+    prompt = _text(payload, "prompt", settings.max_prompt_chars, required=True)
+    assert prompt is not None
+    negative = _text(payload, "negative_prompt", settings.max_prompt_chars, required=False)
+    steps = _integer(payload, "num_inference_steps", settings.default_steps, 1, settings.max_steps)
+    num_images = _integer(payload, "num_images", 1, 1, settings.max_images)
+    seed = _integer(payload, "seed", None, 0, SEED_LIMIT - 1)
+
+    guidance = payload.get("guidance_scale", settings.default_guidance)
+    if guidance is None:
+        guidance = settings.default_guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise _invalid("guidance_scale", f"must be a number from 0 to {settings.max_guidance:g}")
+    if not math.isfinite(guidance) or not 0 <= guidance <= settings.max_guidance:
+        raise _invalid("guidance_scale", f"must be from 0 to {settings.max_guidance:g}, got {guidance}")
+
+    width = _size(payload, "width", default_size[0], settings)
+    height = _size(payload, "height", default_size[1], settings)
+
+    assert steps is not None and num_images is not None
+    first = secrets.randbelow(SEED_LIMIT) if seed is None else seed
+    seeds = tuple((first + i) % SEED_LIMIT for i in range(num_images))
+    return GenerationParams(prompt, negative, steps, float(guidance), width, height, seeds)

@@ -1,0 +1,166 @@
+"""Judging the board: is the container ready for traffic, and is it still alive?
+
+Pure functions over slot records, so the policy is unit-tested without processes. The routes in
+``health.py`` feed them the live board, ``time.monotonic()`` and a pid check.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from webapp.board import SlotRecord, State
+
+# States from which a worker can still become ready without a restart (liveness holds).
+RECOVERABLE = frozenset({State.STARTING, State.LOADING, State.WARMING, State.READY, State.DRAINING})
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid is running. A zombie (killed, not yet reaped by the master) counts
+    as gone: ``os.kill(pid, 0)`` still succeeds on it, which would keep a dead worker READY for a while."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return _signal_zero(pid)  # no procfs here: existence is the best we can tell
+    # The state letter follows the command name, which is in parentheses and may itself hold ")".
+    state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
+def _signal_zero(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM  # exists, owned by someone else
+    return True
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One worker as a reader judges it now."""
+
+    slot: int
+    record: SlotRecord
+    problem: str  # empty when the record can be trusted; else why this worker counts as gone
+
+    @property
+    def ready(self) -> bool:
+        return self.record.state is State.READY and not self.problem
+
+    def as_row(self, now: float) -> dict[str, object]:
+        r = self.record
+        row: dict[str, object] = {
+            "slot": self.slot,
+            "state": r.state.name,
+            "pid": r.pid,
+            "device": r.device,
+            "attempt": r.attempt,
+            "max_attempts": r.max_attempts,
+            "in_state_s": round(now - r.state_since_mono, 3) if r.state_since_mono else None,
+            "heartbeat_age_s": round(now - r.heartbeat_mono, 3) if r.heartbeat_mono else None,
+            "served": r.served,
+            "failed": r.failed,
+            "shed": r.shed,
+            "in_flight": r.in_flight,
+            "queued": r.queued,
+        }
+        if r.next_retry_mono and r.state is State.LOADING and r.next_retry_mono > now:
+            row["next_retry_in_s"] = round(r.next_retry_mono - now, 3)
+        if r.error:
+            row["error"] = r.error
+        if self.problem:
+            row["problem"] = self.problem
+        return row
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What /readyz and /healthz answer: ``ready`` and ``alive`` with a reason in words."""
+
+    ready: bool
+    ready_reason: str
+    alive: bool
+    alive_reason: str
+    workers: list[WorkerView]
+    quorum: int
+
+
+def view_workers(
+    records: Sequence[SlotRecord],
+    now: float,
+    heartbeat_timeout: float,
+    is_alive: Callable[[int], bool] = pid_alive,
+) -> list[WorkerView]:
+    """The occupied slots, each with the reason it cannot be trusted (pid gone, heartbeat stale, torn)."""
+    views = []
+    for slot, record in enumerate(records):
+        if record.state is State.EMPTY:
+            continue
+        problem = ""
+        if record.state is not State.DEAD:
+            if record.torn:
+                problem = "slot record unreadable: its writer stopped mid-write"
+            elif record.pid and not is_alive(record.pid):
+                problem = f"pid {record.pid} is gone"
+            elif record.heartbeat_mono and now - record.heartbeat_mono > heartbeat_timeout:
+                problem = f"heartbeat {now - record.heartbeat_mono:.1f} s old (limit {heartbeat_timeout:g} s)"
+        views.append(WorkerView(slot, record, problem))
+    return views
+
+
+def judge(
+    records: Sequence[SlotRecord],
+    now: float,
+    quorum: int,
+    heartbeat_timeout: float,
+    master_alive: bool = True,
+    is_alive: Callable[[int], bool] = pid_alive,
+) -> Verdict:
+    """Apply the readiness policy (``quorum`` READY workers needed) and the liveness rule to the board."""
+    workers = view_workers(records, now, heartbeat_timeout, is_alive)
+    ready_count = sum(w.ready for w in workers)
+    live = [w for w in workers if w.record.state is not State.DEAD]
+
+    broken = [w for w in live if w.record.state in (State.FAILED, State.UNHEALTHY) and not w.problem]
+    if not master_alive:
+        alive, alive_reason = False, "the gunicorn master is gone"
+    elif broken:
+        w = broken[0]
+        alive = False
+        alive_reason = f"worker {w.slot} is {w.record.state.name}: {w.record.error or 'no message'}"
+    else:
+        alive, alive_reason = True, "every worker is ready or can still become ready"
+
+    if not master_alive:
+        ready, reason = False, "the gunicorn master is gone"
+    elif ready_count >= quorum:
+        ready, reason = True, f"{ready_count} of {quorum} required workers ready"
+    else:
+        ready, reason = False, _not_ready_reason(workers, ready_count, quorum)
+    return Verdict(ready, reason, alive, alive_reason, workers, quorum)
+
+
+def _not_ready_reason(workers: list[WorkerView], ready_count: int, quorum: int) -> str:
+    details = []
+    for w in workers:
+        if w.ready:
+            continue
+        if w.problem:
+            details.append(f"worker {w.slot} {w.problem}")
+        elif w.record.state is State.LOADING:
+            suffix = f": {w.record.error}" if w.record.error else ""
+            details.append(f"worker {w.slot} LOADING (attempt {w.record.attempt}/{w.record.max_attempts}){suffix}")
+        else:
+            details.append(f"worker {w.slot} {w.record.state.name}")
+    missing = quorum - ready_count
+    head = f"{ready_count} of {quorum} required workers ready"
+    if not details:
+        details.append(f"{missing} worker(s) not started yet")
+    return head + "; " + "; ".join(details)

@@ -1,0 +1,136 @@
+"""The embedded default model: a tiny Stable Diffusion pipeline built from real diffusers classes.
+
+Nothing can be downloaded here, so the default MODEL_ID names this pipeline. It is built once,
+deterministically (fixed seed), into a cache folder and then loaded with ``from_pretrained`` exactly like
+a real model, so the serving code path is the real one. Its weights are random: its images are noise.
+Importing this module imports torch, diffusers and transformers; only the engine thread does that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Bump when the recipe below changes, so an old cached build is never loaded by new code.
+RECIPE_VERSION = 1
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_TOKENS = 77
+
+
+def _byte_vocabulary() -> dict[str, int]:
+    """The 256 byte-level characters, the same with ``</w>``, then BOS and EOS: 514 tokens.
+
+    Byte-level BPE shows each byte as one printable character: printable Latin-1 bytes stand for
+    themselves and the rest are shifted past 255, so every byte has a visible, distinct symbol.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    shifted = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _build_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer(
+        vocab=_byte_vocabulary(),
+        merges=[],
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
+        model_max_length=MAX_TOKENS,
+    )
+
+
+def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Return a fresh tiny pipeline (~1.7 M parameters, 64x64 images); the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    tokenizer = _build_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def ensure_built(cache_dir: str | os.PathLike[str]) -> Path:
+    """Build the tiny pipeline into ``cache_dir`` unless a complete build is there; return its folder.
+
+    Safe when several workers race: each builds into its own temporary folder and renames it into place
+    (atomic on one filesystem); the loser of the race discards its copy.
+    """
+    target = Path(cache_dir) / f"tiny-sd-v{RECIPE_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build_pipeline().save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
