@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime = Runtime.standalone(settings or Settings.from_env())
     app = Flask(__name__)
     app.extensions["runtime"] = runtime
-    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see generate._read_json
 
     from webapp.generate import bp as generate_bp
     from webapp.health import bp as health_bp

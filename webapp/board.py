@@ -32,7 +32,7 @@ DIR_PREFIX = "honest-diffusion-"
 _HEADER = struct.Struct("<8sHHHxxid")
 _HEADER_SIZE = 64
 _SEQ = struct.Struct("<Q")
-ERROR_BYTES = 240
+ERROR_BYTES = 400
 DEVICE_BYTES = 16
 # state, pid, attempt, max attempts, device, started, state since, ready, heartbeat, next retry,
 # last step (monotonic), started (wall), in flight, queued, served, failed, shed, error

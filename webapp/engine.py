@@ -105,9 +105,11 @@ class Engine:
         try:
             self.model = self._load()
         except BaseException as exc:  # every failure must reach the board, never vanish
-            kind = "permanent error" if not loading.is_transient(exc) else "retries exhausted"
             attempt = self.board.read(self.slot).attempt
-            message = f"{loading.describe(exc)} ({kind} after {attempt} attempt(s))"
+            if loading.is_transient(exc):
+                message = f"gave up after {attempt} attempt(s): {loading.describe(exc)}"
+            else:
+                message = f"permanent error on attempt {attempt}: {loading.describe(exc)}"
             log.exception("event=load_failed slot=%s error=%r", self.slot, message)
             self._set_state(State.FAILED, error=message, next_retry_mono=0.0)
             return

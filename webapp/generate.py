@@ -40,6 +40,8 @@ def _read_json(max_bytes: int) -> object:
     if request.mimetype != JSON and not request.mimetype.endswith("+json"):
         shown = request.mimetype or "none"
         raise InvalidRequest(415, errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {JSON}, got {shown}")
+    # The app's MAX_CONTENT_LENGTH is one byte over the limit, so a chunked body that is too long shows
+    # as one byte too many here rather than being cut off silently at the limit.
     raw = request.stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, f"body exceeds the limit of {max_bytes} bytes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -54,6 +55,11 @@ def model_location(settings: Settings) -> str:
         return str(ensure_built(settings.model_cache_dir))
     if settings.model_id.startswith("builtin:"):
         raise ValueError(f"unknown built-in model {settings.model_id!r} (known: {BUILTIN_TINY_MODEL})")
+    if settings.model_id.startswith(("/", "./", "../", "~")):
+        folder = Path(settings.model_id).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"MODEL_ID {settings.model_id} is not a folder")
+        return str(folder)
     return settings.model_id
 
 

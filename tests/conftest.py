@@ -1,0 +1,174 @@
+"""Shared fixtures: a real gunicorn server on a free loopback port, stopped by pid after each use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_DEADLINE_S = 240  # this host is noisy: a cold `import diffusers` has taken 38 s here
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], deadline_s: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test with ``what`` at the deadline."""
+    end = time.monotonic() + deadline_s
+    last_error: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            result = predicate()
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            last_error, result = exc, None
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what} (last error: {last_error})")
+
+
+def process_state(pid: int) -> str:
+    """The kernel's state letter for ``pid`` ('Z' zombie), or '' when no such process exists."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return ""
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3].decode()
+
+
+class Server:
+    """One gunicorn master started with gunicorn.conf.py, its log in ``log_path``."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.seen_pids: set[int] = set()
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        response = requests.get(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
+        if path == "/readyz" and response.headers.get("Content-Type", "").startswith("application/json"):
+            self.seen_pids.update(w["pid"] for w in response.json()["workers"] if w["pid"])
+        return response
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.post(self.url + path, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        response = self.get("/readyz")
+        return response.status_code, response.json()
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self.readyz()[1]["workers"]
+
+    def wait_ready(self, deadline_s: float = READY_DEADLINE_S) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            self.check_running()
+            status, body = self.readyz()
+            return body if status == 200 else None
+
+        return wait_for(ready, deadline_s, f"{self.url}/readyz to be 200", interval=0.1)
+
+    def check_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def children(self) -> set[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        with contextlib.suppress(OSError):
+            return {int(pid) for pid in path.read_text().split()}
+        return set()
+
+    def stop(self) -> None:
+        """SIGTERM the master, SIGKILL it after a deadline, then kill by pid any worker still running."""
+        self.seen_pids |= self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        for pid in self.seen_pids:
+            if process_state(pid) not in ("", "Z"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the whole session, so the tiny model is built once (by the first worker)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def server_env(model_cache: Path, workdir: Path, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HOST="127.0.0.1",
+        PORT=str(free_port()),
+        HF_HUB_OFFLINE="1",
+        MODEL_CACHE_DIR=str(model_cache),
+        BOARD_DIR=str(workdir),
+        PYTHONPATH=str(ROOT),
+        WEB_CONCURRENCY="2",
+        LOAD_BACKOFF_INITIAL="0.2",
+        LOAD_BACKOFF_MAX="1",
+        GRACEFUL_TIMEOUT="5",
+    )
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def start_server(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start servers with environment overrides; every one started is stopped when the test ends."""
+    started: list[Server] = []
+
+    def start(**overrides: str) -> Server:
+        env = server_env(model_cache, tmp_path, **overrides)
+        server = Server(env, tmp_path / f"gunicorn-{len(started)}.log")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A two-worker server on the default tiny model, READY, shared by a module's read-only tests."""
+    workdir = tmp_path_factory.mktemp("ready-server")
+    server = Server(server_env(model_cache, workdir), workdir / "gunicorn.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

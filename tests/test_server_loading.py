@@ -1,0 +1,80 @@
+"""Real gunicorn servers through their load: probes during loading, retries, and a load that cannot succeed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import wait_for
+
+
+def test_probes_answer_while_loading_and_readyz_turns_200_only_when_every_worker_is_ready(start_server, tmp_path):
+    gate = tmp_path / "open-the-gate"
+    server = start_server(MODEL_LOADER="tests.loaders:gated", GATE_FILE=str(gate))
+
+    health = wait_for(lambda: server.get("/healthz"), 60, "the port to answer")
+    assert health.status_code == 200
+    assert health.headers["Cache-Control"] == "no-store"
+
+    def both_loading():
+        status, body = server.readyz()
+        states = [w["state"] for w in body["workers"]]
+        return (status, body) if states == ["LOADING", "LOADING"] else None
+
+    status, body = wait_for(both_loading, 60, "both workers to report LOADING")
+    assert status == 503
+    assert body["status"] == "not_ready"
+    assert "0 of 2 required workers ready" in body["reason"]
+    assert all(w["attempt"] == 1 and w["pid"] > 0 for w in body["workers"])
+
+    refused = server.post("/generate", json={"prompt": "too early"})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "not_ready"
+    assert int(refused.headers["Retry-After"]) >= 1
+
+    # Still loading: every probe stays 503; nothing flips early.
+    for _ in range(5):
+        assert server.get("/readyz").status_code == 503
+        assert server.get("/healthz").status_code == 200
+
+    gate.touch()
+    body = server.wait_ready()
+    assert [w["state"] for w in body["workers"]] == ["READY", "READY"]
+    assert all(w["device"] == "cpu" for w in body["workers"])
+    assert server.get("/healthz").status_code == 200
+
+
+def test_transient_failures_are_retried_and_the_attempts_stay_visible(start_server):
+    server = start_server(WEB_CONCURRENCY="1", MODEL_LOADER="tests.loaders:flaky", FLAKY_FAILURES="2")
+    body = server.wait_ready()
+    (worker,) = body["workers"]
+    assert worker["state"] == "READY"
+    assert worker["attempt"] == 3
+    assert worker["max_attempts"] == 5
+    assert "ConnectionError: simulated hub outage on attempt 2" in worker["error"]
+    assert server.log_tail(200).count("event=load_retry") == 2
+
+
+def test_a_permanent_failure_ends_failed_without_retrying_and_the_master_stays_up(start_server, tmp_path):
+    missing = Path(tmp_path) / "no-such-model"
+    server = start_server(WEB_CONCURRENCY="1", MODEL_ID=str(missing))
+
+    def failed():
+        server.check_running()
+        status, body = server.readyz()
+        return (status, body) if body["workers"] and body["workers"][0]["state"] == "FAILED" else None
+
+    status, body = wait_for(failed, 240, "the worker to report FAILED")
+    (worker,) = body["workers"]
+    assert status == 503
+    assert worker["attempt"] == 1, "a permanent error must not be retried"
+    assert worker["error"] == f"permanent error on attempt 1: FileNotFoundError: MODEL_ID {missing} is not a folder"
+
+    health = server.get("/healthz")
+    assert health.status_code == 503
+    assert health.json()["status"] == "dead"
+    assert "FAILED" in health.json()["reason"]
+
+    # The master did not halt, and the failed worker keeps answering (and keeps refusing work).
+    server.check_running()
+    assert server.post("/generate", json={"prompt": "x"}).status_code == 503
+    assert server.get("/readyz").status_code == 503
