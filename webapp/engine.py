@@ -72,16 +72,25 @@ class Engine:
         self._counts_lock = threading.Lock()
         self._counts = {"in_flight": 0, "queued": 0, "served": 0, "failed": 0, "shed": 0}
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the heartbeat and engine threads (daemons) and return immediately."""
-        threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.slot}", daemon=True).start()
-        threading.Thread(target=self._run, name=f"engine-{self.slot}", daemon=True).start()
+        self._threads = [
+            threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.slot}", daemon=True),
+            threading.Thread(target=self._run, name=f"engine-{self.slot}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs and wait up to ``timeout`` s for the threads to finish their current step."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _set_state(self, state: State, **fields: object) -> None:
         self.state = state
@@ -96,9 +105,7 @@ class Engine:
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
-            with self._counts_lock:
-                counts = dict(self._counts)
-            self.board.write(self.slot, heartbeat_mono=time.monotonic(), **counts)
+            self.board.write(self.slot, heartbeat_mono=time.monotonic())
             self._stop.wait(self.settings.heartbeat_interval)
 
     def _run(self) -> None:
@@ -160,9 +167,12 @@ class Engine:
         self.board.write(self.slot, last_step_mono=time.monotonic())
 
     def _count(self, **deltas: int) -> None:
+        """Change counters and publish them on the board at once (the board lock orders the writes)."""
         with self._counts_lock:
             for key, delta in deltas.items():
                 self._counts[key] += delta
+            counts = dict(self._counts)
+        self.board.write(self.slot, **counts)
 
     def submit(self, params: GenerationParams) -> Job:
         """Queue a job; raise NotReady unless READY, Overloaded when MAX_QUEUED jobs already wait."""
@@ -170,10 +180,12 @@ class Engine:
             raise NotReady(self.state)
         job = Job(params)
         with self._counts_lock:
-            if self._counts["queued"] >= self.settings.max_queued:
-                self._counts["shed"] += 1
-                raise Overloaded(f"{self._counts['queued']} jobs already wait on this worker (MAX_QUEUED)")
-            self._counts["queued"] += 1
+            full = self._counts["queued"] >= self.settings.max_queued
+            self._counts["shed" if full else "queued"] += 1
+            counts = dict(self._counts)
+        self.board.write(self.slot, **counts)
+        if full:
+            raise Overloaded(f"{counts['queued']} jobs already wait on this worker (MAX_QUEUED)")
         self._queue.put_nowait(job)
         return job
 

@@ -1,0 +1,73 @@
+"""Settings: defaults, validation naming the variable, and a server that refuses a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+from webapp.settings import BUILTIN_TINY_MODEL, VARIABLES, Settings, SettingsError
+
+
+def test_defaults_validate():
+    s = Settings.from_env({})
+    assert (s.host, s.port, s.workers, s.threads) == ("0.0.0.0", 8080, 1, 4)
+    assert s.model_id == BUILTIN_TINY_MODEL
+    assert s.bind == "0.0.0.0:8080"
+    assert s.ready_quorum(3) == 3
+
+
+def test_every_variable_has_a_default_and_a_meaning():
+    names = [v.name for v in VARIABLES]
+    assert len(names) == len(set(names))
+    assert all(v.meaning for v in VARIABLES)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"THREADS": "1"}, "THREADS"),
+        ({"READY_POLICY": "most"}, "READY_POLICY"),
+        ({"READY_POLICY": "3", "WEB_CONCURRENCY": "2"}, "READY_POLICY"),
+        ({"DEVICE": "tpu"}, "DEVICE"),
+        ({"DTYPE": "float8"}, "DTYPE"),
+        ({"LOAD_MAX_SECONDS": "nan"}, "LOAD_MAX_SECONDS"),
+        ({"LOAD_MAX_ATTEMPTS": "-1"}, "LOAD_MAX_ATTEMPTS"),
+        ({"MAX_IMAGE_SIZE": "1001"}, "MAX_IMAGE_SIZE"),
+        ({"MODEL_LOADER": "no_colon"}, "MODEL_LOADER"),
+        ({"ACCESS_LOG": "maybe"}, "ACCESS_LOG"),
+        ({"MODEL_ID": ""}, "MODEL_ID"),
+        ({"DEFAULT_STEPS": "60", "MAX_STEPS": "50"}, "DEFAULT_STEPS"),
+        ({"HEARTBEAT_INTERVAL": "5", "HEARTBEAT_TIMEOUT": "6"}, "HEARTBEAT_TIMEOUT"),
+    ],
+)
+def test_a_bad_value_is_refused_with_the_variable_named(env, named):
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+def test_policies_and_devices_that_are_valid():
+    assert Settings.from_env({"READY_POLICY": "any", "WEB_CONCURRENCY": "4"}).ready_quorum(4) == 1
+    assert Settings.from_env({"READY_POLICY": "2", "WEB_CONCURRENCY": "4"}).ready_quorum(4) == 2
+    assert Settings.from_env({"DEVICE": "cuda:1"}).device == "cuda:1"
+    assert Settings.from_env({"HOST": "::1"}).bind == "[::1]:8080"
+
+
+def test_gunicorn_refuses_to_start_on_a_bad_value_and_names_it():
+    env = {"PATH": "/usr/bin:/bin", "PORT": str(free_port()), "HOST": "127.0.0.1", "READY_POLICY": "most"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "configuration error: READY_POLICY='most' is invalid" in result.stderr
+    assert "Listening at" not in result.stderr + result.stdout
