@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from webapp.board import SlotRecord, State
 
+PF_EXITING = 0x4  # include/linux/sched.h: the task is exiting
+
 # States from which a worker can still become ready without a restart (liveness holds).
 RECOVERABLE = frozenset({State.STARTING, State.LOADING, State.WARMING, State.READY, State.DRAINING})
 
@@ -29,9 +31,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except OSError:
         return _signal_zero(pid)  # no procfs here: existence is the best we can tell
-    # The state letter follows the command name, which is in parentheses and may itself hold ")".
-    state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
-    return state not in (b"Z", b"X")
+    # Fields after the command name (in parentheses, and it may itself hold ")"): state is the first,
+    # the kernel's task flags the seventh. A killed process keeps its state letter while the kernel frees
+    # its memory (tens of ms for a loaded model); PF_EXITING is set from the moment it starts dying.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
 
 
 def _signal_zero(pid: int) -> bool:
