@@ -94,7 +94,10 @@ def child_exit(server: Any, worker: Any) -> None:
     if record.error:
         detail += f"; last error: {record.error}"
     _board.write(slot, state=State.DEAD, error=detail, in_flight=0, queued=0)
-    server.log.warning("event=worker_dead slot=%s pid=%s was=%s", slot, worker.pid, record.state.name)
+    expected = record.state is State.DRAINING  # a shutdown or reload, not a crash
+    (server.log.info if expected else server.log.warning)(
+        "event=worker_dead slot=%s pid=%s was=%s", slot, worker.pid, record.state.name
+    )
 
 
 def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:

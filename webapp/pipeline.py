@@ -13,6 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "requires torchvision", printed at import
 
 import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
