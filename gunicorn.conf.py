@@ -20,6 +20,8 @@ worker_class = "gthread"  # request threads keep answering probes while the engi
 threads = settings.threads
 timeout = int(settings.worker_timeout)
 graceful_timeout = int(settings.graceful_timeout)
+max_requests = settings.max_requests
+max_requests_jitter = settings.max_requests_jitter
 preload_app = False  # the master never imports torch or touches CUDA
 control_socket_disable = True  # a per-user default path: two instances on one host would fight over it
 loglevel = settings.log_level
@@ -38,6 +40,14 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     hooks.post_fork(server, worker, settings)
+
+
+def post_worker_init(worker):
+    hooks.post_worker_init(worker)
+
+
+def worker_int(worker):
+    hooks.worker_int(worker)
 
 
 def worker_exit(server, worker):

@@ -24,19 +24,20 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 MAGIC = b"HDBOARD1"
-VERSION = 1
+VERSION = 2
 BOARD_FILE = "board"
 DIR_PREFIX = "honest-diffusion-"
 
-# magic, version, capacity, expected workers, master pid, created (wall clock)
-_HEADER = struct.Struct("<8sHHHxxid")
+# magic, version, capacity, expected workers, shutting down, master pid, created (wall clock)
+_HEADER = struct.Struct("<8sHHHBxid")
+_EXPECTED_AT, _SHUTDOWN_AT = 12, 14
 _HEADER_SIZE = 64
 _SEQ = struct.Struct("<Q")
 ERROR_BYTES = 400
 DEVICE_BYTES = 16
-# state, pid, attempt, max attempts, device, started, state since, ready, heartbeat, next retry,
+# state, crashes, pid, attempt, max attempts, device, started, state since, ready, heartbeat, next retry,
 # last step (monotonic), started (wall), in flight, queued, served, failed, shed, error
-_BODY = struct.Struct(f"<BxxxiHH{DEVICE_BYTES}s7d5I{ERROR_BYTES}s")
+_BODY = struct.Struct(f"<BxHiHH{DEVICE_BYTES}s7d5I{ERROR_BYTES}s")
 RECORD_SIZE = 512
 assert _SEQ.size + _BODY.size <= RECORD_SIZE
 _READ_TRIES = 10_000
@@ -64,6 +65,7 @@ class SlotRecord:
     """One worker's row. Times ending in ``_mono`` are time.monotonic() seconds (system-wide on Linux)."""
 
     state: State = State.EMPTY
+    crashes: int = 0  # consecutive deaths of this slot's workers before READY (the master counts them)
     pid: int = 0
     attempt: int = 0
     max_attempts: int = 0
@@ -90,7 +92,7 @@ _FIELD_NAMES = [f.name for f in fields(SlotRecord) if f.name != "torn"]
 def _pack(record: SlotRecord) -> bytes:
     values = [getattr(record, name) for name in _FIELD_NAMES]
     values[0] = int(record.state)
-    values[4] = record.device.encode()[:DEVICE_BYTES]
+    values[5] = record.device.encode()[:DEVICE_BYTES]
     values[-1] = _clip_utf8(record.error, ERROR_BYTES)
     return _BODY.pack(*values)
 
@@ -98,7 +100,7 @@ def _pack(record: SlotRecord) -> bytes:
 def _unpack(body: bytes) -> SlotRecord:
     values = list(_BODY.unpack_from(body))
     values[0] = State(values[0]) if values[0] in State._value2member_map_ else State.EMPTY
-    values[4] = values[4].rstrip(b"\0").decode(errors="replace")
+    values[5] = values[5].rstrip(b"\0").decode(errors="replace")
     values[-1] = values[-1].rstrip(b"\0").decode(errors="replace")
     return SlotRecord(**dict(zip(_FIELD_NAMES, values, strict=True)))
 
@@ -118,7 +120,7 @@ class Board:
         self._map = mapping
         self._owner = owner
         self._write_lock = threading.Lock()  # a worker's threads take turns; other processes never wait
-        magic, version, capacity, _, master_pid, created = _HEADER.unpack_from(mapping, 0)
+        magic, version, capacity, _, _, master_pid, created = _HEADER.unpack_from(mapping, 0)
         if magic != MAGIC or version != VERSION:
             raise ValueError(f"{path} is not a readiness board of version {VERSION}")
         self.capacity = capacity
@@ -137,7 +139,7 @@ class Board:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        _HEADER.pack_into(mapping, 0, MAGIC, VERSION, capacity, expected_workers, os.getpid(), time.time())
+        _HEADER.pack_into(mapping, 0, MAGIC, VERSION, capacity, expected_workers, 0, os.getpid(), time.time())
         return cls(path, mapping, owner=True)
 
     @classmethod
@@ -153,10 +155,18 @@ class Board:
     @property
     def expected_workers(self) -> int:
         """The worker count gunicorn is configured for now (the master updates it on TTIN/TTOU)."""
-        return _HEADER.unpack_from(self._map, 0)[3]
+        return struct.unpack_from("<H", self._map, _EXPECTED_AT)[0]
 
     def set_expected_workers(self, count: int) -> None:
-        struct.pack_into("<H", self._map, 8 + 2 + 2, count)
+        struct.pack_into("<H", self._map, _EXPECTED_AT, count)
+
+    @property
+    def shutting_down(self) -> bool:
+        """Set by the master the moment it handles SIGTERM/SIGINT/SIGQUIT: nothing here takes traffic."""
+        return bool(self._map[_SHUTDOWN_AT])
+
+    def set_shutting_down(self) -> None:
+        self._map[_SHUTDOWN_AT] = 1
 
     def _offset(self, slot: int) -> int:
         if not 0 <= slot < self.capacity:

@@ -3,7 +3,14 @@
 States on the board (DESIGN.md §2): STARTING -> LOADING (attempt k) -> WARMING -> READY, or FAILED when
 the load cannot succeed. Each load attempt is ``loader(settings, slot)`` plus one warm-up generation,
 because a model can load cleanly and only fail when used (a missing tokenizer does exactly that).
-A second thread writes the heartbeat, so a frozen process is visible to every other worker.
+
+At runtime (DESIGN.md §2): READY -> UNHEALTHY when a generation hits a fatal device error, when
+MAX_CONSECUTIVE_FAILURES generations fail in a row, or when a denoising step outlasts STALL_TIMEOUT. The
+engine then fails its queued and running jobs at once and asks the worker to exit, so gunicorn replaces it.
+On shutdown, ``drain()`` refuses new jobs (DRAINING) and finishes the queued ones.
+
+A second thread writes the heartbeat and watches for stalls, so a frozen process is visible to every
+other worker and a stuck step is caught by this one.
 """
 
 from __future__ import annotations
@@ -13,13 +20,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
-from webapp import loading
+from webapp import faults, loading
 from webapp.board import Board, State
 from webapp.params import GenerationParams
 from webapp.settings import Settings, resolve_callable
@@ -50,12 +57,17 @@ class Overloaded(Exception):
     """The queue is full; the job was not accepted."""
 
 
+class WorkerUnhealthy(Exception):
+    """The job could not run because this worker turned UNHEALTHY; another worker may serve it."""
+
+
 @dataclass
 class Job:
     params: GenerationParams
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
+    last_step: float = 0.0
     finished: float = 0.0
 
 
@@ -73,6 +85,11 @@ class Engine:
         self._counts = {"in_flight": 0, "queued": 0, "served": 0, "failed": 0, "shed": 0}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._draining = False
+        self._current: Job | None = None
+        self._consecutive_failures = 0
+        self._unhealthy_lock = threading.Lock()
+        self.on_unhealthy: Callable[[str], None] = lambda reason: None  # the worker's exit, set by the hooks
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -84,6 +101,12 @@ class Engine:
         ]
         for thread in self._threads:
             thread.start()
+
+    def drain(self) -> None:
+        """Shutdown: refuse new jobs (DRAINING) but finish the ones already queued."""
+        self._draining = True
+        if self.state not in (State.FAILED, State.UNHEALTHY):
+            self._set_state(State.DRAINING)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking jobs and wait up to ``timeout`` s for the threads to finish their current step."""
@@ -105,10 +128,44 @@ class Engine:
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
-            self.board.write(self.slot, heartbeat_mono=time.monotonic())
+            now = time.monotonic()
+            self.board.write(self.slot, heartbeat_mono=now)
+            job = self._current
+            if job is not None and now - max(job.started, job.last_step) > self.settings.stall_timeout:
+                stuck = now - max(job.started, job.last_step)
+                self._turn_unhealthy(
+                    f"denoising step stalled: no progress for {stuck:.1f} s (STALL_TIMEOUT="
+                    f"{self.settings.stall_timeout:g} s)"
+                )
             self._stop.wait(self.settings.heartbeat_interval)
 
+    def _turn_unhealthy(self, reason: str) -> None:
+        """Say UNHEALTHY, fail every job this worker holds (503 to their clients) and ask it to exit."""
+        with self._unhealthy_lock:
+            if self.state is State.UNHEALTHY:
+                return
+            self._set_state(State.UNHEALTHY, error=reason)
+        current = self._current
+        if current is not None and not current.future.done():
+            _settle(current.future, exc=WorkerUnhealthy(reason))
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._count(queued=-1)
+            _settle(job.future, exc=WorkerUnhealthy(reason))
+        self.on_unhealthy(reason)
+
     def _run(self) -> None:
+        record = self.board.read(self.slot)
+        delay = self.settings.respawn_delay(record.crashes)
+        if delay:
+            message = f"respawn backoff {delay:g} s after {record.crashes} crash(es) in a row before READY"
+            log.warning("event=respawn_backoff slot=%s crashes=%s delay_s=%.1f", self.slot, record.crashes, delay)
+            self.board.write(self.slot, error=message, next_retry_mono=time.monotonic() + delay)
+            if self._stop.wait(delay):
+                return
         try:
             self.model = self._load()
         except BaseException as exc:  # every failure must reach the board, never vanish
@@ -120,7 +177,9 @@ class Engine:
             log.exception("event=load_failed slot=%s error=%r", self.slot, message)
             self._set_state(State.FAILED, error=message, next_retry_mono=0.0)
             return
-        self._set_state(State.READY, ready_mono=time.monotonic(), next_retry_mono=0.0)
+        if self._draining:
+            return
+        self._set_state(State.READY, ready_mono=time.monotonic(), next_retry_mono=0.0, crashes=0)
         self._serve()
 
     def _load(self) -> Model:
@@ -164,7 +223,11 @@ class Engine:
     # -- serving ------------------------------------------------------------------------------------
 
     def _on_step(self, step: int) -> None:
-        self.board.write(self.slot, last_step_mono=time.monotonic())
+        now = time.monotonic()
+        job = self._current
+        if job is not None:
+            job.last_step = now
+        self.board.write(self.slot, last_step_mono=now)
 
     def _count(self, **deltas: int) -> None:
         """Change counters and publish them on the board at once (the board lock orders the writes)."""
@@ -176,8 +239,8 @@ class Engine:
 
     def submit(self, params: GenerationParams) -> Job:
         """Queue a job; raise NotReady unless READY, Overloaded when MAX_QUEUED jobs already wait."""
-        if self.state is not State.READY:
-            raise NotReady(self.state)
+        if self.state is not State.READY or self._draining:
+            raise NotReady(State.DRAINING if self._draining and self.state is State.READY else self.state)
         job = Job(params)
         with self._counts_lock:
             full = self._counts["queued"] >= self.settings.max_queued
@@ -190,25 +253,61 @@ class Engine:
         return job
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
+        """Run queued jobs one at a time until stopped, or until drained and the queue is empty."""
+        while not self._stop.is_set() and self.state is not State.UNHEALTHY:
             try:
-                job = self._queue.get(timeout=0.5)
+                job = self._queue.get(timeout=0.2)
             except queue.Empty:
+                if self._draining:
+                    return
                 continue
             self._count(queued=-1)
             if not job.future.set_running_or_notify_cancel():
                 continue  # its request gave up while it waited
-            self._count(in_flight=1)
-            job.started = time.monotonic()
-            try:
-                assert self.model is not None
-                images = self.model.generate(job.params, self._on_step)
-            except Exception as exc:  # the request gets a 500; the worker keeps serving
-                log.exception("event=generate_failed slot=%s error=%r", self.slot, loading.describe(exc))
-                job.finished = time.monotonic()
-                self._count(in_flight=-1, failed=1)
-                job.future.set_exception(exc)
-                continue
+            self._run_job(job)
+
+    def _run_job(self, job: Job) -> None:
+        job.started = time.monotonic()
+        self._current = job
+        self._count(in_flight=1)
+        self.board.write(self.slot, last_step_mono=job.started)
+        try:
+            assert self.model is not None
+            images = self.model.generate(job.params, self._on_step)
+        except Exception as exc:  # the request gets a 500; the worker keeps serving unless it is fatal
             job.finished = time.monotonic()
-            self._count(in_flight=-1, served=1)
-            job.future.set_result(images)
+            self._current = None
+            self._count(in_flight=-1, failed=1)
+            self._consecutive_failures += 1
+            fatal = faults.is_fatal(exc)
+            log.exception(
+                "event=generate_failed slot=%s fatal=%s consecutive=%s error=%r",
+                self.slot,
+                fatal,
+                self._consecutive_failures,
+                loading.describe(exc),
+            )
+            _settle(job.future, exc=exc)
+            if fatal:
+                self._turn_unhealthy(f"fatal device error: {loading.describe(exc)}")
+            elif self._consecutive_failures >= self.settings.max_consecutive_failures:
+                self._turn_unhealthy(
+                    f"{self._consecutive_failures} generations failed in a row; last: {loading.describe(exc)}"
+                )
+            return
+        job.finished = time.monotonic()
+        self._current = None
+        self._consecutive_failures = 0
+        self._count(in_flight=-1, served=1)
+        _settle(job.future, result=images)
+
+
+def _settle(future: Future, result: object = None, exc: BaseException | None = None) -> None:
+    """Resolve a job's future unless something (the stall watchdog) already did."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

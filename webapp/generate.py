@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webapp import errors
 from webapp.board import State
-from webapp.engine import NotReady, Overloaded
+from webapp.engine import NotReady, Overloaded, WorkerUnhealthy
 from webapp.params import InvalidRequest, parse
 from webapp.runtime import Runtime
 
@@ -55,7 +55,7 @@ def _read_json(max_bytes: int) -> object:
 
 def _retry_after(runtime: Runtime) -> str:
     record = runtime.board.read(runtime.slot)
-    if record.state is State.LOADING and record.next_retry_mono:
+    if record.state in (State.STARTING, State.LOADING) and record.next_retry_mono:
         return str(max(1, round(record.next_retry_mono - time.monotonic())))
     return str(NOT_READY_RETRY_AFTER_S)
 
@@ -98,6 +98,11 @@ def generate() -> Response:
 
     try:
         images = job.future.result(timeout=max(0.0, settings.request_timeout - (time.monotonic() - received)))
+    except WorkerUnhealthy as exc:
+        message = f"this worker turned UNHEALTHY before finishing: {exc}"
+        return errors.error_response(
+            503, errors.WORKER_UNHEALTHY, message, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
+        )
     except FutureTimeout:
         job.future.cancel()  # dropped unrun if it is still queued
         message = f"no result within REQUEST_TIMEOUT={settings.request_timeout:g} s"

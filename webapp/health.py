@@ -25,6 +25,9 @@ def current_verdict() -> Verdict:
         now=time.monotonic(),
         quorum=settings.ready_quorum(board.expected_workers),
         heartbeat_timeout=settings.heartbeat_timeout,
+        stall_timeout=settings.stall_timeout,
+        crash_limit=settings.crash_loop_limit,
+        shutting_down=board.shutting_down,
         master_alive=pid_alive(board.master_pid),
     )
 

@@ -1,22 +1,27 @@
 """gunicorn hook functions. gunicorn.conf.py calls each in one line; the logic lives here to be tested.
 
-Master: on_starting creates the board, pre_fork gives the new worker a free slot, child_exit marks a
-dead worker's slot DEAD (it runs for every death, SIGKILL included), on_exit removes the board.
-Worker: post_fork records the pid and starts the engine thread, then returns at once. Nothing here may
-raise in post_fork: an exception there makes gunicorn halt the whole server (worker boot error), so a
-failure is written to the board as FAILED instead.
+Master: on_starting removes boards left by dead masters, creates this one and makes the shutdown signals
+flag it at once; pre_fork gives the new worker a free slot; child_exit marks a dead worker's slot DEAD
+(it runs for every death, SIGKILL included) and counts deaths before READY; on_exit removes the board.
+Worker: post_fork records the pid and starts the engine thread, then returns at once; post_worker_init
+makes SIGTERM drain the engine. Nothing may raise in post_fork: an exception there makes gunicorn halt
+the whole server (worker boot error), so a failure is written to the board as FAILED instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from webapp import logs
-from webapp.board import Board, State
+from webapp.board import BOARD_FILE, DIR_PREFIX, Board, State
 from webapp.engine import Engine
+from webapp.readiness import pid_alive
 from webapp.runtime import Runtime
 from webapp.settings import Settings
 
@@ -45,8 +50,41 @@ def on_starting(server: Any, settings: Settings) -> None:
     global _board
     logs.route_app_logs(server.log, settings.log_level)
     settings.board_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_boards(settings.board_dir, server.log)
     _board = Board.create(settings.board_dir, board_capacity(settings.workers), settings.workers)
     server.log.info("event=board_created path=%s slots=%s", _board.path, _board.capacity)
+    for name in ("term", "int", "quit"):
+        _flag_shutdown_first(server, name)
+
+
+def _flag_shutdown_first(server: Any, name: str) -> None:
+    """Make the master's SIGTERM/SIGINT/SIGQUIT handler mark the board as shutting down before it stops
+    the workers, so /readyz turns 503 at once rather than when each worker gets around to it. The
+    arbiter looks its handlers up by name on each signal, so an instance attribute takes their place."""
+    original = getattr(server, f"handle_{name}")
+
+    def handler() -> None:
+        if _board is not None:
+            _board.set_shutting_down()
+            server.log.info("event=shutdown_begins signal=%s", name.upper())
+        original()
+
+    setattr(server, f"handle_{name}", handler)
+
+
+def remove_stale_boards(directory: Path, server_log: Any) -> None:
+    """Delete boards whose master is gone (a crashed earlier run): they are never trusted or reused."""
+    for folder in Path(directory).glob(DIR_PREFIX + "*"):
+        try:
+            board = Board.attach(folder / BOARD_FILE)
+            master = board.master_pid
+            board.close()
+        except (OSError, ValueError):
+            master = 0  # unreadable or not a board of ours: nothing can be trusted in it
+        if master and pid_alive(master):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        server_log.warning("event=stale_board_removed path=%s master_pid=%s", folder, master)
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -54,8 +92,11 @@ def pre_fork(server: Any, worker: Any) -> None:
     taken = {w.slot for w in server.WORKERS.values() if hasattr(w, "slot")}
     slot = _board.free_slot(taken)
     worker.slot = slot
+    crashes = _board.read(slot).crashes  # the slot's crash streak carries over to its next worker
     now = time.monotonic()
-    _board.reset(slot, state=State.STARTING, started_mono=now, started_wall=time.time(), heartbeat_mono=now)
+    _board.reset(
+        slot, state=State.STARTING, crashes=crashes, started_mono=now, started_wall=time.time(), heartbeat_mono=now
+    )
 
 
 def post_fork(server: Any, worker: Any, settings: Settings) -> None:
@@ -65,6 +106,7 @@ def post_fork(server: Any, worker: Any, settings: Settings) -> None:
         assert _board is not None and slot is not None, "on_starting/pre_fork did not run"
         _board.write(slot, pid=os.getpid(), heartbeat_mono=time.monotonic())
         engine = Engine(settings, _board, slot)
+        engine.on_unhealthy = _exit_gracefully
         _runtime = Runtime(settings, _board, slot, engine)
         engine.start()
         server.log.info("event=worker_started slot=%s pid=%s", slot, os.getpid())
@@ -75,11 +117,42 @@ def post_fork(server: Any, worker: Any, settings: Settings) -> None:
             _runtime = Runtime(settings, _board, slot, None)
 
 
+def _exit_gracefully(reason: str) -> None:
+    """An UNHEALTHY worker leaves through gunicorn's own graceful exit, so replies in flight still go out."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Make the worker's SIGTERM (from the master, or its own when UNHEALTHY) drain the engine first."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def drain_then_exit(signum: int, frame: Any) -> None:
+        _drain()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain_then_exit)
+
+
+def worker_int(worker: Any) -> None:
+    """SIGINT/SIGQUIT: the worker is about to exit at once."""
+    _drain()
+
+
+def _drain() -> None:
+    if _runtime is None:
+        return
+    if _runtime.engine is not None:
+        _runtime.engine.drain()
+    elif _runtime.board.read(_runtime.slot).state is not State.FAILED:
+        _runtime.board.write(_runtime.slot, state=State.DRAINING)
+
+
 def worker_exit(server: Any, worker: Any) -> None:
     if _runtime is not None:
+        _drain()
         if _runtime.engine is not None:
             _runtime.engine.stop()
-        _runtime.board.write(_runtime.slot, state=State.DRAINING)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -93,7 +166,9 @@ def child_exit(server: Any, worker: Any) -> None:
     detail = f"pid {worker.pid} exited while {record.state.name}"
     if record.error:
         detail += f"; last error: {record.error}"
-    _board.write(slot, state=State.DEAD, error=detail, in_flight=0, queued=0)
+    crashed_early = record.state in (State.STARTING, State.LOADING, State.WARMING) and not _board.shutting_down
+    crashes = record.crashes + 1 if crashed_early else record.crashes
+    _board.write(slot, state=State.DEAD, error=detail, in_flight=0, queued=0, crashes=crashes)
     expected = record.state is State.DRAINING  # a shutdown or reload, not a crash
     (server.log.info if expected else server.log.warning)(
         "event=worker_dead slot=%s pid=%s was=%s", slot, worker.pid, record.state.name

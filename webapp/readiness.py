@@ -7,6 +7,7 @@ Pure functions over slot records, so the policy is unit-tested without processes
 from __future__ import annotations
 
 import errno
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from webapp.board import SlotRecord, State
 
 PF_EXITING = 0x4  # include/linux/sched.h: the task is exiting
+STALLED = "generation stalled"
 
 # States from which a worker can still become ready without a restart (liveness holds).
 RECOVERABLE = frozenset({State.STARTING, State.LOADING, State.WARMING, State.READY, State.DRAINING})
@@ -75,7 +77,9 @@ class WorkerView:
             "in_flight": r.in_flight,
             "queued": r.queued,
         }
-        if r.next_retry_mono and r.state is State.LOADING and r.next_retry_mono > now:
+        if r.crashes:
+            row["crashes"] = r.crashes
+        if r.next_retry_mono and r.state in (State.STARTING, State.LOADING) and r.next_retry_mono > now:
             row["next_retry_in_s"] = round(r.next_retry_mono - now, 3)
         if r.error:
             row["error"] = r.error
@@ -100,9 +104,11 @@ def view_workers(
     records: Sequence[SlotRecord],
     now: float,
     heartbeat_timeout: float,
+    stall_timeout: float = math.inf,
     is_alive: Callable[[int], bool] = pid_alive,
 ) -> list[WorkerView]:
-    """The occupied slots, each with the reason it cannot be trusted (pid gone, heartbeat stale, torn)."""
+    """The occupied slots, each with the reason it cannot be trusted (pid gone, heartbeat stale, a
+    generation stalled, torn record)."""
     views = []
     for slot, record in enumerate(records):
         if record.state is State.EMPTY:
@@ -115,6 +121,8 @@ def view_workers(
                 problem = f"pid {record.pid} is gone"
             elif record.heartbeat_mono and now - record.heartbeat_mono > heartbeat_timeout:
                 problem = f"heartbeat {now - record.heartbeat_mono:.1f} s old (limit {heartbeat_timeout:g} s)"
+            elif record.in_flight and record.last_step_mono and now - record.last_step_mono > stall_timeout:
+                problem = STALLED + f" for {now - record.last_step_mono:.1f} s (limit {stall_timeout:g} s)"
         views.append(WorkerView(slot, record, problem))
     return views
 
@@ -124,26 +132,39 @@ def judge(
     now: float,
     quorum: int,
     heartbeat_timeout: float,
+    stall_timeout: float = math.inf,
+    crash_limit: int = 2**31,
+    shutting_down: bool = False,
     master_alive: bool = True,
     is_alive: Callable[[int], bool] = pid_alive,
 ) -> Verdict:
     """Apply the readiness policy (``quorum`` READY workers needed) and the liveness rule to the board."""
-    workers = view_workers(records, now, heartbeat_timeout, is_alive)
+    workers = view_workers(records, now, heartbeat_timeout, stall_timeout, is_alive)
     ready_count = sum(w.ready for w in workers)
     live = [w for w in workers if w.record.state is not State.DEAD]
 
     broken = [w for w in live if w.record.state in (State.FAILED, State.UNHEALTHY) and not w.problem]
+    stalled = [w for w in live if w.problem.startswith(STALLED)]
+    looping = [w for w in workers if w.record.crashes >= crash_limit]
     if not master_alive:
         alive, alive_reason = False, "the gunicorn master is gone"
     elif broken:
         w = broken[0]
         alive = False
         alive_reason = f"worker {w.slot} is {w.record.state.name}: {w.record.error or 'no message'}"
+    elif stalled:
+        alive, alive_reason = False, f"worker {stalled[0].slot} {stalled[0].problem}"
+    elif looping:
+        w = looping[0]
+        alive = False
+        alive_reason = f"slot {w.slot} crash loop: its workers died {w.record.crashes} times in a row before READY"
     else:
         alive, alive_reason = True, "every worker is ready or can still become ready"
 
     if not master_alive:
         ready, reason = False, "the gunicorn master is gone"
+    elif shutting_down:
+        ready, reason = False, "the server is shutting down"
     elif ready_count >= quorum:
         ready, reason = True, f"{ready_count} of {quorum} required workers ready"
     else:

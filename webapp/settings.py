@@ -51,6 +51,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HEARTBEAT_INTERVAL", "1", "Seconds between a worker's heartbeats on the board."),
     Variable("HEARTBEAT_TIMEOUT", "10", "A heartbeat older than this marks the worker stale (not ready)."),
     Variable("BOARD_DIR", "", "Folder for the readiness board; empty = /dev/shm, else the temp dir."),
+    Variable("STALL_TIMEOUT", "60", "A denoising step running longer than this makes the worker UNHEALTHY."),
+    Variable("MAX_CONSECUTIVE_FAILURES", "5", "Failed generations in a row that make a worker UNHEALTHY."),
+    Variable("CRASH_LOOP_LIMIT", "5", "Deaths in a row of a slot's workers before READY that turn /healthz 503."),
+    Variable("RESPAWN_BACKOFF_INITIAL", "1", "Wait before loading again after a slot's worker crashed, seconds."),
+    Variable("RESPAWN_BACKOFF_MAX", "60", "Longest respawn wait, seconds (doubles per crash in a row)."),
+    Variable("MAX_REQUESTS", "0", "gunicorn max_requests: recycle a worker after this many requests; 0 = never."),
+    Variable("MAX_REQUESTS_JITTER", "0", "gunicorn max_requests_jitter, so workers do not recycle together."),
     Variable("REQUEST_TIMEOUT", "120", "Seconds a /generate request may wait for its images (504 after)."),
     Variable("MAX_QUEUED", "8", "Jobs that may wait per worker; more are shed with 503."),
     Variable("MAX_BODY_BYTES", "65536", "Largest /generate body accepted (413 above)."),
@@ -93,6 +100,13 @@ class Settings:
     heartbeat_interval: float
     heartbeat_timeout: float
     board_dir: Path
+    stall_timeout: float
+    max_consecutive_failures: int
+    crash_loop_limit: int
+    respawn_backoff_initial: float
+    respawn_backoff_max: float
+    max_requests: int
+    max_requests_jitter: int
     request_timeout: float
     max_queued: int
     max_body_bytes: int
@@ -114,6 +128,12 @@ class Settings:
     def bind(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def respawn_delay(self, crashes: int) -> float:
+        """How long a slot's new worker waits before loading after ``crashes`` deaths in a row."""
+        if crashes <= 0:
+            return 0.0
+        return min(self.respawn_backoff_max, self.respawn_backoff_initial * 2 ** (crashes - 1))
 
     def ready_quorum(self, expected_workers: int) -> int:
         """How many READY workers /readyz needs under READY_POLICY, given the configured worker count."""
@@ -148,6 +168,13 @@ class Settings:
             heartbeat_interval=r.number("HEARTBEAT_INTERVAL", 0.05, 60),
             heartbeat_timeout=r.number("HEARTBEAT_TIMEOUT", 0.1, 3600),
             board_dir=Path(r.text("BOARD_DIR", allow_empty=True) or _default_board_dir()),
+            stall_timeout=r.number("STALL_TIMEOUT", 0.1, 86400),
+            max_consecutive_failures=r.integer("MAX_CONSECUTIVE_FAILURES", 1, 1_000_000),
+            crash_loop_limit=r.integer("CRASH_LOOP_LIMIT", 1, 65535),
+            respawn_backoff_initial=r.number("RESPAWN_BACKOFF_INITIAL", 0, 3600),
+            respawn_backoff_max=r.number("RESPAWN_BACKOFF_MAX", 0, 86400),
+            max_requests=r.integer("MAX_REQUESTS", 0, 10_000_000),
+            max_requests_jitter=r.integer("MAX_REQUESTS_JITTER", 0, 10_000_000),
             request_timeout=r.number("REQUEST_TIMEOUT", 0.1, 86400),
             max_queued=r.integer("MAX_QUEUED", 1, 10000),
             max_body_bytes=r.integer("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024),
@@ -179,6 +206,10 @@ def _check_relations(s: Settings) -> None:
         (s.default_guidance <= s.max_guidance, "DEFAULT_GUIDANCE must not exceed MAX_GUIDANCE"),
         (s.min_image_size <= s.max_image_size, "MIN_IMAGE_SIZE must not exceed MAX_IMAGE_SIZE"),
         (s.load_backoff_initial <= s.load_backoff_max, "LOAD_BACKOFF_INITIAL must not exceed LOAD_BACKOFF_MAX"),
+        (
+            s.respawn_backoff_initial <= s.respawn_backoff_max,
+            "RESPAWN_BACKOFF_INITIAL must not exceed RESPAWN_BACKOFF_MAX",
+        ),
         (
             s.heartbeat_timeout > 2 * s.heartbeat_interval,
             "HEARTBEAT_TIMEOUT must be more than twice HEARTBEAT_INTERVAL, or a live worker looks stale",
