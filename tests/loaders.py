@@ -6,6 +6,7 @@ Each wraps the real loader (``webapp.pipeline.load``), so what finally serves is
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -33,3 +34,35 @@ def flaky(settings: Settings, slot: int) -> pipeline.DiffusersModel:
     if _calls <= int(os.environ["FLAKY_FAILURES"]):
         raise ConnectionError(f"simulated hub outage on attempt {_calls}")
     return pipeline.load(settings, slot)
+
+
+class FaultyModel:
+    """The real tiny pipeline, with faults injected by prompt (see ``faulty``)."""
+
+    def __init__(self, inner: pipeline.DiffusersModel) -> None:
+        self.inner = inner
+        self.device = inner.device
+        self.default_size = inner.default_size
+
+    def generate(self, params, on_step):
+        if params.prompt == "fatal":
+            # No CUDA device runs here, so the error a poisoned CUDA context raises is simulated: this is
+            # the message torch gives for an illegal memory access.
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if params.prompt == "ordinary":
+            raise ValueError("this prompt broke the text encoder")
+        if params.prompt == "stall":
+            hold = threading.Event()
+
+            def stall_after_first_step(step: int) -> None:
+                on_step(step)
+                hold.wait(float(os.environ.get("STALL_HOLD_S", "600")))  # a step that never finishes
+
+            return self.inner.generate(params, stall_after_first_step)
+        return self.inner.generate(params, on_step)
+
+
+def faulty(settings: Settings, slot: int) -> FaultyModel:
+    """The real model, whose generations fail on the prompts "fatal" (a device error), "ordinary" (an
+    error in the pipeline) and "stall" (a denoising step that never ends)."""
+    return FaultyModel(pipeline.load(settings, slot))

@@ -104,6 +104,8 @@ class Engine:
 
     def drain(self) -> None:
         """Shutdown: refuse new jobs (DRAINING) but finish the ones already queued."""
+        if self._draining:
+            return
         self._draining = True
         if self.state not in (State.FAILED, State.UNHEALTHY):
             self._set_state(State.DRAINING)

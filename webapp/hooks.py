@@ -151,8 +151,10 @@ def _drain() -> None:
 def worker_exit(server: Any, worker: Any) -> None:
     if _runtime is not None:
         _drain()
-        if _runtime.engine is not None:
-            _runtime.engine.stop()
+        engine = _runtime.engine
+        if engine is not None:
+            # An UNHEALTHY engine thread may be stuck in a step for good: do not wait for it.
+            engine.stop(timeout=0 if engine.state is State.UNHEALTHY else 5)
 
 
 def child_exit(server: Any, worker: Any) -> None:
