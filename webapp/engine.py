@@ -118,6 +118,8 @@ class Engine:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _set_state(self, state: State, **fields: object) -> None:
+        if self._draining and state in (State.LOADING, State.WARMING, State.READY):
+            state = State.DRAINING  # a load that finishes during shutdown must not look like progress
         self.state = state
         self.board.write(self.slot, state=state, **fields)
         log.info(
