@@ -44,22 +44,23 @@ class FaultyModel:
         self.device = inner.device
         self.default_size = inner.default_size
 
-    def generate(self, params, on_step):
-        if params.prompt == "fatal":
+    def generate(self, batch, on_step):
+        prompts = {params.prompt for params in batch}
+        if "fatal" in prompts:
             # No CUDA device runs here, so the error a poisoned CUDA context raises is simulated: this is
             # the message torch gives for an illegal memory access.
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        if params.prompt == "ordinary":
+        if "ordinary" in prompts:
             raise ValueError("this prompt broke the text encoder")
-        if params.prompt == "stall":
+        if "stall" in prompts:
             hold = threading.Event()
 
             def stall_after_first_step(step: int) -> None:
                 on_step(step)
                 hold.wait(float(os.environ.get("STALL_HOLD_S", "600")))  # a step that never finishes
 
-            return self.inner.generate(params, stall_after_first_step)
-        return self.inner.generate(params, on_step)
+            return self.inner.generate(batch, stall_after_first_step)
+        return self.inner.generate(batch, on_step)
 
 
 def faulty(settings: Settings, slot: int) -> FaultyModel:

@@ -13,7 +13,7 @@ from webapp.settings import BUILTIN_TINY_MODEL, VARIABLES, Settings, SettingsErr
 
 def test_defaults_validate():
     s = Settings.from_env({})
-    assert (s.host, s.port, s.workers, s.threads) == ("0.0.0.0", 8080, 1, 4)
+    assert (s.host, s.port, s.workers, s.threads) == ("0.0.0.0", 8080, 1, 16)
     assert s.model_id == BUILTIN_TINY_MODEL
     assert s.bind == "0.0.0.0:8080"
     assert s.ready_quorum(3) == 3

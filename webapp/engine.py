@@ -9,6 +9,12 @@ MAX_CONSECUTIVE_FAILURES generations fail in a row, or when a denoising step out
 engine then fails its queued and running jobs at once and asks the worker to exit, so gunicorn replaces it.
 On shutdown, ``drain()`` refuses new jobs (DRAINING) and finishes the queued ones.
 
+Serving (DESIGN.md §5): at most MAX_ONGOING jobs run at once and MAX_QUEUED wait; beyond that ``submit``
+sheds at once. Every job has a deadline: one that expires while queued is dropped unrun, and a pipeline
+call whose jobs have all expired or been abandoned is interrupted between denoising steps. Queued jobs
+that can share a pipeline call (same size, steps and guidance) run as one batch of up to MAX_BATCH_SIZE
+images, each image with its own seeded generator, so a seed gives the same image alone or in a batch.
+
 A second thread writes the heartbeat and watches for stalls, so a frozen process is visible to every
 other worker and a stuck step is caught by this one.
 """
@@ -16,10 +22,11 @@ other worker and a stuck step is caught by this one.
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,8 +47,9 @@ class Model(Protocol):
     device: str
     default_size: tuple[int, int]
 
-    def generate(self, params: GenerationParams, on_step: Callable[[int], None]) -> list[Any]:
-        """Images (PIL) for ``params``, one per seed; call ``on_step(i)`` after each denoising step."""
+    def generate(self, batch: Sequence[GenerationParams], on_step: Callable[[int], None]) -> list[list[Any]]:
+        """One pipeline call for compatible requests (same size, steps, guidance): for each request, its
+        images (PIL), one per seed; call ``on_step(i)`` after each denoising step (it may raise to stop)."""
         ...
 
 
@@ -54,7 +62,23 @@ class NotReady(Exception):
 
 
 class Overloaded(Exception):
-    """The queue is full; the job was not accepted."""
+    """MAX_ONGOING + MAX_QUEUED jobs are already here; ``retry_after_s`` estimates when room frees up."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The job's deadline passed: ``ran`` tells whether it was interrupted or dropped from the queue."""
+
+    def __init__(self, message: str, ran: bool) -> None:
+        super().__init__(message)
+        self.ran = ran
+
+
+class _Interrupted(Exception):
+    """Raised from the step callback to stop a pipeline call nobody waits for any more."""
 
 
 class WorkerUnhealthy(Exception):
@@ -63,12 +87,26 @@ class WorkerUnhealthy(Exception):
 
 @dataclass
 class Job:
+    """One /generate request inside the engine. ``deadline`` is a time.monotonic() value."""
+
     params: GenerationParams
+    deadline: float = math.inf
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
-    last_step: float = 0.0
     finished: float = 0.0
+    batch_jobs: int = 0  # how many jobs shared its pipeline call
+    batch_images: int = 0
+    abandoned: bool = False  # its request stopped waiting (deadline): nobody needs the result
+
+    @property
+    def key(self) -> tuple[int, int, int, float]:
+        """Jobs with equal keys can share one pipeline call."""
+        p = self.params
+        return (p.width, p.height, p.num_inference_steps, p.guidance_scale)
+
+    def expired(self, now: float) -> bool:
+        return self.abandoned or now >= self.deadline or self.future.done()
 
 
 class Engine:
@@ -80,13 +118,17 @@ class Engine:
         self.slot = slot
         self.state = State.STARTING
         self.model: Model | None = None
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queued)
+        self._pending: deque[Job] = deque()  # FIFO; guarded by _arrived's lock
+        self._arrived = threading.Condition()
         self._counts_lock = threading.Lock()
         self._counts = {"in_flight": 0, "queued": 0, "served": 0, "failed": 0, "shed": 0}
+        self._seconds_per_image = 0.0  # moving average of batch time per image, for Retry-After
+        self._batch: list[Job] = []
+        self._batch_started = 0.0
+        self._last_step = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._draining = False
-        self._current: Job | None = None
         self._consecutive_failures = 0
         self._unhealthy_lock = threading.Lock()
         self.on_unhealthy: Callable[[str], None] = lambda reason: None  # the worker's exit, set by the hooks
@@ -134,9 +176,8 @@ class Engine:
         while not self._stop.is_set():
             now = time.monotonic()
             self.board.write(self.slot, heartbeat_mono=now)
-            job = self._current
-            if job is not None and now - max(job.started, job.last_step) > self.settings.stall_timeout:
-                stuck = now - max(job.started, job.last_step)
+            stuck = now - max(self._batch_started, self._last_step)
+            if self._batch and stuck > self.settings.stall_timeout:
                 self._turn_unhealthy(
                     f"denoising step stalled: no progress for {stuck:.1f} s (STALL_TIMEOUT="
                     f"{self.settings.stall_timeout:g} s)"
@@ -149,15 +190,13 @@ class Engine:
             if self.state is State.UNHEALTHY:
                 return
             self._set_state(State.UNHEALTHY, error=reason)
-        current = self._current
-        if current is not None and not current.future.done():
-            _settle(current.future, exc=WorkerUnhealthy(reason))
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._count(queued=-1)
+        for job in list(self._batch):
+            _settle(job.future, exc=WorkerUnhealthy(reason))
+        with self._arrived:
+            waiting = list(self._pending)
+            self._pending.clear()
+        self._count(queued=-len(waiting))
+        for job in waiting:
             _settle(job.future, exc=WorkerUnhealthy(reason))
         self.on_unhealthy(reason)
 
@@ -201,7 +240,7 @@ class Engine:
                 model = loader(s, self.slot)
                 self._set_state(State.WARMING, device=model.device)
                 warm = GenerationParams("warm-up", None, 1, s.default_guidance, *model.default_size, (0,))
-                model.generate(warm, self._on_step)
+                model.generate([warm], lambda step: None)
                 log.info(
                     "event=loaded slot=%s attempt=%s device=%s seconds=%.2f",
                     self.slot,
@@ -226,13 +265,6 @@ class Engine:
 
     # -- serving ------------------------------------------------------------------------------------
 
-    def _on_step(self, step: int) -> None:
-        now = time.monotonic()
-        job = self._current
-        if job is not None:
-            job.last_step = now
-        self.board.write(self.slot, last_step_mono=now)
-
     def _count(self, **deltas: int) -> None:
         """Change counters and publish them on the board at once (the board lock orders the writes)."""
         with self._counts_lock:
@@ -241,57 +273,130 @@ class Engine:
             counts = dict(self._counts)
         self.board.write(self.slot, **counts)
 
-    def submit(self, params: GenerationParams) -> Job:
-        """Queue a job; raise NotReady unless READY, Overloaded when MAX_QUEUED jobs already wait."""
+    def retry_after(self) -> int:
+        """Seconds until this worker has likely worked through what it holds now (at least 1)."""
+        with self._counts_lock:
+            held = self._counts["queued"] + self._counts["in_flight"]
+        per_image = self._seconds_per_image or 1.0
+        return max(1, math.ceil(per_image * held / self.settings.max_batch_size))
+
+    def submit(self, params: GenerationParams, deadline: float = math.inf) -> Job:
+        """Queue a job; raise NotReady unless READY, Overloaded when MAX_ONGOING + MAX_QUEUED jobs are
+        already here. Never waits."""
         if self.state is not State.READY or self._draining:
             raise NotReady(State.DRAINING if self._draining and self.state is State.READY else self.state)
-        job = Job(params)
+        job = Job(params, deadline)
+        capacity = self.settings.max_ongoing + self.settings.max_queued
         with self._counts_lock:
-            full = self._counts["queued"] >= self.settings.max_queued
+            held = self._counts["queued"] + self._counts["in_flight"]
+            full = held >= capacity
             self._counts["shed" if full else "queued"] += 1
             counts = dict(self._counts)
         self.board.write(self.slot, **counts)
         if full:
-            raise Overloaded(f"{counts['queued']} jobs already wait on this worker (MAX_QUEUED)")
-        self._queue.put_nowait(job)
+            raise Overloaded(
+                f"this worker holds {held} jobs (MAX_ONGOING + MAX_QUEUED = {capacity})", self.retry_after()
+            )
+        with self._arrived:
+            self._pending.append(job)
+            self._arrived.notify()
         return job
 
     def _serve(self) -> None:
-        """Run queued jobs one at a time until stopped, or until drained and the queue is empty."""
+        """Run batches until stopped, unhealthy, or drained with nothing left to do."""
         while not self._stop.is_set() and self.state is not State.UNHEALTHY:
-            try:
-                job = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                if self._draining:
-                    return
-                continue
-            self._count(queued=-1)
-            if not job.future.set_running_or_notify_cancel():
-                continue  # its request gave up while it waited
-            self._run_job(job)
+            batch = self._take_batch()
+            if batch:
+                self._run_batch(batch)
+            elif self._draining:
+                with self._arrived:
+                    if not self._pending:
+                        return
 
-    def _run_job(self, job: Job) -> None:
-        job.started = time.monotonic()
-        self._current = job
-        self._count(in_flight=1)
-        self.board.write(self.slot, last_step_mono=job.started)
+    def _take_batch(self) -> list[Job]:
+        """The oldest live job plus queued jobs that can share its pipeline call, in arrival order, up to
+        MAX_BATCH_SIZE images and MAX_ONGOING jobs. Expired or abandoned jobs are dropped unrun."""
+        s = self.settings
+        with self._arrived:
+            if not self._pending:
+                self._arrived.wait(0.2)
+            batch = self._gather([])
+            if not batch:
+                return []
+            until = time.monotonic() + s.batch_wait_ms / 1000
+            while sum(j.params.num_images for j in batch) < s.max_batch_size and len(batch) < s.max_ongoing:
+                remaining = until - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    break
+                self._arrived.wait(remaining)
+                batch = self._gather(batch)
+        started = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        self._count(queued=-len(batch), in_flight=len(started))
+        return started
+
+    def _gather(self, batch: list[Job]) -> list[Job]:
+        """Move fitting jobs from the queue into ``batch`` (the caller holds the condition's lock)."""
+        s = self.settings
+        now = time.monotonic()
+        images = sum(j.params.num_images for j in batch)
+        kept: deque[Job] = deque()
+        for job in self._pending:
+            if job.expired(now):
+                self._drop_unrun(job, now)
+            elif (
+                len(batch) < s.max_ongoing
+                and (not batch or job.key == batch[0].key)
+                and (not batch or images + job.params.num_images <= s.max_batch_size)
+            ):
+                batch.append(job)
+                images += job.params.num_images
+            else:
+                kept.append(job)
+        self._pending = kept
+        return batch
+
+    def _drop_unrun(self, job: Job, now: float) -> None:
+        self._count(queued=-1)
+        waited = now - job.enqueued
+        _settle(job.future, exc=DeadlineExceeded(f"deadline passed after {waited:.1f} s in the queue", ran=False))
+
+    def _on_step(self, step: int) -> None:
+        now = time.monotonic()
+        self._last_step = now
+        self.board.write(self.slot, last_step_mono=now)
+        if all(job.expired(now) for job in self._batch):
+            raise _Interrupted(f"every job's deadline passed by step {step + 1}")
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        images_total = sum(job.params.num_images for job in batch)
+        self._batch_started = self._last_step = time.monotonic()
+        for job in batch:
+            job.started, job.batch_jobs, job.batch_images = self._batch_started, len(batch), images_total
+        self._batch = batch
+        self.board.write(self.slot, last_step_mono=self._batch_started)
         try:
             assert self.model is not None
-            images = self.model.generate(job.params, self._on_step)
-        except Exception as exc:  # the request gets a 500; the worker keeps serving unless it is fatal
-            job.finished = time.monotonic()
-            self._current = None
-            self._count(in_flight=-1, failed=1)
+            results = self.model.generate([job.params for job in batch], self._on_step)
+        except _Interrupted as stop:
+            self._finish(batch, timed_out=True)
+            log.info("event=batch_interrupted slot=%s jobs=%s reason=%r", self.slot, len(batch), str(stop))
+            for job in batch:
+                _settle(job.future, exc=DeadlineExceeded(f"interrupted: {stop}", ran=True))
+            return
+        except Exception as exc:  # the requests get a 500; the worker keeps serving unless it is fatal
+            self._finish(batch, failed=True)
             self._consecutive_failures += 1
             fatal = faults.is_fatal(exc)
             log.exception(
-                "event=generate_failed slot=%s fatal=%s consecutive=%s error=%r",
+                "event=generate_failed slot=%s jobs=%s fatal=%s consecutive=%s error=%r",
                 self.slot,
+                len(batch),
                 fatal,
                 self._consecutive_failures,
                 loading.describe(exc),
             )
-            _settle(job.future, exc=exc)
+            for job in batch:
+                _settle(job.future, exc=exc)
             if fatal:
                 self._turn_unhealthy(f"fatal device error: {loading.describe(exc)}")
             elif self._consecutive_failures >= self.settings.max_consecutive_failures:
@@ -299,11 +404,25 @@ class Engine:
                     f"{self._consecutive_failures} generations failed in a row; last: {loading.describe(exc)}"
                 )
             return
-        job.finished = time.monotonic()
-        self._current = None
+        elapsed = self._finish(batch)
         self._consecutive_failures = 0
-        self._count(in_flight=-1, served=1)
-        _settle(job.future, result=images)
+        per_image = elapsed / images_total
+        previous = self._seconds_per_image or per_image
+        self._seconds_per_image = 0.8 * previous + 0.2 * per_image
+        for job, images in zip(batch, results, strict=True):
+            _settle(job.future, result=images)
+
+    def _finish(self, batch: list[Job], failed: bool = False, timed_out: bool = False) -> float:
+        now = time.monotonic()
+        for job in batch:
+            job.finished = now
+        self._batch = []
+        outcome = "failed" if failed else "timed_out" if timed_out else "served"
+        deltas = {"in_flight": -len(batch)}
+        if outcome != "timed_out":
+            deltas[outcome] = len(batch)
+        self._count(**deltas)
+        return now - self._batch_started
 
 
 def _settle(future: Future, result: object = None, exc: BaseException | None = None) -> None:

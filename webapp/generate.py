@@ -18,8 +18,8 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webapp import errors
 from webapp.board import State
-from webapp.engine import NotReady, Overloaded, WorkerUnhealthy
-from webapp.params import InvalidRequest, parse
+from webapp.engine import DeadlineExceeded, NotReady, Overloaded, WorkerUnhealthy
+from webapp.params import TIMEOUT_HEADER, InvalidRequest, parse, parse_timeout
 from webapp.runtime import Runtime
 
 bp = Blueprint("generate", __name__)
@@ -83,30 +83,36 @@ def generate() -> Response:
             state = engine.state if engine is not None else State.FAILED
             raise NotReady(state)
         params = parse(payload, settings, engine.model.default_size)
+        header_timeout = parse_timeout(request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, settings.request_timeout)
         if wants == PNG and params.num_images != 1:
             raise InvalidRequest(
                 406, errors.NOT_ACCEPTABLE, f"{PNG} holds one image; ask for {JSON} for num_images > 1", "num_images"
             )
-        job = engine.submit(params)
+        timeout = min(t for t in (settings.request_timeout, params.timeout_s, header_timeout) if t is not None)
+        job = engine.submit(params, deadline=received + timeout)
     except InvalidRequest as exc:
         return errors.error_response(exc.status, exc.code, exc.message, exc.field)
     except NotReady as exc:
         message = f"this worker is {exc.state.name}; see /readyz"
         return errors.error_response(503, errors.NOT_READY, message, headers={"Retry-After": _retry_after(runtime)})
     except Overloaded as exc:
-        return errors.error_response(503, errors.OVERLOADED, str(exc), headers={"Retry-After": "1"})
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return errors.error_response(503, errors.OVERLOADED, str(exc), headers=headers)
 
     try:
-        images = job.future.result(timeout=max(0.0, settings.request_timeout - (time.monotonic() - received)))
+        images = job.future.result(timeout=max(0.0, job.deadline - time.monotonic()))
     except WorkerUnhealthy as exc:
         message = f"this worker turned UNHEALTHY before finishing: {exc}"
         return errors.error_response(
             503, errors.WORKER_UNHEALTHY, message, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
         )
     except FutureTimeout:
-        job.future.cancel()  # dropped unrun if it is still queued
-        message = f"no result within REQUEST_TIMEOUT={settings.request_timeout:g} s"
-        return errors.error_response(504, errors.TIMEOUT, message)
+        job.abandoned = True  # the engine drops it unrun, or stops its batch if nobody else waits
+        job.future.cancel()
+        state = "while running" if job.started else "in the queue"
+        return errors.error_response(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}")
+    except DeadlineExceeded as exc:
+        return errors.error_response(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed: {exc}")
     except Exception:  # logged with the request id; the client sees no stack trace
         log.exception("event=generate_error request_id=%s slot=%s", g.request_id, runtime.slot)
         message = f"generation failed; quote request id {g.request_id} to the operator"
@@ -121,10 +127,12 @@ def generate() -> Response:
         "encode_ms": round((done - encode_start) * 1000, 1),
         "total_ms": round((done - received) * 1000, 1),
     }
+    batch = {"jobs": job.batch_jobs, "images": job.batch_images}
     if wants == PNG:
         response = Response(pngs[0], mimetype=PNG)
         response.headers["X-Seed"] = str(params.seeds[0])
         response.headers["X-Generate-Ms"] = str(timings["generate_ms"])
+        response.headers["X-Batch-Images"] = str(batch["images"])
         return response
     return jsonify(
         {
@@ -137,6 +145,7 @@ def generate() -> Response:
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
             "timings": timings,
+            "batch": batch,
             "worker": {"slot": runtime.slot, "pid": runtime.board.read(runtime.slot).pid},
         }
     )

@@ -23,7 +23,9 @@ FIELDS = (
     "height",
     "seed",
     "num_images",
+    "timeout_s",
 )
+TIMEOUT_HEADER = "X-Request-Timeout"
 
 
 class InvalidRequest(Exception):
@@ -48,6 +50,7 @@ class GenerationParams:
     width: int
     height: int
     seeds: tuple[int, ...]
+    timeout_s: float | None = None  # the client's own deadline, never above REQUEST_TIMEOUT
 
     @property
     def num_images(self) -> int:
@@ -95,6 +98,22 @@ def _text(payload: dict[str, Any], field: str, limit: int, required: bool) -> st
     return value
 
 
+def parse_timeout(value: object, field: str, limit: float) -> float | None:
+    """A client deadline in seconds: a positive number no larger than REQUEST_TIMEOUT (never clamped)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _invalid(field, f"must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _invalid(field, f"must be a number of seconds from 0 to {limit:g}")
+    if not 0 < value <= limit:
+        raise _invalid(field, f"must be more than 0 and at most REQUEST_TIMEOUT={limit:g} s, got {value:g}")
+    return float(value)
+
+
 def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
     """Validate a decoded JSON body; ``default_size`` (width, height) is the model's native size."""
     if not isinstance(payload, dict):
@@ -126,4 +145,5 @@ def parse(payload: object, settings: Settings, default_size: tuple[int, int]) ->
     assert steps is not None and num_images is not None
     first = secrets.randbelow(SEED_LIMIT) if seed is None else seed
     seeds = tuple((first + i) % SEED_LIMIT for i in range(num_images))
-    return GenerationParams(prompt, negative, steps, float(guidance), width, height, seeds)
+    timeout = parse_timeout(payload.get("timeout_s"), "timeout_s", settings.request_timeout)
+    return GenerationParams(prompt, negative, steps, float(guidance), width, height, seeds, timeout)

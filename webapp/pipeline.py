@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -75,10 +75,17 @@ class DiffusersModel:
         side = int(getattr(sample, "sample_size", 64) * scale) if sample is not None else 512
         self.default_size = (side, side)
 
-    def generate(self, params: GenerationParams, on_step: Callable[[int], None]) -> list[Image]:
-        """Run one pipeline call: one image per seed, each with its own generator so a seed always gives
-        the same image. ``on_step(step_index)`` is called after every denoising step."""
-        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in params.seeds]
+    def generate(self, batch: Sequence[GenerationParams], on_step: Callable[[int], None]) -> list[list[Image]]:
+        """One pipeline call for requests that share size, steps and guidance: every image gets its own
+        generator seeded with its seed, so a seed gives the same image alone or in a batch (up to float
+        rounding: about 1e-6 on CPU). ``on_step(i)`` runs after each denoising step and may raise to stop."""
+        first = batch[0]
+        prompts, negatives, generators = [], [], []
+        for params in batch:
+            for seed in params.seeds:
+                prompts.append(params.prompt)
+                negatives.append(params.negative_prompt or "")  # "" is what the pipeline uses for None
+                generators.append(torch.Generator(device=self.device).manual_seed(seed))
 
         def step_end(pipe: object, step: int, timestep: object, kwargs: dict) -> dict:
             on_step(step)
@@ -86,17 +93,22 @@ class DiffusersModel:
 
         with torch.inference_mode():
             result = self.pipe(
-                prompt=[params.prompt] * params.num_images,
-                negative_prompt=[params.negative_prompt] * params.num_images if params.negative_prompt else None,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                width=params.width,
-                height=params.height,
+                prompt=prompts,
+                negative_prompt=negatives if any(negatives) else None,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                width=first.width,
+                height=first.height,
                 generator=generators,
                 output_type="pil",
                 callback_on_step_end=step_end,
             )
-        return list(result.images)
+        images = list(result.images)
+        per_request = []
+        for params in batch:
+            per_request.append(images[: params.num_images])
+            images = images[params.num_images :]
+        return per_request
 
 
 def load(settings: Settings, slot: int) -> DiffusersModel:

@@ -36,7 +36,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HOST", "0.0.0.0", "Address gunicorn binds."),
     Variable("PORT", "8080", "Port gunicorn binds (Cloud Run sets it)."),
     Variable("WEB_CONCURRENCY", "1", "gunicorn workers; each loads its own pipeline (one per GPU is usual)."),
-    Variable("THREADS", "4", "gthread request threads per worker; at least 2 so a probe finds a free one."),
+    Variable("THREADS", "16", "gthread request threads per worker; at least MAX_ONGOING + MAX_QUEUED + 2."),
     Variable("MODEL_ID", BUILTIN_TINY_MODEL, "Model to serve: a local folder, a hub id, or the embedded tiny model."),
     Variable("MODEL_CACHE_DIR", "~/.cache/honest-diffusion", "Where the embedded tiny model is built."),
     Variable("MODEL_LOADER", "webapp.pipeline:load", "Callable `module:function(settings, slot)` returning a model."),
@@ -59,7 +59,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MAX_REQUESTS", "0", "gunicorn max_requests: recycle a worker after this many requests; 0 = never."),
     Variable("MAX_REQUESTS_JITTER", "0", "gunicorn max_requests_jitter, so workers do not recycle together."),
     Variable("REQUEST_TIMEOUT", "120", "Seconds a /generate request may wait for its images (504 after)."),
-    Variable("MAX_QUEUED", "8", "Jobs that may wait per worker; more are shed with 503."),
+    Variable("MAX_ONGOING", "4", "Jobs a worker runs on its device at once (in one batch)."),
+    Variable("MAX_QUEUED", "8", "Jobs that may wait per worker beyond MAX_ONGOING; more are shed with 503."),
+    Variable("MAX_BATCH_SIZE", "4", "Images in one pipeline call; compatible queued jobs share it."),
+    Variable("BATCH_WAIT_MS", "0", "How long an idle engine waits for more jobs to fill a batch."),
     Variable("MAX_BODY_BYTES", "65536", "Largest /generate body accepted (413 above)."),
     Variable("MAX_PROMPT_CHARS", "2000", "Longest prompt and negative_prompt."),
     Variable("DEFAULT_STEPS", "20", "num_inference_steps when the request gives none."),
@@ -108,7 +111,10 @@ class Settings:
     max_requests: int
     max_requests_jitter: int
     request_timeout: float
+    max_ongoing: int
     max_queued: int
+    max_batch_size: int
+    batch_wait_ms: float
     max_body_bytes: int
     max_prompt_chars: int
     default_steps: int
@@ -153,7 +159,7 @@ class Settings:
             host=r.text("HOST"),
             port=r.integer("PORT", 1, 65535),
             workers=workers,
-            threads=r.integer("THREADS", 2, 256),
+            threads=r.integer("THREADS", 3, 4096),
             model_id=r.text("MODEL_ID"),
             model_cache_dir=Path(r.text("MODEL_CACHE_DIR")).expanduser(),
             model_loader=r.loader("MODEL_LOADER"),
@@ -176,7 +182,10 @@ class Settings:
             max_requests=r.integer("MAX_REQUESTS", 0, 10_000_000),
             max_requests_jitter=r.integer("MAX_REQUESTS_JITTER", 0, 10_000_000),
             request_timeout=r.number("REQUEST_TIMEOUT", 0.1, 86400),
-            max_queued=r.integer("MAX_QUEUED", 1, 10000),
+            max_ongoing=r.integer("MAX_ONGOING", 1, 1024),
+            max_queued=r.integer("MAX_QUEUED", 0, 10000),
+            max_batch_size=r.integer("MAX_BATCH_SIZE", 1, 1024),
+            batch_wait_ms=r.number("BATCH_WAIT_MS", 0, 60000),
             max_body_bytes=r.integer("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024),
             max_prompt_chars=r.integer("MAX_PROMPT_CHARS", 1, 1_000_000),
             default_steps=r.integer("DEFAULT_STEPS", 1, 10000),
@@ -202,6 +211,12 @@ def _default_board_dir() -> str:
 
 def _check_relations(s: Settings) -> None:
     pairs: list[tuple[bool, str]] = [
+        (
+            s.threads >= s.max_ongoing + s.max_queued + 2,
+            f"THREADS={s.threads} is too few: each admitted /generate holds a thread while it waits, so "
+            f"MAX_ONGOING + MAX_QUEUED + 2 = {s.max_ongoing + s.max_queued + 2} are needed for probes to "
+            "always find a free one",
+        ),
         (s.default_steps <= s.max_steps, "DEFAULT_STEPS must not exceed MAX_STEPS"),
         (s.default_guidance <= s.max_guidance, "DEFAULT_GUIDANCE must not exceed MAX_GUIDANCE"),
         (s.min_image_size <= s.max_image_size, "MIN_IMAGE_SIZE must not exceed MAX_IMAGE_SIZE"),
