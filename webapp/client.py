@@ -65,9 +65,12 @@ class Client:
         end = time.monotonic() + self.deadline
         backoff = wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max)
 
+        last: BaseException | None = None  # the failure before the current try, for the final message
+
         def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            return min(max(backoff(state), _retry_after(exc)), max(0.0, end - time.monotonic()))
+            nonlocal last
+            last = state.outcome.exception() if state.outcome else None
+            return min(max(backoff(state), _retry_after(last)), max(0.0, end - time.monotonic()))
 
         policy = Retrying(
             retry=retry_if_exception_type((RetryableStatus, requests.ConnectionError, requests.Timeout)),
@@ -80,7 +83,8 @@ class Client:
                 with attempt:
                     remaining = end - time.monotonic()
                     if remaining <= 0:
-                        raise GenerationError(f"deadline of {self.deadline:g} s passed")
+                        response = last.response if isinstance(last, RetryableStatus) else None
+                        raise GenerationError(f"gave up within {self.deadline:g} s: {last}", response)
                     response = session.post(
                         self.base_url.rstrip("/") + "/generate",
                         json=payload,
