@@ -1,0 +1,64 @@
+"""Starting and stopping a real gunicorn server for the benchmarks (loopback only, stopped by pid)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def poll(url: str, until: Callable[[requests.Response], bool], deadline_s: float) -> tuple[float, requests.Response]:
+    """Poll ``url`` as fast as it answers until ``until(response)``; return (monotonic time, response)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            response = requests.get(url, timeout=5)
+        except requests.ConnectionError:
+            continue
+        if until(response):
+            return time.monotonic(), response
+    raise TimeoutError(f"{url} never satisfied the condition within {deadline_s} s")
+
+
+@contextlib.contextmanager
+def server(cache: str, **env: str) -> Iterator[tuple[str, subprocess.Popen, float]]:
+    """Start gunicorn.conf.py on a free loopback port with ``env``; yield (url, process, start time)."""
+    port = free_port()
+    full_env = dict(
+        os.environ, HOST="127.0.0.1", PORT=str(port), HF_HUB_OFFLINE="1", MODEL_CACHE_DIR=cache, ACCESS_LOG="0", **env
+    )
+    with tempfile.TemporaryFile() as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield f"http://127.0.0.1:{port}", proc, started
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
