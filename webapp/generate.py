@@ -112,7 +112,8 @@ def generate() -> Response:
         state = "while running" if job.started else "in the queue"
         return errors.error_response(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}")
     except DeadlineExceeded as exc:
-        return errors.error_response(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed: {exc}")
+        state = "while running" if exc.ran else "in the queue"
+        return errors.error_response(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}: {exc}")
     except Exception:  # logged with the request id; the client sees no stack trace
         log.exception("event=generate_error request_id=%s slot=%s", g.request_id, runtime.slot)
         message = f"generation failed; quote request id {g.request_id} to the operator"
