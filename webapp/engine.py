@@ -98,6 +98,7 @@ class Job:
     batch_jobs: int = 0  # how many jobs shared its pipeline call
     batch_images: int = 0
     abandoned: bool = False  # its request stopped waiting (deadline): nobody needs the result
+    steps_done: int = 0  # denoising steps finished, for progress reports
 
     @property
     def key(self) -> tuple[int, int, int, float]:
@@ -363,6 +364,8 @@ class Engine:
     def _on_step(self, step: int) -> None:
         now = time.monotonic()
         self._last_step = now
+        for job in self._batch:
+            job.steps_done = step + 1
         self.board.write(self.slot, last_step_mono=now)
         if all(job.expired(now) for job in self._batch):
             raise _Interrupted(f"every job's deadline passed by step {step + 1}")

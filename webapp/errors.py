@@ -15,6 +15,27 @@ TIMEOUT = "timeout"
 INTERNAL = "internal_error"
 
 
+class ApiError(Exception):
+    """Any answer other than success: HTTP ``status``, a stable ``code``, the ``field`` at fault (or None)
+    and extra ``headers`` (Retry-After). Every route turns it into the same JSON error body."""
+
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+    def response(self) -> Response:
+        return error_response(self.status, self.code, self.message, self.field, self.headers)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"status": self.status, "code": self.code, "message": self.message, "field": self.field}
+
+
 def error_response(
     status: int,
     code: str,

@@ -1,7 +1,9 @@
-"""POST /generate: validate, hand the job to this worker's engine, wait with a deadline, answer.
+"""POST /generate (JSON or PNG) and POST /generate/stream (server-sent progress events).
 
+Both go the same way: validate, hand the job to this worker's engine, wait with a deadline, answer.
 Transport errors come first (413 size, 415 content type, 400 unparseable JSON, 406 Accept), then 503
-while this worker is not READY or its queue is full, then 422 for a field outside its limits.
+while this worker is not READY or already full, then 422 for a field outside its limits. ``admit``,
+``await_images`` and ``result_body`` are shared with the HTML demo's form post.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webapp import errors
 from webapp.board import State
-from webapp.engine import DeadlineExceeded, NotReady, Overloaded, WorkerUnhealthy
-from webapp.params import TIMEOUT_HEADER, InvalidRequest, parse, parse_timeout
+from webapp.engine import DeadlineExceeded, Job, NotReady, Overloaded, WorkerUnhealthy
+from webapp.errors import ApiError
+from webapp.params import TIMEOUT_HEADER, GenerationParams, InvalidRequest, parse, parse_timeout
 from webapp.runtime import Runtime
 
 bp = Blueprint("generate", __name__)
@@ -53,7 +58,7 @@ def _read_json(max_bytes: int) -> object:
         raise InvalidRequest(400, errors.BAD_JSON, f"body is not valid JSON: {exc}") from None
 
 
-def _retry_after(runtime: Runtime) -> str:
+def retry_after(runtime: Runtime) -> str:
     record = runtime.board.read(runtime.slot)
     if record.state in (State.STARTING, State.LOADING) and record.next_retry_mono:
         return str(max(1, round(record.next_retry_mono - time.monotonic())))
@@ -66,87 +71,163 @@ def _png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass
+class Admitted:
+    """A job the engine accepted, with what the answer needs."""
+
+    runtime: Runtime
+    job: Job
+    params: GenerationParams
+    timeout: float
+    received: float
+
+
+def admit(runtime: Runtime, payload: object, header_timeout: str | None, received: float) -> Admitted:
+    """Validate ``payload`` and queue it on this worker's engine, or raise ApiError (422, 503 + Retry-After)."""
+    settings = runtime.settings
+    engine = runtime.engine
+    if engine is None or engine.model is None or engine.state is not State.READY:
+        state = engine.state if engine is not None else State.FAILED
+        raise ApiError(
+            503,
+            errors.NOT_READY,
+            f"this worker is {state.name}; see /readyz",
+            headers={"Retry-After": retry_after(runtime)},
+        )
+    params = parse(payload, settings, engine.model.default_size)
+    from_header = parse_timeout(header_timeout, TIMEOUT_HEADER, settings.request_timeout)
+    timeout = min(t for t in (settings.request_timeout, params.timeout_s, from_header) if t is not None)
+    try:
+        job = engine.submit(params, deadline=received + timeout)
+    except NotReady as exc:
+        message = f"this worker is {exc.state.name}; see /readyz"
+        raise ApiError(503, errors.NOT_READY, message, headers={"Retry-After": retry_after(runtime)}) from None
+    except Overloaded as exc:
+        raise ApiError(503, errors.OVERLOADED, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+    return Admitted(runtime, job, params, timeout, received)
+
+
+def await_images(admitted: Admitted, wait_s: float | None = None) -> list[Any] | None:
+    """The job's images; None if ``wait_s`` passed first (the job goes on). Raises ApiError for 503 (the
+    worker turned UNHEALTHY), 504 (deadline) or 500 (the generation failed; logged with the request id)."""
+    job, timeout = admitted.job, admitted.timeout
+    until_deadline = max(0.0, job.deadline - time.monotonic())
+    try:
+        return job.future.result(timeout=until_deadline if wait_s is None else min(wait_s, until_deadline))
+    except FutureTimeout:
+        if wait_s is not None and time.monotonic() < job.deadline:
+            return None
+        job.abandoned = True  # the engine drops it unrun, or stops its batch if nobody else waits
+        job.future.cancel()
+        state = "while running" if job.started else "in the queue"
+        raise ApiError(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}") from None
+    except WorkerUnhealthy as exc:
+        message = f"this worker turned UNHEALTHY before finishing: {exc}"
+        headers = {"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
+        raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
+    except DeadlineExceeded as exc:
+        state = "while running" if exc.ran else "in the queue"
+        raise ApiError(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}: {exc}") from None
+    except Exception:  # logged with the request id; the client sees no stack trace
+        log.exception("event=generate_error request_id=%s slot=%s", g.request_id, admitted.runtime.slot)
+        message = f"generation failed; quote request id {g.request_id} to the operator"
+        raise ApiError(500, errors.INTERNAL, message) from None
+
+
+def result_body(admitted: Admitted, images: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """The JSON answer for finished images, and the PNG bytes."""
+    job, params, runtime = admitted.job, admitted.params, admitted.runtime
+    encode_start = time.monotonic()
+    pngs = [_png_bytes(image) for image in images]
+    done = time.monotonic()
+    body = {
+        "images": [
+            {"seed": seed, "png_base64": base64.b64encode(png).decode("ascii")}
+            for seed, png in zip(params.seeds, pngs, strict=True)
+        ],
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "timings": {
+            "queue_ms": round((job.started - job.enqueued) * 1000, 1),
+            "generate_ms": round((job.finished - job.started) * 1000, 1),
+            "encode_ms": round((done - encode_start) * 1000, 1),
+            "total_ms": round((done - admitted.received) * 1000, 1),
+        },
+        "batch": {"jobs": job.batch_jobs, "images": job.batch_images},
+        "worker": {"slot": runtime.slot, "pid": runtime.board.read(runtime.slot).pid},
+    }
+    return body, pngs
+
+
 @bp.post("/generate")
 def generate() -> Response:
     """Images for a JSON request: PNG for ``Accept: image/png`` (one image), else JSON with base64 PNGs,
     seeds and timings. 4xx for bad input, 503 + Retry-After when not ready or full, 504 past the deadline."""
     runtime: Runtime = current_app.extensions["runtime"]
-    settings = runtime.settings
     received = time.monotonic()
     try:
-        payload = _read_json(settings.max_body_bytes)
+        payload = _read_json(runtime.settings.max_body_bytes)
         wants = request.accept_mimetypes.best_match([JSON, PNG])
         if wants is None:
             raise InvalidRequest(406, errors.NOT_ACCEPTABLE, f"Accept must allow {JSON} or {PNG}")
-        engine = runtime.engine
-        if engine is None or engine.model is None or engine.state is not State.READY:
-            state = engine.state if engine is not None else State.FAILED
-            raise NotReady(state)
-        params = parse(payload, settings, engine.model.default_size)
-        header_timeout = parse_timeout(request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, settings.request_timeout)
-        if wants == PNG and params.num_images != 1:
+        count = payload.get("num_images") if isinstance(payload, dict) else None
+        if wants == PNG and isinstance(count, int) and not isinstance(count, bool) and count != 1:
             raise InvalidRequest(
                 406, errors.NOT_ACCEPTABLE, f"{PNG} holds one image; ask for {JSON} for num_images > 1", "num_images"
             )
-        timeout = min(t for t in (settings.request_timeout, params.timeout_s, header_timeout) if t is not None)
-        job = engine.submit(params, deadline=received + timeout)
-    except InvalidRequest as exc:
-        return errors.error_response(exc.status, exc.code, exc.message, exc.field)
-    except NotReady as exc:
-        message = f"this worker is {exc.state.name}; see /readyz"
-        return errors.error_response(503, errors.NOT_READY, message, headers={"Retry-After": _retry_after(runtime)})
-    except Overloaded as exc:
-        headers = {"Retry-After": str(exc.retry_after_s)}
-        return errors.error_response(503, errors.OVERLOADED, str(exc), headers=headers)
-
-    try:
-        images = job.future.result(timeout=max(0.0, job.deadline - time.monotonic()))
-    except WorkerUnhealthy as exc:
-        message = f"this worker turned UNHEALTHY before finishing: {exc}"
-        return errors.error_response(
-            503, errors.WORKER_UNHEALTHY, message, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
-        )
-    except FutureTimeout:
-        job.abandoned = True  # the engine drops it unrun, or stops its batch if nobody else waits
-        job.future.cancel()
-        state = "while running" if job.started else "in the queue"
-        return errors.error_response(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}")
-    except DeadlineExceeded as exc:
-        state = "while running" if exc.ran else "in the queue"
-        return errors.error_response(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}: {exc}")
-    except Exception:  # logged with the request id; the client sees no stack trace
-        log.exception("event=generate_error request_id=%s slot=%s", g.request_id, runtime.slot)
-        message = f"generation failed; quote request id {g.request_id} to the operator"
-        return errors.error_response(500, errors.INTERNAL, message)
-
-    encode_start = time.monotonic()
-    pngs = [_png_bytes(image) for image in images]
-    done = time.monotonic()
-    timings = {
-        "queue_ms": round((job.started - job.enqueued) * 1000, 1),
-        "generate_ms": round((job.finished - job.started) * 1000, 1),
-        "encode_ms": round((done - encode_start) * 1000, 1),
-        "total_ms": round((done - received) * 1000, 1),
-    }
-    batch = {"jobs": job.batch_jobs, "images": job.batch_images}
+        admitted = admit(runtime, payload, request.headers.get(TIMEOUT_HEADER), received)
+        images = await_images(admitted)
+    except ApiError as exc:
+        return exc.response()
+    assert images is not None
+    body, pngs = result_body(admitted, images)
     if wants == PNG:
         response = Response(pngs[0], mimetype=PNG)
-        response.headers["X-Seed"] = str(params.seeds[0])
-        response.headers["X-Generate-Ms"] = str(timings["generate_ms"])
-        response.headers["X-Batch-Images"] = str(batch["images"])
+        response.headers["X-Seed"] = str(admitted.params.seeds[0])
+        response.headers["X-Generate-Ms"] = str(body["timings"]["generate_ms"])
+        response.headers["X-Batch-Images"] = str(body["batch"]["images"])
         return response
-    return jsonify(
-        {
-            "images": [
-                {"seed": seed, "png_base64": base64.b64encode(png).decode("ascii")}
-                for seed, png in zip(params.seeds, pngs, strict=True)
-            ],
-            "width": params.width,
-            "height": params.height,
-            "num_inference_steps": params.num_inference_steps,
-            "guidance_scale": params.guidance_scale,
-            "timings": timings,
-            "batch": batch,
-            "worker": {"slot": runtime.slot, "pid": runtime.board.read(runtime.slot).pid},
-        }
-    )
+    return jsonify(body)
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+@bp.post("/generate/stream")
+def generate_stream() -> Response:
+    """The same request as /generate, answered as server-sent events: ``progress`` ({step, total}) after
+    every denoising step, then ``done`` (the JSON /generate answer) or ``error`` ({status, code, message,
+    field}). A request refused before it is queued gets the plain JSON error and status instead."""
+    runtime: Runtime = current_app.extensions["runtime"]
+    received = time.monotonic()
+    try:
+        admitted = admit(
+            runtime, _read_json(runtime.settings.max_body_bytes), request.headers.get(TIMEOUT_HEADER), received
+        )
+    except ApiError as exc:
+        return exc.response()
+    total = admitted.params.num_inference_steps
+
+    def events() -> Iterator[str]:
+        reported = -1
+        yield _event("queued", {"total": total})
+        while True:
+            try:
+                images = await_images(admitted, wait_s=0.1)
+            except ApiError as exc:
+                yield _event("error", exc.as_dict())
+                return
+            step = admitted.job.steps_done
+            if step != reported:
+                reported = step
+                yield _event("progress", {"step": step, "total": total})
+            if images is not None:
+                yield _event("done", result_body(admitted, images)[0])
+                return
+
+    response = Response(events(), mimetype="text/event-stream")
+    response.headers["X-Accel-Buffering"] = "no"  # proxies must pass each event on at once
+    return response

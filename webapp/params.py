@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from webapp.errors import ApiError
 from webapp.settings import SIZE_MULTIPLE, Settings
 
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
@@ -28,15 +29,8 @@ FIELDS = (
 TIMEOUT_HEADER = "X-Request-Timeout"
 
 
-class InvalidRequest(Exception):
-    """A client error: HTTP ``status``, a stable ``code`` and the offending ``field`` (or None)."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
+class InvalidRequest(ApiError):
+    """A client error (4xx) naming the offending ``field`` where there is one."""
 
 
 @dataclass(frozen=True)
