@@ -28,11 +28,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.extensions["runtime"] = runtime
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see generate._read_json
 
+    from webapp.demo import bp as demo_bp
     from webapp.generate import bp as generate_bp
     from webapp.health import bp as health_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(generate_bp)
+    app.register_blueprint(demo_bp)
 
     @app.before_request
     def assign_request_id() -> None:

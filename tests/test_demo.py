@@ -1,0 +1,147 @@
+"""The HTML demo in a real headless Chromium (Debian's), against a real gunicorn server.
+
+Screenshots go to test-artifacts/ at the repository root.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.conftest import ROOT, Server, server_env, wait_for
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+# Flags for a closed network: without the background-networking ones Chromium keeps dialling out.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_server(model_cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo-server")
+    server = Server(server_env(model_cache, workdir), workdir / "gunicorn.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (README test command)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url, **context_options) -> Page:
+    context = browser.new_context(accept_downloads=True, **context_options)
+    page = context.new_page()
+    page.goto(url)
+    return page
+
+
+def downloaded_png(page: Page) -> bytes:
+    """Click the image's download link, as a person would, and return the file's bytes."""
+    with page.expect_download() as download:
+        page.click("#results a[download]")
+    return Path(download.value.path()).read_bytes()
+
+
+def test_a_person_generates_an_image_and_watches_the_progress(browser, demo_server):
+    page = open_page(browser, demo_server.url + "/", viewport={"width": 1280, "height": 900})
+    console_errors = []
+    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+
+    expect(page.locator("#workers li.state-ready")).to_have_count(2, timeout=30_000)
+    expect(page.locator("#health-summary")).to_contain_text("Ready")
+    expect(page.locator("#generate-button")).to_be_enabled()
+
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#num_inference_steps", "12")
+    page.fill("#width", "96")
+    page.fill("#height", "64")
+    page.uncheck("#random_seed")
+    page.fill("#seed", "42")
+    page.click("#generate-button")
+
+    expect(page.locator("#progress-box")).to_be_visible()
+    expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
+    assert page.eval_on_selector("#progress", "p => [p.value, p.max]") == [12, 12]
+    expect(page.locator("#progress-text")).to_have_text("step 12 of 12")
+    expect(page.locator("#results figcaption")).to_contain_text("seed 42")
+    expect(page.locator("#results a[download]")).to_have_attribute("download", "seed-42.png")
+
+    assert page.eval_on_selector("#results img", "img => [img.naturalWidth, img.naturalHeight]") == [96, 64]
+    with Image.open(io.BytesIO(downloaded_png(page))) as image:
+        assert image.format == "PNG"
+        assert image.size == (96, 64)
+    page.screenshot(path=str(ARTIFACTS / "demo-generated.png"), full_page=True)
+    assert console_errors == []
+
+
+def test_a_bad_value_shows_its_error_next_to_the_field(browser, demo_server):
+    page = open_page(browser, demo_server.url + "/", viewport={"width": 1280, "height": 900})
+    expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
+    page.fill("#prompt", "    ")  # passes the browser's own 'required' check; the server says why it is bad
+    page.click("#generate-button")
+    error = page.locator('[data-error-for="prompt"]')
+    expect(error).to_have_text("prompt: must not be empty")
+    expect(page.locator("#prompt")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#results img")).to_have_count(0)
+    page.screenshot(path=str(ARTIFACTS / "demo-error.png"), full_page=True)
+
+
+def test_the_form_works_without_javascript(browser, demo_server):
+    page = open_page(browser, demo_server.url + "/", java_script_enabled=False, viewport={"width": 390, "height": 844})
+    expect(page.locator("#workers li.state-ready")).to_have_count(2)  # rendered by the server
+    page.fill("#prompt", "a small boat")
+    page.fill("#num_inference_steps", "2")
+    page.click("#generate-button")
+    expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
+    src = page.get_attribute("#results img", "src")
+    with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+        assert image.size == (64, 64)
+    page.screenshot(path=str(ARTIFACTS / "demo-no-javascript-phone.png"), full_page=True)
+
+
+def test_the_page_sends_a_content_security_policy_and_loads_nothing_from_elsewhere(demo_server):
+    response = demo_server.get("/")
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy
+    assert "http://" not in response.text.replace(demo_server.url, "") and "https://" not in response.text
+
+
+def test_while_the_model_loads_the_panel_says_so_and_the_button_explains_itself(browser, start_server, tmp_path):
+    gate = tmp_path / "gate"
+    server = start_server(WEB_CONCURRENCY="1", MODEL_LOADER="tests.loaders:gated", GATE_FILE=str(gate))
+
+    wait_for(lambda: server.get("/healthz").status_code == 200, 60, "the port to answer")
+    page = open_page(browser, server.url + "/", viewport={"width": 1280, "height": 900})
+    expect(page.locator("#workers li.state-loading")).to_contain_text("attempt 1/5", timeout=30_000)
+    expect(page.locator("#generate-button")).to_be_disabled()
+    expect(page.locator("#button-hint")).to_contain_text("No worker is ready yet")
+    expect(page.locator("#health-summary")).to_contain_text("Not ready")
+    page.screenshot(path=str(ARTIFACTS / "demo-loading.png"), full_page=True)
+
+    gate.touch()
+    expect(page.locator("#workers li.state-ready")).to_have_count(1, timeout=120_000)
+    expect(page.locator("#generate-button")).to_be_enabled()
+    expect(page.locator("#button-hint")).to_have_text("")

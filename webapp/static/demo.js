@@ -1,0 +1,171 @@
+// The demo page: live worker states from /readyz, and generation with step-by-step progress streamed
+// from /generate/stream. Without JavaScript the form still posts to /demo.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let anyReady = false;
+let busy = false;
+
+function el(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  Object.assign(node, props);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function workerItem(w) {
+  const parts = [el("strong", { textContent: `worker ${w.slot}` }), " ", el("span", { className: "state", textContent: w.state })];
+  if (w.state === "LOADING") parts.push(" ", el("span", { textContent: `attempt ${w.attempt}/${w.max_attempts}` }));
+  if (w.device) parts.push(" ", el("span", { textContent: w.device }));
+  if (w.problem) parts.push(" ", el("span", { className: "problem", textContent: w.problem }));
+  if (w.error) parts.push(" ", el("span", { className: "error", textContent: w.error }));
+  return el("li", { className: `worker state-${w.state.toLowerCase()}` }, parts);
+}
+
+async function refreshHealth() {
+  let body;
+  try {
+    const response = await fetch("/readyz", { cache: "no-store" });
+    body = await response.json();
+  } catch (error) {
+    $("health-summary").textContent = "Server not answering";
+    $("health-summary").className = "badge bad";
+    anyReady = false;
+    updateButton("The server is not answering.");
+    return;
+  }
+  const ready = body.status === "ready";
+  $("health-summary").textContent = `${ready ? "Ready" : "Not ready"}: ${body.reason}`;
+  $("health-summary").className = `badge ${ready ? "ok" : "wait"}`;
+  $("workers").replaceChildren(...body.workers.map(workerItem));
+  anyReady = body.workers.some((w) => w.state === "READY" && !w.problem);
+  updateButton(`No worker is ready yet: ${body.reason}. The button works once one is.`);
+}
+
+function updateButton(reason) {
+  $("generate-button").disabled = busy || !anyReady;
+  $("button-hint").textContent = busy ? "Generating…" : anyReady ? "" : reason;
+}
+
+function clearErrors() {
+  for (const node of document.querySelectorAll("[data-error-for]")) node.textContent = "";
+  for (const node of document.querySelectorAll("[aria-invalid]")) node.removeAttribute("aria-invalid");
+  $("message").textContent = "";
+  $("message").classList.remove("shown");
+}
+
+function showError(error, retryAfter) {
+  const slot = error.field && document.querySelector(`[data-error-for="${error.field}"]`);
+  if (slot) {
+    slot.textContent = error.message;
+    const input = $(error.field);
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+    }
+    return;
+  }
+  const wait = retryAfter ? ` (retry in ${retryAfter} s)` : "";
+  $("message").textContent = `${error.message}${wait}`;
+  $("message").classList.add("shown");
+}
+
+function payloadFromForm(form) {
+  const data = new FormData(form);
+  const payload = { prompt: data.get("prompt") };
+  if (data.get("negative_prompt")) payload.negative_prompt = data.get("negative_prompt");
+  for (const name of ["num_inference_steps", "width", "height", "num_images", "seed"]) {
+    const raw = String(data.get(name) || "").trim();
+    if (!raw || (name === "seed" && data.get("random_seed"))) continue;
+    payload[name] = Number.isInteger(Number(raw)) ? Number(raw) : raw;
+  }
+  const guidance = String(data.get("guidance_scale") || "").trim();
+  if (guidance) payload.guidance_scale = Number(guidance);
+  return payload;
+}
+
+function showImages(result) {
+  const figures = result.images.map((image) => {
+    const bytes = Uint8Array.from(atob(image.png_base64), (c) => c.charCodeAt(0));
+    const url = URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
+    const img = el("img", { src: url, alt: `generated image, seed ${image.seed}`, width: result.width, height: result.height });
+    const link = el("a", { href: url, download: `seed-${image.seed}.png`, textContent: "download" });
+    const caption = el("figcaption", {}, [`seed ${image.seed} · ${Math.round(result.timings.total_ms)} ms · `, link]);
+    return el("figure", { className: "result" }, [img, caption]);
+  });
+  $("results").replaceChildren(...figures);
+}
+
+function setProgress(step, total) {
+  $("progress-box").hidden = false;
+  $("progress").max = total;
+  $("progress").value = step;
+  $("progress-text").textContent = `step ${step} of ${total}`;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (busy) return;
+  clearErrors();
+  busy = true;
+  updateButton("");
+  const payload = payloadFromForm(event.target);
+  setProgress(0, payload.num_inference_steps || Number(event.target.dataset.maxSteps));
+  try {
+    const response = await fetch("/generate/stream", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(payload),
+    });
+    if (!response.ok) {
+      const body = await response.json();
+      showError(body.error, response.headers.get("Retry-After"));
+      $("progress-box").hidden = true;
+      return;
+    }
+    await readEvents(response);
+  } catch (error) {
+    showError({ message: `The request failed: ${error.message}` });
+  } finally {
+    busy = false;
+    updateButton("");
+    refreshHealth();
+  }
+}
+
+async function readEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const name = (block.match(/^event: (.*)$/m) || [])[1];
+      const data = JSON.parse((block.match(/^data: (.*)$/m) || [])[1] || "{}");
+      if (name === "queued") setProgress(0, data.total);
+      if (name === "progress") setProgress(data.step, data.total);
+      if (name === "done") showImages(data);
+      if (name === "error") {
+        showError(data);
+        $("progress-box").hidden = true;
+      }
+    }
+  }
+}
+
+function syncSeed() {
+  $("seed").disabled = $("random_seed").checked;
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("generate-form").addEventListener("submit", generate);
+  $("random_seed").addEventListener("change", syncSeed);
+  syncSeed();
+  refreshHealth();
+  setInterval(refreshHealth, 2000);
+});
