@@ -5,7 +5,6 @@ Each test prints what it measured (run pytest with -s to see the lines starting 
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import threading
@@ -86,8 +85,8 @@ def test_a_frozen_worker_goes_stale_on_readyz_and_recovers_after_sigcont(start_s
         )
         flipped = time.monotonic()
         row = next(w for w in body["workers"] if w["slot"] == frozen["slot"])
-        assert "heartbeat" in row["problem"]
-        assert flipped - stopped >= 1.5 - 0.3, "stale before HEARTBEAT_TIMEOUT has passed"
+        age = float(row["problem"].split("heartbeat ")[1].split(" s old")[0])
+        assert age > 1.5 and "(limit 1.5 s)" in row["problem"], row["problem"]
         measured("SIGSTOP to /readyz 503 (HEARTBEAT_TIMEOUT=1.5 s)", flipped - stopped)
         assert server.get("/healthz").status_code == 200, "a frozen worker can still recover: no restart"
     finally:
@@ -172,13 +171,14 @@ def test_a_slot_that_crashes_while_loading_backs_off_and_then_fails_liveness(sta
         RESPAWN_BACKOFF_MAX="4",
         CRASH_LOOP_LIMIT="3",
     )
-    pids_seen: dict[int, float] = {}
+    backoffs_seen: set[str] = set()
 
     def crash_loop_reported():
         server.check_running()
         for row in server.workers():
-            if row["pid"] and row["pid"] not in pids_seen:
-                pids_seen[row["pid"]] = time.monotonic()
+            # A worker waiting out its backoff shows it on the board: STARTING, a retry time, the reason.
+            if row["state"] == "STARTING" and row.get("next_retry_in_s") and "respawn backoff" in row.get("error", ""):
+                backoffs_seen.add(row["error"].split(" after ")[0])
         health = server.get("/healthz")
         return health.json() if health.status_code == 503 else None  # a 503 Response is falsy
 
@@ -187,15 +187,13 @@ def test_a_slot_that_crashes_while_loading_backs_off_and_then_fails_liveness(sta
     elapsed = time.monotonic() - started
     assert "crash loop" in health["reason"]
     assert health["workers"][0]["crashes"] >= 3
-    # The first load starts at once; the next ones wait 0.5 s, then 1 s, before loading (and crashing).
-    spawned = sorted(pids_seen.values())
-    gaps = [later - earlier for earlier, later in itertools.pairwise(spawned)]
-    assert len(spawned) >= 3 and gaps[1] >= 0.5 - 0.05 and (len(gaps) < 3 or gaps[2] >= 1.0 - 0.05), gaps
-    assert elapsed >= 0.5 + 1.0 - 0.1, f"crash loop reported after {elapsed:.2f} s: respawns did not back off"
-    assert len(pids_seen) <= 5, f"{len(pids_seen)} workers spawned in {elapsed:.1f} s"
+    # The first load starts at once; the second waits 0.5 s and the third 1 s before loading (and dying).
+    assert {"respawn backoff 0.5 s", "respawn backoff 1 s"} <= backoffs_seen, backoffs_seen
+    boots = server.log_tail(2000).count("Booting worker with pid")
+    assert boots <= 4, f"{boots} workers spawned before the crash loop was reported: no backoff"
     assert server.get("/readyz").status_code == 503
     server.check_running()
-    measured("start to crash loop on /healthz (3 crashes, backoff 0.5/1/2 s)", elapsed)
+    measured("start to crash loop on /healthz (3 crashes, backoff 0.5 s then 1 s)", elapsed)
 
 
 def test_sigterm_drains_readyz_at_once_finishes_work_in_flight_and_removes_the_board(start_server, tmp_path):

@@ -108,12 +108,16 @@ def decode(response_json) -> np.ndarray:
 
 
 def test_a_seed_gives_the_same_image_alone_or_in_a_batch(start_server):
-    # An idle engine waits BATCH_WAIT_MS for company, so three requests sent together share one call.
-    server = start_server(**ONE_WORKER, MAX_BATCH_SIZE="4", BATCH_WAIT_MS="1000")
+    server = start_server(**ONE_WORKER, MAX_BATCH_SIZE="4")
     server.wait_ready()
+    # Three compatible jobs queue behind a long one, so they share the next pipeline call.
+    long = Background(server, LONG_JOB)
+    wait_for(lambda: in_flight(server), 60, "the long job to start")
     jobs = [{"prompt": f"lamp {seed}", "num_inference_steps": 3, "seed": seed} for seed in (5, 6, 7)]
     together = [Background(server, job) for job in jobs]
+    wait_for(lambda: server.workers()[0]["queued"] == 3, 60, "the three jobs to queue")
     batched = [r.wait(120).json() for r in together]
+    assert long.wait(120).status_code == 200
     assert [b["batch"]["images"] for b in batched] == [3, 3, 3], [b["batch"] for b in batched]
 
     alone = []
