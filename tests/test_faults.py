@@ -86,7 +86,7 @@ def test_a_frozen_worker_goes_stale_on_readyz_and_recovers_after_sigcont(start_s
         flipped = time.monotonic()
         row = next(w for w in body["workers"] if w["slot"] == frozen["slot"])
         age = float(row["problem"].split("heartbeat ")[1].split(" s old")[0])
-        assert age > 1.5 and "(limit 1.5 s)" in row["problem"], row["problem"]
+        assert age >= 1.5 and "(limit 1.5 s)" in row["problem"], row["problem"]  # shown to 0.1 s
         measured("SIGSTOP to /readyz 503 (HEARTBEAT_TIMEOUT=1.5 s)", flipped - stopped)
         assert server.get("/healthz").status_code == 200, "a frozen worker can still recover: no restart"
     finally:
