@@ -19,6 +19,7 @@ READY_POLICIES = ("all", "any")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines require sides divisible by 8
+STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
 
 
 class SettingsError(ValueError):
@@ -134,6 +135,11 @@ class Settings:
     def bind(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def startup_budget_needed(self) -> float:
+        """Seconds a platform's startup probe must allow: the load budget, plus the imports and the one
+        attempt that may still be running when the budget ends (STARTUP_OVERHEAD_S)."""
+        return self.load_max_seconds + STARTUP_OVERHEAD_S
 
     def respawn_delay(self, crashes: int) -> float:
         """How long a slot's new worker waits before loading after ``crashes`` deaths in a row."""
