@@ -63,7 +63,7 @@ class Client:
     def generate(self, payload: dict[str, Any], accept: str = "application/json") -> requests.Response:
         session = self.session or requests.Session()
         end = time.monotonic() + self.deadline
-        backoff = wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max)
+        backoff = wait_exponential_jitter(multiplier=self.backoff_initial, max=self.backoff_max)
 
         last: BaseException | None = None  # the failure before the current try, for the final message
 

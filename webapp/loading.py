@@ -139,7 +139,7 @@ def retrying(
     return Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(max_attempts) | stop_before_delay(max_seconds),
-        wait=wait_exponential_jitter(initial=backoff_initial, max=backoff_max, jitter=backoff_initial),
+        wait=wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial),
         before_sleep=before_sleep,
         reraise=True,
     )
