@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.conftest import ROOT, Server, server_env, wait_for
+from tests.conftest import ROOT, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -28,17 +28,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-@pytest.fixture(scope="module")
-def demo_server(model_cache, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo-server")
-    server = Server(server_env(model_cache, workdir), workdir / "gunicorn.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +54,8 @@ def downloaded_png(page: Page) -> bytes:
     return Path(download.value.path()).read_bytes()
 
 
-def test_a_person_generates_an_image_and_watches_the_progress(browser, demo_server):
-    page = open_page(browser, demo_server.url + "/", viewport={"width": 1280, "height": 900})
+def test_a_person_generates_an_image_and_watches_the_progress(browser, ready_server):
+    page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
     console_errors = []
     page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
 
@@ -97,8 +86,8 @@ def test_a_person_generates_an_image_and_watches_the_progress(browser, demo_serv
     assert console_errors == []
 
 
-def test_a_bad_value_shows_its_error_next_to_the_field(browser, demo_server):
-    page = open_page(browser, demo_server.url + "/", viewport={"width": 1280, "height": 900})
+def test_a_bad_value_shows_its_error_next_to_the_field(browser, ready_server):
+    page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
     expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
     page.fill("#prompt", "    ")  # passes the browser's own 'required' check; the server says why it is bad
     page.click("#generate-button")
@@ -109,8 +98,8 @@ def test_a_bad_value_shows_its_error_next_to_the_field(browser, demo_server):
     page.screenshot(path=str(ARTIFACTS / "demo-error.png"), full_page=True)
 
 
-def test_the_form_works_without_javascript(browser, demo_server):
-    page = open_page(browser, demo_server.url + "/", java_script_enabled=False, viewport={"width": 390, "height": 844})
+def test_the_form_works_without_javascript(browser, ready_server):
+    page = open_page(browser, ready_server.url + "/", java_script_enabled=False, viewport={"width": 390, "height": 844})
     expect(page.locator("#workers li.state-ready")).to_have_count(2)  # rendered by the server
     page.fill("#prompt", "a small boat")
     page.fill("#num_inference_steps", "2")
@@ -122,11 +111,11 @@ def test_the_form_works_without_javascript(browser, demo_server):
     page.screenshot(path=str(ARTIFACTS / "demo-no-javascript-phone.png"), full_page=True)
 
 
-def test_the_page_sends_a_content_security_policy_and_loads_nothing_from_elsewhere(demo_server):
-    response = demo_server.get("/")
+def test_the_page_sends_a_content_security_policy_and_loads_nothing_from_elsewhere(ready_server):
+    response = ready_server.get("/")
     policy = response.headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy and "script-src 'self'" in policy
-    assert "http://" not in response.text.replace(demo_server.url, "") and "https://" not in response.text
+    assert "http://" not in response.text.replace(ready_server.url, "") and "https://" not in response.text
 
 
 def test_while_the_model_loads_the_panel_says_so_and_the_button_explains_itself(browser, start_server, tmp_path):
