@@ -27,7 +27,7 @@ control_socket_disable = True  # a per-user default path: two instances on one h
 loglevel = settings.log_level
 errorlog = "-"
 accesslog = "-" if settings.access_log else None
-logger_class = logs.server_logger(settings.log_probes)
+logger_class = logs.server_logger(settings.log_format, settings.log_probes)
 
 
 def on_starting(server):

@@ -50,6 +50,22 @@ def process_state(pid: int) -> str:
     return data[data.rindex(b")") + 2 : data.rindex(b")") + 3].decode()
 
 
+class Metrics:
+    """One /metrics scrape, parsed with prometheus_client's own text parser."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples named ``name`` whose labels include ``labels`` (0 when none)."""
+        return sum(
+            s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+
 class Server:
     """One gunicorn master started with gunicorn.conf.py, its log in ``log_path``."""
 
@@ -79,6 +95,15 @@ class Server:
     def readyz(self) -> tuple[int, dict[str, Any]]:
         response = self.get("/readyz")
         return response.status_code, response.json()
+
+    def metrics(self) -> Metrics:
+        response = self.get("/metrics")
+        assert response.status_code == 200, response.text
+        return Metrics(response.text)
+
+    def log_lines(self) -> list[str]:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace").splitlines()
 
     def workers(self) -> list[dict[str, Any]]:
         return self.readyz()[1]["workers"]

@@ -52,6 +52,10 @@ def test_transient_failures_are_retried_and_the_attempts_stay_visible(start_serv
     assert worker["max_attempts"] == 5
     assert "ConnectionError: simulated hub outage on attempt 2" in worker["error"]
     assert server.log_tail(200).count("event=load_retry") == 2
+    metrics = server.metrics()
+    assert metrics.value("honest_diffusion_load_attempts_total", outcome="error") == 2
+    assert metrics.value("honest_diffusion_load_attempts_total", outcome="ok") == 1
+    assert metrics.value("honest_diffusion_load_duration_seconds_count", outcome="ready") == 1
 
 
 def test_a_permanent_failure_ends_failed_without_retrying_and_the_master_stays_up(start_server, tmp_path):
@@ -73,6 +77,10 @@ def test_a_permanent_failure_ends_failed_without_retrying_and_the_master_stays_u
     assert health.status_code == 503
     assert health.json()["status"] == "dead"
     assert "FAILED" in health.json()["reason"]
+    metrics = server.metrics()  # a FAILED worker still answers the scrape, and says so
+    assert metrics.value("honest_diffusion_load_duration_seconds_count", outcome="failed") == 1
+    assert metrics.value("honest_diffusion_worker_state", slot="0", state="FAILED") == 1
+    assert metrics.value("honest_diffusion_alive") == 0
 
     # The master did not halt, and the failed worker keeps answering (and keeps refusing work).
     server.check_running()

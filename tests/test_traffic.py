@@ -14,6 +14,7 @@ from tests.conftest import wait_for
 from tests.test_faults import LONG_JOB, Background, in_flight
 
 ONE_WORKER = {"WEB_CONCURRENCY": "1"}
+P = "honest_diffusion_"
 
 
 def test_overload_at_four_times_capacity_sheds_at_once_and_serves_every_accepted_request(start_server):
@@ -53,6 +54,13 @@ def test_overload_at_four_times_capacity_sheds_at_once_and_serves_every_accepted
     assert status == 200
     assert body["workers"][0]["shed"] == len(shed)
     assert body["workers"][0]["served"] >= len(accepted)
+    metrics = server.metrics()
+    assert metrics.value(P + "jobs_shed_total") == len(shed)
+    assert metrics.value(P + "http_requests_total", route="/generate", status="503") == len(shed)
+    assert metrics.value(P + "http_requests_total", route="/generate", status="200") == len(accepted)
+    # Every accepted job waited in the queue once and ran in a batch of one (MAX_BATCH_SIZE=1).
+    assert metrics.value(P + "queue_wait_seconds_count") == len(accepted)
+    assert metrics.value(P + "batch_images_bucket", le="1.0") == len(accepted)
 
 
 def test_a_job_whose_deadline_passes_in_the_queue_is_dropped_unrun(start_server):
@@ -75,6 +83,9 @@ def test_a_job_whose_deadline_passes_in_the_queue_is_dropped_unrun(start_server)
 
     row = wait_for(idle, 30, "the worker to be idle")
     assert row["served"] == served_before + 1, "the expired job must never have run"
+    metrics = server.metrics()
+    assert metrics.value(P + "jobs_timed_out_total", phase="queued") == 1
+    assert metrics.value(P + "jobs_timed_out_total", phase="running") == 0
 
 
 def test_a_running_job_past_its_deadline_is_interrupted_between_steps(start_server):
@@ -88,6 +99,9 @@ def test_a_running_job_past_its_deadline_is_interrupted_between_steps(start_serv
     wait_for(lambda: not in_flight(server), 30, "the device to be free again")
     assert "event=batch_interrupted" in server.log_tail(300)
     assert server.workers()[0]["served"] == served_before
+    metrics = server.metrics()
+    assert metrics.value(P + "jobs_timed_out_total", phase="running") == 1
+    assert metrics.value(P + "generation_duration_seconds_count", outcome="interrupted") == 1
     after = server.post("/generate", json={"prompt": "next", "num_inference_steps": 1})
     assert after.status_code == 200
 

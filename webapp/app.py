@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import re
+import time
 import uuid
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from webapp import errors, hooks
+from webapp import errors, hooks, logs, metrics
 from webapp.runtime import Runtime
 from webapp.settings import Settings
 
-log = logging.getLogger("webapp.app")
+log = logs.get(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -23,7 +23,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     if runtime is None:
         runtime = hooks.current_runtime()
     if runtime is None:
-        runtime = Runtime.standalone(settings or Settings.from_env())
+        settings = settings or Settings.from_env()
+        logs.configure(settings.log_format)
+        runtime = Runtime.standalone(settings)
     app = Flask(__name__)
     app.extensions["runtime"] = runtime
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see generate._read_json
@@ -35,16 +37,24 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.register_blueprint(health_bp)
     app.register_blueprint(generate_bp)
     app.register_blueprint(demo_bp)
+    app.register_blueprint(metrics.bp)
 
     @app.before_request
     def assign_request_id() -> None:
+        g.started = time.perf_counter()
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        logs.bind_request(g.request_id)
 
     @app.after_request
     def stamp(response: Response) -> Response:
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Request-ID"] = getattr(g, "request_id", "")
+        # Routes by their rule, so a scan of random paths cannot blow up the number of series.
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        recorded = metrics.recorder()
+        recorded.requests.labels(request.method, route, str(response.status_code)).inc()
+        recorded.request_seconds.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     @app.errorhandler(HTTPException)
@@ -55,7 +65,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
         request_id = getattr(g, "request_id", "")
-        log.exception("event=unhandled request_id=%s path=%s", request_id, request.path)
+        log.exception("unhandled", path=request.path)
         return errors.error_response(500, errors.INTERNAL, f"internal error; request id {request_id}")
 
     return app

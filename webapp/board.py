@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import mmap
 import os
+import shutil
 import struct
 import tempfile
 import threading
@@ -24,13 +26,17 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 MAGIC = b"HDBOARD1"
-VERSION = 2
+VERSION = 3
 BOARD_FILE = "board"
 DIR_PREFIX = "honest-diffusion-"
 
 # magic, version, capacity, expected workers, shutting down, master pid, created (wall clock)
 _HEADER = struct.Struct("<8sHHHBxid")
 _EXPECTED_AT, _SHUTDOWN_AT = 12, 14
+# The container's readiness as last observed (0 not ready, 1 ready), how many times it turned each way, and
+# when (wall clock) it last turned: written under an flock by whichever worker sees it change first.
+_READINESS = struct.Struct("<BxxxIId")
+_READINESS_AT = 32
 _HEADER_SIZE = 64
 _SEQ = struct.Struct("<Q")
 ERROR_BYTES = 400
@@ -84,6 +90,16 @@ class SlotRecord:
     shed: int = 0
     error: str = ""
     torn: bool = False  # True when a consistent copy could not be read (a writer died mid-write)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The container's /readyz verdict as last recorded on the board, and how often it flipped."""
+
+    ready: bool
+    to_ready: int
+    to_not_ready: int
+    changed_wall: float  # 0.0 until the first change
 
 
 _FIELD_NAMES = [f.name for f in fields(SlotRecord) if f.name != "torn"]
@@ -168,6 +184,29 @@ class Board:
     def set_shutting_down(self) -> None:
         self._map[_SHUTDOWN_AT] = 1
 
+    @property
+    def readiness(self) -> Readiness:
+        ready, to_ready, to_not_ready, changed_wall = _READINESS.unpack_from(self._map, _READINESS_AT)
+        return Readiness(bool(ready), to_ready, to_not_ready, changed_wall)
+
+    def note_readiness(self, ready: bool) -> bool:
+        """Record the container's readiness as just judged; True if this call recorded a change. Every
+        worker judges on its own, so the change is counted under an exclusive flock, exactly once."""
+        if self.readiness.ready == ready:
+            return False  # the common case: no lock, no I/O
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            seen = self.readiness
+            if seen.ready == ready:
+                return False  # another worker recorded it first
+            to_ready = seen.to_ready + ready
+            to_not_ready = seen.to_not_ready + (not ready)
+            _READINESS.pack_into(self._map, _READINESS_AT, ready, to_ready, to_not_ready, time.time())
+            return True
+        finally:
+            os.close(fd)  # releases the flock
+
     def _offset(self, slot: int) -> int:
         if not 0 <= slot < self.capacity:
             raise IndexError(f"slot {slot} is outside 0..{self.capacity - 1}")
@@ -225,12 +264,18 @@ class Board:
     def close(self) -> None:
         self._map.close()
 
+    @property
+    def folder(self) -> Path:
+        """The board's private folder; other per-instance files (the metrics) live in it too."""
+        return self.path.parent
+
     def remove(self) -> None:
-        """Unmap, delete the file and its private folder (the master, at exit)."""
+        """Unmap, delete the file and its private folder with all in it (the master, at exit)."""
         self.close()
-        for target in (self.path, self.path.parent):
-            with contextlib.suppress(FileNotFoundError):
-                (os.unlink if target is self.path else os.rmdir)(target)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        if self.folder.name.startswith(DIR_PREFIX):  # never delete a folder this module did not make
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def record_as_dict(record: SlotRecord) -> dict[str, object]:

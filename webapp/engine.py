@@ -21,7 +21,6 @@ other worker and a stuck step is caught by this one.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -33,12 +32,13 @@ from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
-from webapp import faults, loading
+from webapp import faults, loading, logs, metrics
 from webapp.board import Board, State
 from webapp.params import GenerationParams
+from webapp.readiness import judge_board
 from webapp.settings import Settings, resolve_callable
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 
 class Model(Protocol):
@@ -164,19 +164,17 @@ class Engine:
         if self._draining and state in (State.LOADING, State.WARMING, State.READY):
             state = State.DRAINING  # a load that finishes during shutdown must not look like progress
         self.state = state
-        self.board.write(self.slot, state=state, **fields)
-        log.info(
-            "event=state slot=%s pid=%s state=%s%s",
-            self.slot,
-            self.board.read(self.slot).pid,
-            state.name,
-            "".join(f" {k}={v!r}" for k, v in fields.items() if k in ("attempt", "error", "device")),
-        )
+        record = self.board.write(self.slot, state=state, **fields)
+        metrics.recorder().state_changes.labels(state.name).inc()
+        shown = {k: v for k, v in fields.items() if k in ("attempt", "error", "device")}
+        log.info("state", slot=self.slot, pid=record.pid, state=state.name, **shown)
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
             self.board.write(self.slot, heartbeat_mono=now)
+            # Readiness changes are counted when they happen, not only when someone probes or scrapes.
+            metrics.note_readiness(self.board, judge_board(self.board, self.settings, now))
             stuck = now - max(self._batch_started, self._last_step)
             if self._batch and stuck > self.settings.stall_timeout:
                 self._turn_unhealthy(
@@ -206,10 +204,11 @@ class Engine:
         delay = self.settings.respawn_delay(record.crashes)
         if delay:
             message = f"respawn backoff {delay:g} s after {record.crashes} crash(es) in a row before READY"
-            log.warning("event=respawn_backoff slot=%s crashes=%s delay_s=%.1f", self.slot, record.crashes, delay)
+            log.warning("respawn_backoff", slot=self.slot, crashes=record.crashes, delay_s=delay)
             self.board.write(self.slot, error=message, next_retry_mono=time.monotonic() + delay)
             if self._stop.wait(delay):
                 return
+        load_started = time.monotonic()
         try:
             self.model = self._load()
         except BaseException as exc:  # every failure must reach the board, never vanish
@@ -218,11 +217,13 @@ class Engine:
                 message = f"gave up after {attempt} attempt(s): {loading.describe(exc)}"
             else:
                 message = f"permanent error on attempt {attempt}: {loading.describe(exc)}"
-            log.exception("event=load_failed slot=%s error=%r", self.slot, message)
+            metrics.recorder().load_seconds.labels("failed").observe(time.monotonic() - load_started)
+            log.exception("load_failed", slot=self.slot, attempts=attempt, error=message)
             self._set_state(State.FAILED, error=message, next_retry_mono=0.0)
             return
         if self._draining:
             return
+        metrics.recorder().load_seconds.labels("ready").observe(time.monotonic() - load_started)
         self._set_state(State.READY, ready_mono=time.monotonic(), next_retry_mono=0.0, crashes=0)
         self._serve()
 
@@ -236,19 +237,24 @@ class Engine:
             with attempt:
                 number = attempt.retry_state.attempt_number
                 started = time.monotonic()
-                self._set_state(State.LOADING, attempt=number, next_retry_mono=0.0)
-                loader = resolve_callable(s.model_loader)
-                model = loader(s, self.slot)
-                self._set_state(State.WARMING, device=model.device)
-                warm = GenerationParams("warm-up", None, 1, s.default_guidance, *model.default_size, (0,))
-                model.generate([warm], lambda step: None)
-                log.info(
-                    "event=loaded slot=%s attempt=%s device=%s seconds=%.2f",
-                    self.slot,
-                    number,
-                    model.device,
-                    time.monotonic() - started,
-                )
+                try:
+                    model = self._load_once(number)
+                except BaseException:
+                    metrics.recorder().load_attempts.labels("error").inc()
+                    raise
+                metrics.recorder().load_attempts.labels("ok").inc()
+                seconds = round(time.monotonic() - started, 3)
+                log.info("loaded", slot=self.slot, attempt=number, device=model.device, seconds=seconds)
+        return model
+
+    def _load_once(self, attempt: int) -> Model:
+        """One attempt: the loader, then one warm-up generation (a model can load and only fail in use)."""
+        s = self.settings
+        self._set_state(State.LOADING, attempt=attempt, next_retry_mono=0.0)
+        model = resolve_callable(s.model_loader)(s, self.slot)
+        self._set_state(State.WARMING, device=model.device)
+        warm = GenerationParams("warm-up", None, 1, s.default_guidance, *model.default_size, (0,))
+        model.generate([warm], lambda step: None)
         return model
 
     def _before_retry(self, retry_state: RetryCallState) -> None:
@@ -256,11 +262,7 @@ class Engine:
         wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
         error = loading.describe(exc) if exc else "unknown error"
         log.warning(
-            "event=load_retry slot=%s attempt=%s error=%r retry_in_s=%.2f",
-            self.slot,
-            retry_state.attempt_number,
-            error,
-            wait,
+            "load_retry", slot=self.slot, attempt=retry_state.attempt_number, error=error, retry_in_s=round(wait, 2)
         )
         self._set_state(State.LOADING, error=error, next_retry_mono=time.monotonic() + wait)
 
@@ -295,6 +297,7 @@ class Engine:
             counts = dict(self._counts)
         self.board.write(self.slot, **counts)
         if full:
+            metrics.recorder().shed.inc()
             raise Overloaded(
                 f"this worker holds {held} jobs (MAX_ONGOING + MAX_QUEUED = {capacity})", self.retry_after()
             )
@@ -333,6 +336,9 @@ class Engine:
                 batch = self._gather(batch)
         started = [job for job in batch if job.future.set_running_or_notify_cancel()]
         self._count(queued=-len(batch), in_flight=len(started))
+        now = time.monotonic()
+        for job in started:
+            metrics.recorder().queue_wait.observe(now - job.enqueued)
         return started
 
     def _gather(self, batch: list[Job]) -> list[Job]:
@@ -382,7 +388,7 @@ class Engine:
             results = self.model.generate([job.params for job in batch], self._on_step)
         except _Interrupted as stop:
             self._finish(batch, timed_out=True)
-            log.info("event=batch_interrupted slot=%s jobs=%s reason=%r", self.slot, len(batch), str(stop))
+            log.info("batch_interrupted", slot=self.slot, jobs=len(batch), reason=str(stop))
             for job in batch:
                 _settle(job.future, exc=DeadlineExceeded(f"interrupted: {stop}", ran=True))
             return
@@ -391,12 +397,12 @@ class Engine:
             self._consecutive_failures += 1
             fatal = faults.is_fatal(exc)
             log.exception(
-                "event=generate_failed slot=%s jobs=%s fatal=%s consecutive=%s error=%r",
-                self.slot,
-                len(batch),
-                fatal,
-                self._consecutive_failures,
-                loading.describe(exc),
+                "generate_failed",
+                slot=self.slot,
+                jobs=len(batch),
+                fatal=fatal,
+                consecutive=self._consecutive_failures,
+                error=loading.describe(exc),
             )
             for job in batch:
                 _settle(job.future, exc=exc)
@@ -416,6 +422,7 @@ class Engine:
             _settle(job.future, result=images)
 
     def _finish(self, batch: list[Job], failed: bool = False, timed_out: bool = False) -> float:
+        """Settle the counters of a finished pipeline call; return how long the call took."""
         now = time.monotonic()
         for job in batch:
             job.finished = now
@@ -425,7 +432,12 @@ class Engine:
         if outcome != "timed_out":
             deltas[outcome] = len(batch)
         self._count(**deltas)
-        return now - self._batch_started
+        elapsed = now - self._batch_started
+        recorded = metrics.recorder()
+        recorded.generation.labels("interrupted" if timed_out else outcome).observe(elapsed)
+        recorded.batch_jobs.observe(len(batch))
+        recorded.batch_images.observe(sum(job.params.num_images for job in batch))
+        return elapsed
 
 
 def _settle(future: Future, result: object = None, exc: BaseException | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,7 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from webapp import errors
+from webapp import errors, logs, metrics
 from webapp.board import State
 from webapp.engine import DeadlineExceeded, Job, NotReady, Overloaded, WorkerUnhealthy
 from webapp.errors import ApiError
@@ -28,7 +27,7 @@ from webapp.params import TIMEOUT_HEADER, GenerationParams, InvalidRequest, pars
 from webapp.runtime import Runtime
 
 bp = Blueprint("generate", __name__)
-log = logging.getLogger("webapp.generate")
+log = logs.get(__name__)
 PNG = "image/png"
 JSON = "application/json"
 NOT_READY_RETRY_AFTER_S = 5
@@ -119,6 +118,7 @@ def await_images(admitted: Admitted, wait_s: float | None = None) -> list[Any] |
             return None
         job.abandoned = True  # the engine drops it unrun, or stops its batch if nobody else waits
         job.future.cancel()
+        metrics.recorder().timed_out.labels("running" if job.started else "queued").inc()
         state = "while running" if job.started else "in the queue"
         raise ApiError(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}") from None
     except WorkerUnhealthy as exc:
@@ -126,10 +126,11 @@ def await_images(admitted: Admitted, wait_s: float | None = None) -> list[Any] |
         headers = {"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
         raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
     except DeadlineExceeded as exc:
+        metrics.recorder().timed_out.labels("running" if exc.ran else "queued").inc()
         state = "while running" if exc.ran else "in the queue"
         raise ApiError(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed {state}: {exc}") from None
     except Exception:  # logged with the request id; the client sees no stack trace
-        log.exception("event=generate_error request_id=%s slot=%s", g.request_id, admitted.runtime.slot)
+        log.exception("generate_error", slot=admitted.runtime.slot)  # the request id is bound to the thread
         message = f"generation failed; quote request id {g.request_id} to the operator"
         raise ApiError(500, errors.INTERNAL, message) from None
 

@@ -10,26 +10,19 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from webapp.readiness import Verdict, judge, pid_alive
+from webapp import metrics
+from webapp.readiness import Verdict, judge_board
 from webapp.runtime import Runtime
 
 bp = Blueprint("health", __name__)
 
 
 def current_verdict() -> Verdict:
+    """Judge the board now, and record a readiness change on it if this is the first to see one."""
     runtime: Runtime = current_app.extensions["runtime"]
-    board = runtime.board
-    settings = runtime.settings
-    return judge(
-        board.read_all(),
-        now=time.monotonic(),
-        quorum=settings.ready_quorum(board.expected_workers),
-        heartbeat_timeout=settings.heartbeat_timeout,
-        stall_timeout=settings.stall_timeout,
-        crash_limit=settings.crash_loop_limit,
-        shutting_down=board.shutting_down,
-        master_alive=pid_alive(board.master_pid),
-    )
+    verdict = judge_board(runtime.board, runtime.settings, time.monotonic())
+    metrics.note_readiness(runtime.board, verdict)
+    return verdict
 
 
 def _body(verdict: Verdict, status: str, reason: str) -> dict[str, object]:

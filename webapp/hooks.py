@@ -10,7 +10,6 @@ the whole server (worker boot error), so a failure is written to the board as FA
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -18,14 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from webapp import logs
+from webapp import logs, metrics
 from webapp.board import BOARD_FILE, DIR_PREFIX, Board, State
 from webapp.engine import Engine
 from webapp.readiness import pid_alive
 from webapp.runtime import Runtime
 from webapp.settings import Settings
 
-log = logging.getLogger("webapp.hooks")
+log = logs.get(__name__)
 
 _board: Board | None = None  # created in the master, inherited by every forked worker
 _runtime: Runtime | None = None  # set in a worker by post_fork
@@ -48,11 +47,13 @@ def board_capacity(workers: int) -> int:
 
 def on_starting(server: Any, settings: Settings) -> None:
     global _board
+    logs.configure(settings.log_format)
     logs.route_app_logs(server.log, settings.log_level)
     settings.board_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_boards(settings.board_dir, server.log)
+    remove_stale_boards(settings.board_dir)
     _board = Board.create(settings.board_dir, board_capacity(settings.workers), settings.workers)
-    server.log.info("event=board_created path=%s slots=%s", _board.path, _board.capacity)
+    metrics_folder = metrics.prepare_multiprocess(_board)
+    log.info("board_created", path=str(_board.path), slots=_board.capacity, metrics=str(metrics_folder))
     for name in ("term", "int", "quit"):
         _flag_shutdown_first(server, name)
 
@@ -66,13 +67,13 @@ def _flag_shutdown_first(server: Any, name: str) -> None:
     def handler() -> None:
         if _board is not None:
             _board.set_shutting_down()
-            server.log.info("event=shutdown_begins signal=%s", name.upper())
+            log.info("shutdown_begins", signal=name.upper())
         original()
 
     setattr(server, f"handle_{name}", handler)
 
 
-def remove_stale_boards(directory: Path, server_log: Any) -> None:
+def remove_stale_boards(directory: Path) -> None:
     """Delete boards whose master is gone (a crashed earlier run): they are never trusted or reused."""
     for folder in Path(directory).glob(DIR_PREFIX + "*"):
         try:
@@ -84,7 +85,7 @@ def remove_stale_boards(directory: Path, server_log: Any) -> None:
         if master and pid_alive(master):
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        server_log.warning("event=stale_board_removed path=%s master_pid=%s", folder, master)
+        log.warning("stale_board_removed", path=str(folder), master_pid=master)
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -109,9 +110,9 @@ def post_fork(server: Any, worker: Any, settings: Settings) -> None:
         engine.on_unhealthy = _exit_gracefully
         _runtime = Runtime(settings, _board, slot, engine)
         engine.start()
-        server.log.info("event=worker_started slot=%s pid=%s", slot, os.getpid())
+        log.info("worker_started", slot=slot, pid=os.getpid(), state=State.STARTING.name)
     except Exception as exc:  # raising here would halt gunicorn; report instead
-        server.log.exception("event=worker_start_failed slot=%s", slot)
+        log.exception("worker_start_failed", slot=slot, pid=os.getpid(), state=State.FAILED.name)
         if _board is not None and slot is not None:
             _board.write(slot, pid=os.getpid(), state=State.FAILED, error=f"worker start failed: {exc!r}")
             _runtime = Runtime(settings, _board, slot, None)
@@ -158,6 +159,7 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
+    metrics.worker_exited(worker.pid)  # its counts join the exited totals, whatever its slot shows
     slot = getattr(worker, "slot", None)
     if _board is None or slot is None:
         return
@@ -172,8 +174,8 @@ def child_exit(server: Any, worker: Any) -> None:
     crashes = record.crashes + 1 if crashed_early else record.crashes
     _board.write(slot, state=State.DEAD, error=detail, in_flight=0, queued=0, crashes=crashes)
     expected = record.state is State.DRAINING  # a shutdown or reload, not a crash
-    (server.log.info if expected else server.log.warning)(
-        "event=worker_dead slot=%s pid=%s was=%s", slot, worker.pid, record.state.name
+    (log.info if expected else log.warning)(
+        "worker_dead", slot=slot, pid=worker.pid, state=State.DEAD.name, was=record.state.name, crashes=crashes
     )
 
 

@@ -6,7 +6,6 @@ the worker is already answering probes. One generation reads top to bottom in ``
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,10 +20,11 @@ from diffusers.utils import logging as diffusers_logging
 from PIL.Image import Image
 from transformers.utils import logging as transformers_logging
 
+from webapp import logs
 from webapp.params import GenerationParams
 from webapp.settings import BUILTIN_TINY_MODEL, Settings
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 diffusers_logging.set_verbosity_error()
@@ -120,7 +120,7 @@ def load(settings: Settings, slot: int) -> DiffusersModel:
         torch.set_num_threads(threads)
     location = model_location(settings)
     dtype = choose_dtype(settings.dtype, device)
-    log.info("event=model_load_start slot=%s model=%s device=%s dtype=%s", slot, location, device, dtype)
+    log.info("model_load_start", slot=slot, model=str(location), device=device, dtype=str(dtype))
     pipe = AutoPipelineForText2Image.from_pretrained(location, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)

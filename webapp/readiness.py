@@ -12,7 +12,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from webapp.board import SlotRecord, State
+from webapp.board import Board, SlotRecord, State
+from webapp.settings import Settings
 
 PF_EXITING = 0x4  # include/linux/sched.h: the task is exiting
 STALLED = "generation stalled"
@@ -170,6 +171,20 @@ def judge(
     else:
         ready, reason = False, _not_ready_reason(workers, ready_count, quorum)
     return Verdict(ready, reason, alive, alive_reason, workers, quorum)
+
+
+def judge_board(board: Board, settings: Settings, now: float) -> Verdict:
+    """Judge the live board under ``settings`` (what /readyz, /healthz, /metrics and heartbeats use)."""
+    return judge(
+        board.read_all(),
+        now=now,
+        quorum=settings.ready_quorum(board.expected_workers),
+        heartbeat_timeout=settings.heartbeat_timeout,
+        stall_timeout=settings.stall_timeout,
+        crash_limit=settings.crash_loop_limit,
+        shutting_down=board.shutting_down,
+        master_alive=pid_alive(board.master_pid),
+    )
 
 
 def _not_ready_reason(workers: list[WorkerView], ready_count: int, quorum: int) -> str:

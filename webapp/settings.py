@@ -78,6 +78,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ACCESS_LOG", "1", "1 = access log on stdout, 0 = off."),
     Variable("LOG_PROBES", "0", "1 = log /healthz and /readyz requests in the access log too."),
     Variable("LOG_LEVEL", "info", "gunicorn and app log level."),
+    Variable("LOG_FORMAT", "kv", "kv = one logfmt line (key=value) per event, json = one JSON object per line."),
 )
 _DEFAULTS = {v.name: v.default for v in VARIABLES}
 
@@ -130,6 +131,7 @@ class Settings:
     access_log: bool
     log_probes: bool
     log_level: str
+    log_format: str
 
     @property
     def bind(self) -> str:
@@ -206,6 +208,7 @@ class Settings:
             access_log=r.flag("ACCESS_LOG"),
             log_probes=r.flag("LOG_PROBES"),
             log_level=r.choice("LOG_LEVEL", ("debug", "info", "warning", "error", "critical")),
+            log_format=r.choice("LOG_FORMAT", ("kv", "json")),
         )
         _check_relations(settings)
         return settings

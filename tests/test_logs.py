@@ -1,0 +1,77 @@
+"""LOG_FORMAT=json on a real server: every line is one JSON object, with request ids and worker fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import Server, server_env, wait_for
+
+
+@pytest.fixture(scope="module")
+def json_server(model_cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("json-logs")
+    env = server_env(
+        model_cache,
+        workdir,
+        WEB_CONCURRENCY="1",
+        LOG_FORMAT="json",
+        LOG_PROBES="1",
+        MODEL_LOADER="tests.loaders:faulty",
+    )
+    server = Server(env, workdir / "gunicorn.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def events(server: Server) -> list[dict]:
+    return [json.loads(line) for line in server.log_lines()]
+
+
+def test_every_line_is_one_json_object_with_the_common_fields(json_server):
+    assert json_server.post("/generate", json={"prompt": "ordinary"}).status_code == 500  # a traceback too
+    lines = wait_for(
+        lambda: [e for e in events(json_server) if e["event"] == "generate_failed"], 10, "the failure's log line"
+    )
+    for event in events(json_server):  # json.loads of each line would raise on anything else
+        assert {"ts", "level", "event", "logger", "pid"} <= event.keys(), event
+    (failed,) = lines
+    assert failed["level"] == "error" and failed["slot"] == 0
+    assert "Traceback" in failed["exception"] and "this prompt broke the text encoder" in failed["exception"]
+
+
+def test_worker_lifecycle_lines_name_slot_pid_and_state(json_server):
+    pid = json_server.workers()[0]["pid"]
+    states = [e["state"] for e in events(json_server) if e["event"] == "state" and e["pid"] == pid]
+    assert states[:3] == ["LOADING", "WARMING", "READY"]
+    assert all(e["slot"] == 0 for e in events(json_server) if e["event"] == "state")
+    (started,) = [e for e in events(json_server) if e["event"] == "worker_started"]
+    assert started["pid"] == pid and started["state"] == "STARTING"
+
+
+def test_the_request_id_is_on_the_access_line_and_on_app_lines_logged_for_the_request(json_server):
+    given = "order-7f3a"
+    response = json_server.post("/generate", json={"prompt": "ordinary"}, headers={"X-Request-ID": given})
+    assert response.status_code == 500 and response.headers["X-Request-ID"] == given
+
+    def logged():
+        mine = [e for e in events(json_server) if e.get("request_id") == given]
+        return mine if {"request", "generate_error"} <= {e["event"] for e in mine} else None
+
+    mine = wait_for(logged, 10, "the request's lines")
+    (access,) = [e for e in mine if e["event"] == "request"]
+    assert access["logger"] == "gunicorn.access"
+    assert (access["method"], access["path"], access["status"]) == ("POST", "/generate", 500)
+    assert access["duration_ms"] >= 0
+
+
+def test_probes_are_logged_when_log_probes_is_set(json_server):
+    json_server.get("/readyz", headers={"X-Request-ID": "probe-1"})
+    line = wait_for(
+        lambda: [e for e in events(json_server) if e.get("request_id") == "probe-1"], 10, "the probe's access line"
+    )
+    assert line[0]["path"] == "/readyz"
