@@ -29,21 +29,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _ms(value: float) -> str:
+def ms_text(value: float) -> str:
     return "none" if value != value else f"{value:.1f}"  # NaN: nothing was shed
 
 
-def drive(url: str, clients: int, seconds: float) -> dict[str, float]:
+def drive(url: str, clients: int, seconds: float, stop: threading.Event | None = None) -> dict[str, float]:
+    """``clients`` closed-loop clients for ``seconds`` (or until ``stop`` is set)."""
     accepted: list[float] = []
     rejected: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     end = time.monotonic() + seconds
+    stop = stop or threading.Event()
 
     def client(index: int) -> None:
         session = requests.Session()
         seed = index * 100_000
-        while time.monotonic() < end:
+        while time.monotonic() < end and not stop.is_set():
             seed += 1
             sent = time.monotonic()
             try:
@@ -79,19 +81,27 @@ def drive(url: str, clients: int, seconds: float) -> dict[str, float]:
     }
 
 
+def run_server(cache: str, batch_size: int, clients: int | tuple[int, ...], seconds: float) -> dict:
+    """One worker (MAX_ONGOING=4, MAX_QUEUED=2) driven by each number of ``clients`` in turn; the results by
+    number of clients, or the one result when ``clients`` is a number."""
+    env = {"WEB_CONCURRENCY": "1", "MAX_BATCH_SIZE": str(batch_size), "MAX_ONGOING": "4", "MAX_QUEUED": "2"}
+    counts = (clients,) if isinstance(clients, int) else clients
+    with server(cache, **env) as (url, _, _):
+        poll(url + "/readyz", lambda r: r.status_code == 200, 300)
+        drive(url, 2, 2.0)  # warm the caches and the service-time estimate
+        results = {count: drive(url, count, seconds) for count in counts}
+    return results[clients] if isinstance(clients, int) else results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="load time per row")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        for batching, batch_size in (("off", "1"), ("on", "4")):
-            env = {"WEB_CONCURRENCY": "1", "MAX_BATCH_SIZE": batch_size, "MAX_ONGOING": "4", "MAX_QUEUED": "2"}
-            with server(cache, **env) as (url, _, _):
-                poll(url + "/readyz", lambda r: r.status_code == 200, 300)
-                drive(url, 2, 2.0)  # warm the caches and the service-time estimate
-                for clients in CONCURRENCY:
-                    rows.append((batching, clients, drive(url, clients, args.seconds)))
+        for batching, batch_size in (("off", 1), ("on", 4)):
+            results = run_server(cache, batch_size, CONCURRENCY, args.seconds)
+            rows.extend((batching, clients, result) for clients, result in results.items())
     print(
         f"\none worker, tiny model, 64x64, 10 steps; MAX_ONGOING=4, MAX_QUEUED=2 (capacity 6); {os.cpu_count()} CPUs; "
         f"{args.seconds:g} s per row\n"
@@ -104,7 +114,7 @@ def main() -> None:
         print(
             f"| {batching} | {clients} | {r['images_per_s']:.1f} | {r['accepted']} | {r['rejected']} | {r['errors']} "
             f"| {r['accepted_p50_ms']:.0f} / {r['accepted_p99_ms']:.0f} "
-            f"| {_ms(r['rejected_p50_ms'])} / {_ms(r['rejected_p99_ms'])} |"
+            f"| {ms_text(r['rejected_p50_ms'])} / {ms_text(r['rejected_p99_ms'])} |"
         )
     if any(r["errors"] for _, _, r in rows):
         print("\nsome requests failed with errors other than 503: see the errors column")

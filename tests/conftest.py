@@ -33,8 +33,8 @@ def wait_for(predicate: Callable[[], Any], deadline_s: float, what: str, interva
     while time.monotonic() < end:
         try:
             result = predicate()
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            last_error, result = exc, None
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            last_error, result = exc, None  # a worker that died (or was killed) while answering
         if result:
             return result
         time.sleep(interval)

@@ -120,7 +120,7 @@ def test_the_command_line_waits_for_a_loading_server_and_writes_the_image(start_
         # Let the client be refused at least once while the model loads, then let the load finish.
         def refused_once():
             server.check_running()
-            return '"POST /generate HTTP/1.1" 503' in server.log_tail(400)
+            return "method=POST path=/generate status=503" in server.log_tail(400)
 
         wait_for(refused_once, 120, "the client's first try to be refused with 503")
         gate.touch()

@@ -98,10 +98,12 @@ def test_a_frozen_worker_goes_stale_on_readyz_and_recovers_after_sigcont(start_s
 
 
 def test_a_stalled_step_makes_the_worker_unhealthy_and_it_is_replaced(start_server):
+    # Two workers: the stalled one stops accepting connections as soon as it starts to exit, so it is
+    # the other one that reports the stall on /healthz until gunicorn has replaced it.
     server = start_server(
-        WEB_CONCURRENCY="1", MODEL_LOADER="tests.loaders:faulty", STALL_TIMEOUT="1.5", HEARTBEAT_INTERVAL="0.2"
+        WEB_CONCURRENCY="2", MODEL_LOADER="tests.loaders:faulty", STALL_TIMEOUT="1.5", HEARTBEAT_INTERVAL="0.2"
     )
-    (worker,) = server.wait_ready()["workers"]
+    pids_before = {w["pid"] for w in server.wait_ready()["workers"]}
     started = time.monotonic()
     request = Background(server, {"prompt": "stall", "num_inference_steps": 5})
 
@@ -120,8 +122,11 @@ def test_a_stalled_step_makes_the_worker_unhealthy_and_it_is_replaced(start_serv
     assert result.json()["error"]["code"] == "worker_unhealthy"
     assert "Retry-After" in result.headers
 
+    stalled = {w["pid"] for w in health["workers"] if w["state"] == "UNHEALTHY" or "stalled" in w.get("problem", "")}
+    assert len(stalled) == 1 and stalled <= pids_before, health["workers"]
     body = server.wait_ready()
-    assert body["workers"][0]["pid"] != worker["pid"]
+    pids_after = {w["pid"] for w in body["workers"] if w["state"] == "READY"}
+    assert len(pids_after) == 2 and pids_before - stalled <= pids_after and not stalled & pids_after
     assert server.get("/healthz").status_code == 200
     measured("stall start to /readyz 200 with a new worker", time.monotonic() - started)
 

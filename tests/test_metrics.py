@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from tests.conftest import ROOT, Metrics, wait_for
 
@@ -111,3 +112,38 @@ def test_a_killed_workers_counts_survive_and_its_files_are_folded_into_the_total
     healed = server.metrics()
     assert healed.value(P + "worker_state_changes_total", state="READY") == 3
     assert healed.value(P + "readiness_changes_total", to="ready") == 2
+
+
+def _counter_file(path, value: float) -> None:
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    store = MmapedDict(str(path))
+    store.write_value(mmap_key(P + "x_total", P + "x_total", [], [], "x"), value, 0.0)
+    store.close()
+
+
+def _read(path) -> list[float]:
+    from prometheus_client.mmap_dict import MmapedDict
+
+    return [value for _, value, _, _ in MmapedDict.read_all_values_from_file(str(path))]
+
+
+def test_the_master_folds_dead_workers_files_but_never_waits_on_a_scrape(tmp_path, monkeypatch):
+    from webapp import metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    dead_pid = 2**22 + 12345  # above pid_max's default: no such process
+    _counter_file(tmp_path / f"counter_{dead_pid}.db", 3)
+    _counter_file(tmp_path / "counter_exited.db", 4)
+    _counter_file(tmp_path / f"counter_{os.getpid()}.db", 100)  # a live process: left alone
+
+    with metrics._shared_lock(str(tmp_path)):  # a scrape in progress (or a SIGSTOPped one)
+        started = time.monotonic()
+        metrics.worker_exited(dead_pid, wait_s=0.2)
+        assert time.monotonic() - started < 5
+    assert (tmp_path / f"counter_{dead_pid}.db").exists(), "folded under a scrape's lock"
+
+    metrics.worker_exited(dead_pid)
+    assert not (tmp_path / f"counter_{dead_pid}.db").exists()
+    assert _read(tmp_path / "counter_exited.db") == [7]
+    assert _read(tmp_path / f"counter_{os.getpid()}.db") == [100]

@@ -191,12 +191,17 @@ class Board:
 
     def note_readiness(self, ready: bool) -> bool:
         """Record the container's readiness as just judged; True if this call recorded a change. Every
-        worker judges on its own, so the change is counted under an exclusive flock, exactly once."""
+        worker judges on its own, so the change is counted under an exclusive flock, once."""
         if self.readiness.ready == ready:
             return False  # the common case: no lock, no I/O
         fd = os.open(self.path, os.O_RDWR)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                # Never wait: the holder may be a SIGSTOPped worker, and a probe must not hang on it.
+                # The next judgement (a heartbeat later at most) records the change instead.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
             seen = self.readiness
             if seen.ready == ready:
                 return False  # another worker recorded it first

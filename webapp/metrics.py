@@ -31,7 +31,7 @@ from flask import Blueprint, Response, current_app
 
 from webapp import logs
 from webapp.board import Board, State
-from webapp.readiness import Verdict, judge_board, view_workers
+from webapp.readiness import Verdict, judge_board, pid_alive, view_workers
 
 if TYPE_CHECKING:
     from webapp.runtime import Runtime
@@ -68,38 +68,59 @@ def prepare_multiprocess(board: Board) -> Path:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: str, exclusive: bool) -> Iterator[None]:
+def _shared_lock(folder: str) -> Iterator[None]:
+    """Held by a scrape while it reads the files: the master does not fold files under it."""
     fd = os.open(os.path.join(folder, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # only the master takes it exclusively, for milliseconds, never waiting
         yield
     finally:
         os.close(fd)
 
 
-def worker_exited(pid: int) -> None:
-    """Master, from child_exit: fold the dead worker's counters and histograms into the ``exited`` files,
-    delete its files, and drop its live gauges."""
+def worker_exited(pid: int, wait_s: float = 1.0) -> None:
+    """Master, from child_exit: drop the dead worker's live gauges, then fold the counter and histogram
+    files of every dead worker (this one, and any an earlier call had to leave) into the ``exited`` files
+    and delete them. The master never blocks on the lock: a scrape held by a SIGSTOPped worker would
+    freeze the whole arbiter. If the lock stays taken for ``wait_s``, the files stay (and are still
+    counted, just not folded) until the next worker exits."""
     folder = os.environ.get(ENV)
     if not folder or not os.path.isdir(folder):
         return
     from prometheus_client import multiprocess
-    from prometheus_client.mmap_dict import MmapedDict
 
     multiprocess.mark_process_dead(pid, folder)
-    with _folder_lock(folder, exclusive=True):
-        for kind in _FOLDED_TYPES:
-            dead = os.path.join(folder, f"{kind}_{pid}.db")
-            if not os.path.exists(dead):
-                continue
-            total = MmapedDict(os.path.join(folder, f"{kind}_{_EXITED}.db"))
+    fd = os.open(os.path.join(folder, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
-                    before, _ = total.read_value(key)
-                    total.write_value(key, before + value, timestamp)
-            finally:
-                total.close()
-            os.unlink(dead)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("metrics_fold_deferred", pid=pid, reason="a scrape holds the metrics folder")
+                    return
+                time.sleep(0.01)
+        for path in Path(folder).glob("*_*.db"):
+            kind, _, owner = path.stem.rpartition("_")
+            if kind in _FOLDED_TYPES and owner.isdigit() and (int(owner) == pid or not pid_alive(int(owner))):
+                _fold(path, Path(folder) / f"{kind}_{_EXITED}.db")
+    finally:
+        os.close(fd)
+
+
+def _fold(dead: Path, total_path: Path) -> None:
+    from prometheus_client.mmap_dict import MmapedDict
+
+    total = MmapedDict(str(total_path))
+    try:
+        for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(dead)):
+            before, _ = total.read_value(key)
+            total.write_value(key, before + value, timestamp)
+    finally:
+        total.close()
+    dead.unlink()
 
 
 class Recorder:
@@ -258,7 +279,7 @@ def scrape() -> Response:
     folder = os.environ.get(ENV)
     if folder:
         MultiProcessCollector(registry, path=folder)
-        with _folder_lock(folder, exclusive=False):
+        with _shared_lock(folder):
             body = generate_latest(registry)
     else:  # standalone (no gunicorn hooks): this process's own registry
         from prometheus_client import REGISTRY

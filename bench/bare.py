@@ -1,0 +1,63 @@
+"""The baseline without the server: the bare pipeline in a fresh process, as a worker would run it.
+
+Prints one JSON object: seconds to import the pipeline code (torch + diffusers), to load the model
+(``webapp.pipeline.load``, the server's own loader, so the same ``from_pretrained`` and device choice),
+to run the same one-step warm-up the engine runs, and the latency of ``--images`` single-image calls
+with the arguments the suite sends through the server. Run by ``bench/suite.py``; it reads the same
+environment (MODEL_ID, MODEL_CACHE_DIR, WEB_CONCURRENCY for the thread count) as a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompt", default="a quiet harbour")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    from webapp import pipeline
+    from webapp.params import GenerationParams
+    from webapp.settings import Settings
+
+    imported = time.perf_counter()
+    settings = Settings.from_env()
+    model = pipeline.load(settings, 0)
+    loaded = time.perf_counter()
+    width, height = model.default_size
+    warm = GenerationParams("warm-up", None, 1, settings.default_guidance, width, height, (0,))
+    model.generate([warm], lambda step: None)
+    warmed = time.perf_counter()
+
+    latencies = []
+    for seed in range(args.images):
+        job = GenerationParams(args.prompt, None, args.steps, settings.default_guidance, width, height, (seed,))
+        sent = time.perf_counter()
+        model.generate([job], lambda step: None)
+        latencies.append(time.perf_counter() - sent)
+    print(
+        json.dumps(
+            {
+                "import_s": imported - started,
+                "load_s": loaded - imported,
+                "warmup_s": warmed - loaded,
+                "total_s": warmed - started,
+                "image_s": latencies,
+                "size": [width, height],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
