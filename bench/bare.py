@@ -26,11 +26,12 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from webapp import pipeline
+    from webapp import logs, pipeline
     from webapp.params import GenerationParams
     from webapp.settings import Settings
 
     imported = time.perf_counter()
+    logs.configure("kv")  # stdout carries only the JSON result
     settings = Settings.from_env()
     model = pipeline.load(settings, 0)
     loaded = time.perf_counter()

@@ -24,16 +24,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def poll(url: str, until: Callable[[requests.Response], bool], deadline_s: float) -> tuple[float, requests.Response]:
-    """Poll ``url`` as fast as it answers until ``until(response)``; return (monotonic time, response)."""
+def poll(
+    url: str, until: Callable[[requests.Response], bool], deadline_s: float, interval: float = 0.0
+) -> tuple[float, requests.Response]:
+    """Poll ``url`` until ``until(response)``, as fast as it answers or every ``interval`` s; return
+    (monotonic time, response). Polling flat out costs the worker CPU: use an interval when that matters."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
             response = requests.get(url, timeout=5)
         except requests.ConnectionError:
+            time.sleep(interval)
             continue
         if until(response):
             return time.monotonic(), response
+        time.sleep(interval)
     raise TimeoutError(f"{url} never satisfied the condition within {deadline_s} s")
 
 

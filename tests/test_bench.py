@@ -1,0 +1,25 @@
+"""The benchmark suite runs end to end (short) and finds no false readiness. No timing is asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_the_suite_prints_its_table_and_finds_no_false_readiness():
+    command = [sys.executable, "bench/suite.py", "--images", "3", "--samples", "30", "--seconds", "2", "--runs", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    for measure in (
+        "start to /healthz 200 (median of 1)",
+        "start to /readyz 200, 1 worker (median of 1)",
+        "SIGKILL of a worker to /readyz 503",
+        "SIGSTOP of a worker to /readyz 503",
+        "throughput, 8 clients, batching on",
+    ):
+        assert measure in rows, done.stdout
+    false_ready = rows["false-ready time (2 workers, start + kill + stop)"]
+    assert "| 0.000 s |" in false_ready and false_ready.endswith("| pass |"), false_ready
