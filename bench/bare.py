@@ -1,10 +1,12 @@
 """The baseline without the server: the bare pipeline in a fresh process, as a worker would run it.
 
-Prints one JSON object: seconds to import the pipeline code (torch + diffusers), to load the model
+Prints one JSON line: seconds to import the pipeline code (torch + diffusers), to load the model
 (``webapp.pipeline.load``, the server's own loader, so the same ``from_pretrained`` and device choice),
-to run the same one-step warm-up the engine runs, and the latency of ``--images`` single-image calls
-with the arguments the suite sends through the server. Run by ``bench/suite.py``; it reads the same
-environment (MODEL_ID, MODEL_CACHE_DIR, WEB_CONCURRENCY for the thread count) as a worker.
+and to run the same one-step warm-up the engine runs. Then, for each seed read from stdin (one per
+line), it generates one image with the arguments the suite also sends through the server and prints the
+seconds the call took, so the suite can alternate bare and HTTP calls under the same host conditions.
+It reads the same environment (MODEL_ID, MODEL_CACHE_DIR, WEB_CONCURRENCY for the thread count) as a
+worker. Run by ``bench/suite.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prompt", default="a quiet harbour")
     args = parser.parse_args()
@@ -40,24 +41,13 @@ def main() -> None:
     model.generate([warm], lambda step: None)
     warmed = time.perf_counter()
 
-    latencies = []
-    for seed in range(args.images):
-        job = GenerationParams(args.prompt, None, args.steps, settings.default_guidance, width, height, (seed,))
+    result = {"import_s": imported - started, "load_s": loaded - imported, "warmup_s": warmed - loaded}
+    print(json.dumps({**result, "total_s": warmed - started, "size": [width, height]}), flush=True)
+    for line in sys.stdin:
+        job = GenerationParams(args.prompt, None, args.steps, settings.default_guidance, width, height, (int(line),))
         sent = time.perf_counter()
         model.generate([job], lambda step: None)
-        latencies.append(time.perf_counter() - sent)
-    print(
-        json.dumps(
-            {
-                "import_s": imported - started,
-                "load_s": loaded - imported,
-                "warmup_s": warmed - loaded,
-                "total_s": warmed - started,
-                "image_s": latencies,
-                "size": [width, height],
-            }
-        )
-    )
+        print(time.perf_counter() - sent, flush=True)
 
 
 if __name__ == "__main__":

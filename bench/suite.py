@@ -39,30 +39,46 @@ def percentile(values: list[float], q: float) -> float:
     return traffic.percentile(values, q)
 
 
-def bare_pipeline(cache: str, images: int) -> dict:
+def bare_process(cache: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", MODEL_CACHE_DIR=cache, WEB_CONCURRENCY="1")
-    script = ROOT / "bench" / "bare.py"
-    args = [sys.executable, str(script), "--images", str(images), "--steps", str(STEPS), "--prompt", PROMPT]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=600)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    args = [sys.executable, str(ROOT / "bench" / "bare.py"), "--steps", str(STEPS), "--prompt", PROMPT]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def one_worker(cache: str, images: int) -> dict:
-    """Startup of a one-worker server, then ``images`` sequential single-image requests."""
+def bare_start(cache: str) -> dict:
+    """Import + load + warm-up of the bare pipeline in a fresh process."""
+    with bare_process(cache) as bare:
+        header = json.loads(bare.stdout.readline())
+        bare.stdin.close()
+    return header
+
+
+def one_worker_start(cache: str) -> dict:
+    """Start to /healthz 200 and to /readyz 200 of a one-worker server."""
     with server(cache, WEB_CONCURRENCY="1") as (url, _, start):
         answered, _ = poll(url + "/healthz", lambda r: r.status_code == 200, 60)
         # Every 50 ms, like an eager probe: polling flat out would take CPU from the load being timed.
         ready, _ = poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.05)
-        latencies = []
-        with requests.Session() as session:
-            for seed in range(images):
-                sent = time.perf_counter()
-                response = session.post(
-                    url + "/generate", json={"prompt": PROMPT, "num_inference_steps": STEPS, "seed": seed}, timeout=120
-                )
-                latencies.append(time.perf_counter() - sent)
-                response.raise_for_status()
-    return {"healthz_s": answered - start, "readyz_s": ready - start, "image_s": latencies}
+    return {"healthz_s": answered - start, "readyz_s": ready - start}
+
+
+def paired_images(cache: str, images: int) -> dict:
+    """``images`` single-image calls each to the bare pipeline and through a one-worker server, alternated,
+    so both see the same host; the same seeds and arguments on both sides."""
+    bare_s, http_s = [], []
+    with bare_process(cache) as bare, server(cache, WEB_CONCURRENCY="1") as (url, _, _), requests.Session() as http:
+        size = json.loads(bare.stdout.readline())["size"]
+        poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.05)
+        for seed in range(images):
+            bare.stdin.write(f"{seed}\n")
+            bare.stdin.flush()
+            bare_s.append(float(bare.stdout.readline()))
+            job = {"prompt": PROMPT, "num_inference_steps": STEPS, "seed": seed}
+            sent = time.perf_counter()
+            http.post(url + "/generate", json=job, timeout=120).raise_for_status()
+            http_s.append(time.perf_counter() - sent)
+        bare.stdin.close()
+    return {"bare_s": bare_s, "http_s": http_s, "size": size}
 
 
 @dataclass
@@ -188,23 +204,23 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as cache:
-        bare_pipeline(cache, 1)  # builds the tiny model into the cache, so no measured run pays for that
-        bare = bare_pipeline(cache, args.images)
-        single = one_worker(cache, args.images)
-        # Startup is noisy here (the import alone varies by seconds): alternate more starts of each.
-        bare_starts, server_starts = [bare], [single]
-        for _ in range(args.runs - 1):
-            bare_starts.append(bare_pipeline(cache, 0))
-            server_starts.append(one_worker(cache, 0))
+        bare_start(cache)  # builds the tiny model into the cache, so no measured run pays for that
+        # Startup is noisy here (the import alone varies by seconds): alternate several starts of each.
+        bare_starts, server_starts = [], []
+        for _ in range(args.runs):
+            bare_starts.append(bare_start(cache))
+            server_starts.append(one_worker_start(cache))
+        images = paired_images(cache, args.images)
         pair = two_workers(cache, args.samples)
         rows = {name: traffic.run_server(cache, size, 8, args.seconds) for name, size in (("off", 1), ("on", 4))}
 
-    bare_image = statistics.median(bare["image_s"])
-    http_image = statistics.median(single["image_s"])
+    bare_image = statistics.median(images["bare_s"])
+    http_image = statistics.median(images["http_s"])
+    overhead = statistics.median(h - b for h, b in zip(images["http_s"], images["bare_s"], strict=True))
     idle, busy = pair["healthz_idle"], pair["healthz_busy"]
     checker: Checker = pair["checker"]
     off, on = rows["off"], rows["on"]
-    width, height = bare["size"]
+    width, height = images["size"]
     bare_total = spread([b["total_s"] for b in bare_starts])
     healthz_s = spread([r["healthz_s"] for r in server_starts])
     readyz_s = spread([r["readyz_s"] for r in server_starts])
@@ -221,7 +237,7 @@ def main() -> None:
             readyz_s.text,
             f"bare {bare_total.median:.2f} s: import {parts['import_s']:.2f} + load {parts['load_s']:.2f} + "
             f"warm-up {parts['warmup_s']:.2f} s",
-            f"{readyz_s.median / bare_total.median:.2f}x (+{readyz_s.median - bare_total.median:.2f} s)",
+            f"{readyz_s.median / bare_total.median:.2f}x ({readyz_s.median - bare_total.median:+.2f} s)",
         ),
         (
             "false-ready time (2 workers, start + kill + stop)",
@@ -259,7 +275,7 @@ def main() -> None:
             f"one image through HTTP, p50 ({width}x{height}, {STEPS} steps)",
             ms(http_image),
             f"bare pipeline call, same arguments, p50 {ms(bare_image)}",
-            f"{http_image / bare_image:.2f}x (+{(http_image - bare_image) * 1000:.1f} ms)",
+            f"{http_image / bare_image:.2f}x; per pair p50 {overhead * 1000:+.1f} ms",
         ),
         (
             "throughput, 8 clients, batching on",
