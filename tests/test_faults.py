@@ -89,6 +89,15 @@ def test_a_frozen_worker_goes_stale_on_readyz_and_recovers_after_sigcont(start_s
         assert age >= 1.5 and "(limit 1.5 s)" in row["problem"], row["problem"]  # shown to 0.1 s
         measured("SIGSTOP to /readyz 503 (HEARTBEAT_TIMEOUT=1.5 s)", flipped - stopped)
         assert server.get("/healthz").status_code == 200, "a frozen worker can still recover: no restart"
+        # /metrics (answered by the other worker, the frozen one cannot) keeps the recorded state apart
+        # from whether to believe it.
+        metrics = server.metrics()
+        slot = str(frozen["slot"])
+        assert metrics.value("honest_diffusion_worker_state", slot=slot, state="READY") == 1
+        assert metrics.value("honest_diffusion_worker_untrusted", slot=slot) == 1
+        assert metrics.value("honest_diffusion_worker_untrusted", slot=str(other["slot"])) == 0
+        assert metrics.value("honest_diffusion_worker_heartbeat_age_seconds", slot=slot) >= 1.5
+        assert metrics.value("honest_diffusion_ready") == 0
     finally:
         os.kill(frozen["pid"], signal.SIGCONT)
     resumed = time.monotonic()

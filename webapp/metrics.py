@@ -230,7 +230,7 @@ class BoardCollector:
 
         state = GaugeMetricFamily(
             PREFIX + "worker_state",
-            "1 for the state each board slot is in (untrusted slots count as DEAD).",
+            "1 for the state each board slot records (see worker_untrusted for whether to believe it).",
             labels=["slot", "state"],
         )
         per_slot = {
@@ -247,15 +247,21 @@ class BoardCollector:
             "attempt": GaugeMetricFamily(
                 PREFIX + "worker_load_attempt", "The worker's current or last load attempt.", labels=["slot"]
             ),
+            "untrusted": GaugeMetricFamily(
+                PREFIX + "worker_untrusted",
+                "1 when the slot's record cannot be believed now: pid gone, heartbeat stale, generation stalled or "
+                "record torn (/readyz gives the reason).",
+                labels=["slot"],
+            ),
         }
         for view in view_workers(board.read_all(), now, settings.heartbeat_timeout, settings.stall_timeout):
             slot, record = str(view.slot), view.record
-            current = State.DEAD if view.problem and record.state is not State.DEAD else record.state
             for candidate in State:
                 if candidate is not State.EMPTY:
-                    state.add_metric([slot, candidate.name], int(candidate is current))
-            if current is State.DEAD:
+                    state.add_metric([slot, candidate.name], int(candidate is record.state))
+            if record.state is State.DEAD:
                 continue
+            per_slot["untrusted"].add_metric([slot], int(bool(view.problem)))
             per_slot["queued"].add_metric([slot], record.queued)
             per_slot["in_flight"].add_metric([slot], record.in_flight)
             per_slot["heartbeat"].add_metric(
