@@ -49,6 +49,7 @@ def test_worker_lifecycle_lines_name_slot_pid_and_state(json_server):
     states = [e["state"] for e in events(json_server) if e["event"] == "state" and e["pid"] == pid]
     assert states[:3] == ["LOADING", "WARMING", "READY"]
     assert all(e["slot"] == 0 for e in events(json_server) if e["event"] == "state")
+    assert {e["level"] for e in events(json_server) if e["event"] == "state"} == {"info"}  # error: FAILED/UNHEALTHY
     (started,) = [e for e in events(json_server) if e["event"] == "worker_started"]
     assert started["pid"] == pid and started["state"] == "STARTING"
 

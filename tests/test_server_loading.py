@@ -77,6 +77,8 @@ def test_a_permanent_failure_ends_failed_without_retrying_and_the_master_stays_u
     assert health.status_code == 503
     assert health.json()["status"] == "dead"
     assert "FAILED" in health.json()["reason"]
+    failed_lines = [line for line in server.log_lines() if "event=state" in line and "state=FAILED" in line]
+    assert failed_lines and all("level=error" in line for line in failed_lines), failed_lines
     metrics = server.metrics()  # a FAILED worker still answers the scrape, and says so
     assert metrics.value("honest_diffusion_load_duration_seconds_count", outcome="failed") == 1
     assert metrics.value("honest_diffusion_worker_state", slot="0", state="FAILED") == 1

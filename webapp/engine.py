@@ -167,7 +167,8 @@ class Engine:
         record = self.board.write(self.slot, state=state, **fields)
         metrics.recorder().state_changes.labels(state.name).inc()
         shown = {k: v for k, v in fields.items() if k in ("attempt", "error", "device")}
-        log.info("state", slot=self.slot, pid=record.pid, state=state.name, **shown)
+        bad = state in (State.FAILED, State.UNHEALTHY)  # what an operator's log alert should match
+        (log.error if bad else log.info)("state", slot=self.slot, pid=record.pid, state=state.name, **shown)
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
