@@ -273,18 +273,36 @@ class BoardCollector:
         yield from per_slot.values()
 
 
+class FolderCollector:
+    """Every process's counted events, summed. Like prometheus_client's MultiProcessCollector, except that
+    it skips a file of size 0: a worker starting right now has created its file but not yet sized it,
+    and reading it would fail the whole scrape (seen here as a 500 when a replacement worker booted)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = []
+        for path in self.folder.glob("*.db"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size > 0:
+                    files.append(str(path))
+        return MultiProcessCollector.merge(files, accumulate=True)
+
+
 @bp.get("/metrics")
 def scrape() -> Response:
     """Prometheus text format for the whole container: every worker's counted events, dead ones included,
     and the board as it is now."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     registry.register(BoardCollector(current_app.extensions["runtime"]))
     folder = os.environ.get(ENV)
     if folder:
-        MultiProcessCollector(registry, path=folder)
+        registry.register(FolderCollector(folder))
         with _shared_lock(folder):
             body = generate_latest(registry)
     else:  # standalone (no gunicorn hooks): this process's own registry
