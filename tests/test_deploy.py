@@ -90,6 +90,9 @@ def test_kubernetes_probes_ports_and_grace_agree_with_the_app(routes):
         assert container["resources"][section]["nvidia.com/gpu"] == str(settings.workers)
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    scrape = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert scrape["prometheus.io/path"] == "/metrics" and "/metrics" in routes
+    assert int(scrape["prometheus.io/port"]) == settings.port
 
 
 def test_cloud_run_probes_concurrency_and_shutdown_agree_with_the_app(routes):
