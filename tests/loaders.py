@@ -41,11 +41,16 @@ class FaultyModel:
 
     def __init__(self, inner: pipeline.DiffusersModel) -> None:
         self.inner = inner
+        self.sick = False  # set by the prompt "sick": the next call fails too, whatever it is
         self.device = inner.device
         self.default_size = inner.default_size
 
     def generate(self, batch, on_step):
         prompts = {params.prompt for params in batch}
+        if self.sick or "sick" in prompts:
+            # A device that fails for a moment, whatever it runs: the worker's canary right after fails too.
+            self.sick = not self.sick
+            raise RuntimeError("the device failed this call")
         if "fatal" in prompts:
             # No CUDA device runs here, so the error a poisoned CUDA context raises is simulated: this is
             # the message torch gives for an illegal memory access.
@@ -65,5 +70,6 @@ class FaultyModel:
 
 def faulty(settings: Settings, slot: int) -> FaultyModel:
     """The real model, whose generations fail on the prompts "fatal" (a device error), "ordinary" (an
-    error in the pipeline) and "stall" (a denoising step that never ends)."""
+    error in the pipeline caused by that request alone), "sick" (an error of the worker: the call after
+    it, the engine's canary, fails too) and "stall" (a denoising step that never ends)."""
     return FaultyModel(pipeline.load(settings, slot))

@@ -144,14 +144,14 @@ def test_ordinary_errors_change_nothing_but_fatal_ones_and_failure_streaks_repla
     server = start_server(WEB_CONCURRENCY="1", MODEL_LOADER="tests.loaders:faulty", MAX_CONSECUTIVE_FAILURES="3")
     (worker,) = server.wait_ready()["workers"]
 
+    # The pipeline fails on one request's input while the worker's canary passes: that request gets a 422.
     for _ in range(2):
         failed = server.post("/generate", json={"prompt": "ordinary", "num_inference_steps": 1})
-        assert failed.status_code == 500
-        assert failed.json()["error"]["code"] == "internal_error"
-        assert failed.headers["X-Request-ID"] in failed.json()["error"]["message"]
-        assert "Traceback" not in failed.text and "ValueError" not in failed.text
+        assert failed.status_code == 422
+        assert failed.json()["error"]["code"] == "rejected_by_model"
+        assert "Traceback" not in failed.text and "this prompt broke" not in failed.text
     assert server.post("/generate", json={"prompt": "fine", "num_inference_steps": 1}).status_code == 200
-    assert server.post("/generate", json={"prompt": "ordinary", "num_inference_steps": 1}).status_code == 500
+    assert server.post("/generate", json={"prompt": "ordinary", "num_inference_steps": 1}).status_code == 422
     status, body = server.readyz()
     assert status == 200 and body["workers"][0]["pid"] == worker["pid"], "ordinary errors changed the worker"
     assert body["workers"][0]["failed"] == 3
@@ -165,9 +165,12 @@ def test_ordinary_errors_change_nothing_but_fatal_ones_and_failure_streaks_repla
     assert replacement != worker["pid"]
     assert "fatal device error: RuntimeError: CUDA error: an illegal memory access" in server.log_tail(400)
 
-    # MAX_CONSECUTIVE_FAILURES ordinary failures in a row make the worker UNHEALTHY too.
+    # MAX_CONSECUTIVE_FAILURES failures of the worker itself (its canary fails too) make it UNHEALTHY.
     for _ in range(3):
-        assert server.post("/generate", json={"prompt": "ordinary", "num_inference_steps": 1}).status_code == 500
+        sick = server.post("/generate", json={"prompt": "sick", "num_inference_steps": 1})
+        assert sick.status_code == 500
+        assert sick.json()["error"]["code"] == "internal_error"
+        assert sick.headers["X-Request-ID"] in sick.json()["error"]["message"]
     body = wait_for(
         lambda: (lambda b: b if b["workers"][0]["pid"] not in (replacement, 0) else None)(server.readyz()[1]),
         60,

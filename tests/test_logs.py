@@ -33,7 +33,7 @@ def events(server: Server) -> list[dict]:
 
 
 def test_every_line_is_one_json_object_with_the_common_fields(json_server):
-    assert json_server.post("/generate", json={"prompt": "ordinary"}).status_code == 500  # a traceback too
+    assert json_server.post("/generate", json={"prompt": "sick"}).status_code == 500  # a traceback too
     lines = wait_for(
         lambda: [e for e in events(json_server) if e["event"] == "generate_failed"], 10, "the failure's log line"
     )
@@ -41,7 +41,7 @@ def test_every_line_is_one_json_object_with_the_common_fields(json_server):
         assert {"ts", "level", "event", "logger", "pid"} <= event.keys(), event
     (failed,) = lines
     assert failed["level"] == "error" and failed["slot"] == 0
-    assert "Traceback" in failed["exception"] and "this prompt broke the text encoder" in failed["exception"]
+    assert "Traceback" in failed["exception"] and "the device failed this call" in failed["exception"]
 
 
 def test_worker_lifecycle_lines_name_slot_pid_and_state(json_server):
@@ -56,7 +56,7 @@ def test_worker_lifecycle_lines_name_slot_pid_and_state(json_server):
 
 def test_the_request_id_is_on_the_access_line_and_on_app_lines_logged_for_the_request(json_server):
     given = "order-7f3a"
-    response = json_server.post("/generate", json={"prompt": "ordinary"}, headers={"X-Request-ID": given})
+    response = json_server.post("/generate", json={"prompt": "sick"}, headers={"X-Request-ID": given})
     assert response.status_code == 500 and response.headers["X-Request-ID"] == given
 
     def logged():

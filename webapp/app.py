@@ -60,7 +60,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return errors.error_response(exc.code or 500, code, exc.description or exc.name)
+        response = errors.error_response(exc.code or 500, code, exc.description or exc.name)
+        for name, value in exc.get_headers():  # a 405 must say Allow (RFC 9110 15.5.6)
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -22,6 +22,7 @@ other worker and a stuck step is caught by this one.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -85,6 +86,11 @@ class WorkerUnhealthy(Exception):
     """The job could not run because this worker turned UNHEALTHY; another worker may serve it."""
 
 
+class RejectedByModel(Exception):
+    """The pipeline failed on this job alone while the worker stayed sound (its canary generation passed):
+    the request's own input is at fault, so it is charged to the request and not to the worker."""
+
+
 @dataclass
 class Job:
     """One /generate request inside the engine. ``deadline`` is a time.monotonic() value."""
@@ -97,8 +103,17 @@ class Job:
     finished: float = 0.0
     batch_jobs: int = 0  # how many jobs shared its pipeline call
     batch_images: int = 0
-    abandoned: bool = False  # its request stopped waiting (deadline): nobody needs the result
+    abandoned: bool = False  # its request stopped waiting (deadline, client gone): nobody needs the result
     steps_done: int = 0  # denoising steps finished, for progress reports
+    # Steps done, one entry per step, then None once the future is settled: a stream sends each at once.
+    updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    def __post_init__(self) -> None:
+        self.future.add_done_callback(lambda _: self.updates.put(None))
+
+    def step_done(self, steps: int) -> None:
+        self.steps_done = steps
+        self.updates.put(steps)
 
     @property
     def key(self) -> tuple[int, int, int, float]:
@@ -254,9 +269,14 @@ class Engine:
         self._set_state(State.LOADING, attempt=attempt, next_retry_mono=0.0)
         model = resolve_callable(s.model_loader)(s, self.slot)
         self._set_state(State.WARMING, device=model.device)
-        warm = GenerationParams("warm-up", None, 1, s.default_guidance, *model.default_size, (0,))
-        model.generate([warm], lambda step: None)
+        model.generate([self._warm_up_params(model)], lambda step: None)
         return model
+
+    def _warm_up_params(self, model: Model | None = None) -> GenerationParams:
+        """One step at the model's native size: the load's warm-up, and the canary after a failure."""
+        model = model or self.model
+        assert model is not None
+        return GenerationParams("warm-up", None, 1, self.settings.default_guidance, *model.default_size, (0,))
 
     def _before_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -278,11 +298,13 @@ class Engine:
         self.board.write(self.slot, **counts)
 
     def retry_after(self) -> int:
-        """Seconds until this worker has likely worked through what it holds now (at least 1)."""
-        with self._counts_lock:
-            held = self._counts["queued"] + self._counts["in_flight"]
+        """Seconds until this worker has likely worked through the images it holds now (at least 1). The
+        measured seconds per image already include batching's gain: it is a batch's time over its images."""
+        with self._arrived:
+            images = sum(job.params.num_images for job in self._pending)
+        images += sum(job.params.num_images for job in list(self._batch))
         per_image = self._seconds_per_image or 1.0
-        return max(1, math.ceil(per_image * held / self.settings.max_batch_size))
+        return max(1, math.ceil(per_image * images))
 
     def submit(self, params: GenerationParams, deadline: float = math.inf) -> Job:
         """Queue a job; raise NotReady unless READY, Overloaded when MAX_ONGOING + MAX_QUEUED jobs are
@@ -372,70 +394,113 @@ class Engine:
         now = time.monotonic()
         self._last_step = now
         for job in self._batch:
-            job.steps_done = step + 1
+            job.step_done(step + 1)
         self.board.write(self.slot, last_step_mono=now)
         if all(job.expired(now) for job in self._batch):
             raise _Interrupted(f"every job's deadline passed by step {step + 1}")
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        images_total = sum(job.params.num_images for job in batch)
+    def _call(self, batch: list[Job]) -> list[list[Any]]:
+        """One pipeline call for ``batch``, watched by the stall watchdog and the step callback."""
         self._batch_started = self._last_step = time.monotonic()
+        images_total = sum(job.params.num_images for job in batch)
         for job in batch:
             job.started, job.batch_jobs, job.batch_images = self._batch_started, len(batch), images_total
         self._batch = batch
         self.board.write(self.slot, last_step_mono=self._batch_started)
+        assert self.model is not None
+        return self.model.generate([job.params for job in batch], self._on_step)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Run a batch and settle its jobs. When a batch of several jobs fails, each runs again alone, so
+        one request's bad input cannot fail the others; a job that fails alone is judged by ``_charge``."""
         try:
-            assert self.model is not None
-            results = self.model.generate([job.params for job in batch], self._on_step)
+            results = self._call(batch)
         except _Interrupted as stop:
-            self._finish(batch, timed_out=True)
+            self._finish(batch, outcome="interrupted")
             log.info("batch_interrupted", slot=self.slot, jobs=len(batch), reason=str(stop))
             for job in batch:
                 _settle(job.future, exc=DeadlineExceeded(f"interrupted: {stop}", ran=True))
             return
-        except Exception as exc:  # the requests get a 500; the worker keeps serving unless it is fatal
-            self._finish(batch, failed=True)
-            self._consecutive_failures += 1
-            fatal = faults.is_fatal(exc)
-            log.exception(
-                "generate_failed",
-                slot=self.slot,
-                jobs=len(batch),
-                fatal=fatal,
-                consecutive=self._consecutive_failures,
-                error=loading.describe(exc),
-            )
-            for job in batch:
-                _settle(job.future, exc=exc)
-            if fatal:
-                self._turn_unhealthy(f"fatal device error: {loading.describe(exc)}")
-            elif self._consecutive_failures >= self.settings.max_consecutive_failures:
-                self._turn_unhealthy(
-                    f"{self._consecutive_failures} generations failed in a row; last: {loading.describe(exc)}"
-                )
+        except Exception as exc:  # noqa: BLE001 - any pipeline error is judged below, never lost
+            if faults.is_fatal(exc):
+                self._fail(batch, exc, f"fatal device error: {loading.describe(exc)}")
+            elif len(batch) > 1:
+                self._finish(batch, outcome="split")
+                log.warning("batch_failed_retrying_alone", slot=self.slot, jobs=len(batch), error=loading.describe(exc))
+                for job in batch:
+                    if self.state is State.UNHEALTHY:
+                        return  # _turn_unhealthy settled the rest
+                    if job.expired(time.monotonic()):
+                        _settle(job.future, exc=DeadlineExceeded("deadline passed while its batch ran", ran=True))
+                        continue
+                    self._count(in_flight=1)
+                    self._run_batch([job])
+            else:
+                self._charge(batch[0], exc)
             return
-        elapsed = self._finish(batch)
+        elapsed = self._finish(batch, outcome="served")
         self._consecutive_failures = 0
-        per_image = elapsed / images_total
+        per_image = elapsed / sum(job.params.num_images for job in batch)
         previous = self._seconds_per_image or per_image
         self._seconds_per_image = 0.8 * previous + 0.2 * per_image
         for job, images in zip(batch, results, strict=True):
             _settle(job.future, result=images)
 
-    def _finish(self, batch: list[Job], failed: bool = False, timed_out: bool = False) -> float:
-        """Settle the counters of a finished pipeline call; return how long the call took."""
+    def _charge(self, job: Job, exc: Exception) -> None:
+        """A job failed alone: a canary generation (the warm-up's) tells whose fault it was. If the canary
+        passes, the worker is sound and the request is rejected (422), counting nothing against the worker;
+        if it fails too, the failure is the worker's (500) and counts towards MAX_CONSECUTIVE_FAILURES."""
+        self._finish([job], outcome="failed")
+        try:
+            self._call([Job(self._warm_up_params())])
+        except Exception as canary_exc:
+            self._batch = []
+            self._consecutive_failures += 1
+            log.error(
+                "generate_failed",
+                slot=self.slot,
+                consecutive=self._consecutive_failures,
+                error=loading.describe(exc),
+                canary_error=loading.describe(canary_exc),
+                exc_info=exc,
+            )
+            _settle(job.future, exc=exc)
+            if faults.is_fatal(canary_exc):
+                self._turn_unhealthy(f"fatal device error: {loading.describe(canary_exc)}")
+            elif self._consecutive_failures >= self.settings.max_consecutive_failures:
+                self._turn_unhealthy(
+                    f"{self._consecutive_failures} generations failed in a row; last: {loading.describe(exc)}"
+                )
+            return
+        self._batch = []
+        metrics.recorder().rejected.inc()
+        rejected = RejectedByModel(loading.describe(exc))
+        rejected.__cause__ = exc  # the request's thread logs it, with the request id
+        _settle(job.future, exc=rejected)
+
+    def _fail(self, batch: list[Job], exc: Exception, reason: str) -> None:
+        """A fatal device error: every job of the batch fails (500) and the worker turns UNHEALTHY."""
+        self._finish(batch, outcome="failed")
+        error = loading.describe(exc)
+        log.error("generate_failed", slot=self.slot, jobs=len(batch), fatal=True, error=error, exc_info=exc)
+        for job in batch:
+            _settle(job.future, exc=exc)
+        self._turn_unhealthy(reason)
+
+    def _finish(self, batch: list[Job], outcome: str) -> float:
+        """Settle the counters of a finished pipeline call; return how long the call took. ``outcome`` is
+        served, failed, interrupted, or split (it failed and its jobs run again one at a time)."""
         now = time.monotonic()
         for job in batch:
             job.finished = now
         self._batch = []
-        outcome = "failed" if failed else "timed_out" if timed_out else "served"
         deltas = {"in_flight": -len(batch)}
-        if outcome != "timed_out":
+        if outcome in ("served", "failed"):
             deltas[outcome] = len(batch)
         self._count(**deltas)
         elapsed = now - self._batch_started
         recorded = metrics.recorder()
-        recorded.generation.labels("interrupted" if timed_out else outcome).observe(elapsed)
+        recorded.generation.labels(outcome).observe(elapsed)
         recorded.batch_jobs.observe(len(batch))
         recorded.batch_images.observe(sum(job.params.num_images for job in batch))
         return elapsed

@@ -12,6 +12,7 @@ NOT_READY = "not_ready"
 WORKER_UNHEALTHY = "worker_unhealthy"
 OVERLOADED = "overloaded"
 TIMEOUT = "timeout"
+REJECTED_BY_MODEL = "rejected_by_model"
 INTERNAL = "internal_error"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import queue
 import time
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -21,9 +22,9 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webapp import errors, logs, metrics
 from webapp.board import State
-from webapp.engine import DeadlineExceeded, Job, NotReady, Overloaded, WorkerUnhealthy
+from webapp.engine import DeadlineExceeded, Job, NotReady, Overloaded, RejectedByModel, WorkerUnhealthy
 from webapp.errors import ApiError
-from webapp.params import TIMEOUT_HEADER, GenerationParams, InvalidRequest, parse, parse_timeout
+from webapp.params import TIMEOUT_HEADER, GenerationParams, InvalidRequest, parse, timeout_from_header
 from webapp.runtime import Runtime
 
 bp = Blueprint("generate", __name__)
@@ -55,6 +56,8 @@ def _read_json(max_bytes: int) -> object:
         raise InvalidRequest(400, errors.BAD_JSON, "body is not UTF-8") from None
     except ValueError as exc:
         raise InvalidRequest(400, errors.BAD_JSON, f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # a body of a few kilobytes can nest arrays thousands deep
+        raise InvalidRequest(400, errors.BAD_JSON, "body is not valid JSON: nested too deeply") from None
 
 
 def retry_after(runtime: Runtime) -> str:
@@ -94,7 +97,7 @@ def admit(runtime: Runtime, payload: object, header_timeout: str | None, receive
             headers={"Retry-After": retry_after(runtime)},
         )
     params = parse(payload, settings, engine.model.default_size)
-    from_header = parse_timeout(header_timeout, TIMEOUT_HEADER, settings.request_timeout)
+    from_header = timeout_from_header(header_timeout, settings.request_timeout)
     timeout = min(t for t in (settings.request_timeout, params.timeout_s, from_header) if t is not None)
     try:
         job = engine.submit(params, deadline=received + timeout)
@@ -107,8 +110,9 @@ def admit(runtime: Runtime, payload: object, header_timeout: str | None, receive
 
 
 def await_images(admitted: Admitted, wait_s: float | None = None) -> list[Any] | None:
-    """The job's images; None if ``wait_s`` passed first (the job goes on). Raises ApiError for 503 (the
-    worker turned UNHEALTHY), 504 (deadline) or 500 (the generation failed; logged with the request id)."""
+    """The job's images; None if ``wait_s`` passed first (the job goes on). Raises ApiError for 422 (the
+    pipeline failed on this request alone while the worker stayed sound), 503 (the worker turned UNHEALTHY),
+    504 (deadline) or 500 (the generation failed and the worker's canary too; logged with the request id)."""
     job, timeout = admitted.job, admitted.timeout
     until_deadline = max(0.0, job.deadline - time.monotonic())
     try:
@@ -125,6 +129,13 @@ def await_images(admitted: Admitted, wait_s: float | None = None) -> list[Any] |
         message = f"this worker turned UNHEALTHY before finishing: {exc}"
         headers = {"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
         raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
+    except RejectedByModel as exc:  # logged with the request id; the error may hold internals: not shown
+        log.warning("request_rejected_by_model", slot=admitted.runtime.slot, error=str(exc), exc_info=exc.__cause__)
+        message = (
+            "the model failed on this request's input while the worker stayed sound; "
+            f"quote request id {g.request_id} to the operator"
+        )
+        raise ApiError(422, errors.REJECTED_BY_MODEL, message) from None
     except DeadlineExceeded as exc:
         metrics.recorder().timed_out.labels("running" if exc.ran else "queued").inc()
         state = "while running" if exc.ran else "in the queue"
@@ -170,7 +181,9 @@ def generate() -> Response:
     received = time.monotonic()
     try:
         payload = _read_json(runtime.settings.max_body_bytes)
-        wants = request.accept_mimetypes.best_match([JSON, PNG])
+        # RFC 9110 12.5.1: no Accept means any type (urllib and http.client send none); werkzeug's
+        # best_match would find nothing in an empty list.
+        wants = request.accept_mimetypes.best_match([JSON, PNG]) if request.headers.get("Accept") else JSON
         if wants is None:
             raise InvalidRequest(406, errors.NOT_ACCEPTABLE, f"Accept must allow {JSON} or {PNG}")
         count = payload.get("num_images") if isinstance(payload, dict) else None
@@ -213,21 +226,30 @@ def generate_stream() -> Response:
     total = admitted.params.num_inference_steps
 
     def events() -> Iterator[str]:
-        reported = -1
-        yield _event("queued", {"total": total})
-        while True:
-            try:
-                images = await_images(admitted, wait_s=0.1)
-            except ApiError as exc:
-                yield _event("error", exc.as_dict())
-                return
-            step = admitted.job.steps_done
-            if step != reported:
-                reported = step
-                yield _event("progress", {"step": step, "total": total})
-            if images is not None:
+        job = admitted.job
+        try:
+            yield _event("queued", {"total": total})
+            while True:
+                try:  # a step number as soon as the engine finishes the step; None once the job is settled
+                    step = job.updates.get(timeout=max(0.0, job.deadline - time.monotonic()))
+                except queue.Empty:
+                    step = None  # the deadline passed: await_images answers the 504
+                if step is not None:
+                    yield _event("progress", {"step": step, "total": total})
+                    continue
+                try:
+                    images = await_images(admitted)
+                except ApiError as exc:
+                    yield _event("error", exc.as_dict())
+                    return
+                assert images is not None
                 yield _event("done", result_body(admitted, images)[0])
                 return
+        finally:
+            if not job.future.done():  # the client went away (gunicorn closes the stream): nobody to answer
+                job.abandoned = True
+                job.future.cancel()
+                log.info("stream_abandoned", slot=runtime.slot, steps_done=job.steps_done, total=total)
 
     response = Response(events(), mimetype="text/event-stream")
     response.headers["X-Accel-Buffering"] = "no"  # proxies must pass each event on at once

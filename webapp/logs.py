@@ -27,6 +27,23 @@ def _add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+# Characters a log reader could take for the end of a line, or a terminal for a command: every C0 and C1
+# control and the Unicode line separators. logfmt escapes only the newline itself (as \n).
+_CONTROLS = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029)
+    if code != 0x0A
+}
+
+
+def _escape_controls(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Escape control characters in every text value, so a client's path or header can never forge a line."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = value.translate(_CONTROLS)
+    return event
+
+
 def _chain() -> list[Any]:
     """Processors every line goes through, structlog's own and other libraries' records alike."""
     return [
@@ -41,15 +58,13 @@ def _chain() -> list[Any]:
 
 def formatter(fmt: str) -> logging.Formatter:
     """A stdlib formatter rendering any record as one logfmt (``kv``) or JSON line."""
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.processors.LogfmtRenderer(key_order=_FIRST_KEYS, drop_missing=True, bool_as_flag=False)
-    )
-    return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_chain(),
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-    )
+    meta = structlog.stdlib.ProcessorFormatter.remove_processors_meta
+    if fmt == "json":  # json.dumps escapes every control character itself
+        processors = [meta, structlog.processors.JSONRenderer()]
+    else:
+        logfmt = structlog.processors.LogfmtRenderer(key_order=_FIRST_KEYS, drop_missing=True, bool_as_flag=False)
+        processors = [meta, _escape_controls, logfmt]
+    return structlog.stdlib.ProcessorFormatter(foreign_pre_chain=_chain(), processors=processors)
 
 
 def configure(fmt: str) -> None:

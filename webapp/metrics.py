@@ -145,7 +145,8 @@ class Recorder:
         )
         self.generation = Histogram(
             PREFIX + "generation_duration_seconds",
-            "Time of one pipeline call (a batch), by outcome: served, failed, interrupted.",
+            "Time of one pipeline call (a batch), by outcome: served, failed, interrupted, "
+            "split (failed; its jobs ran again alone).",
             ["outcome"],
             buckets=SECONDS_BUCKETS,
         )
@@ -154,6 +155,10 @@ class Recorder:
         )
         self.batch_jobs = Histogram(PREFIX + "batch_jobs", "Requests sharing one pipeline call.", buckets=BATCH_BUCKETS)
         self.shed = Counter(PREFIX + "jobs_shed", "Requests refused at once with 503 because the worker was full.")
+        self.rejected = Counter(
+            PREFIX + "jobs_rejected_by_model",
+            "Requests answered 422 because the pipeline failed on them alone while the worker's canary passed.",
+        )
         self.timed_out = Counter(
             PREFIX + "jobs_timed_out",
             "Requests answered 504 because their deadline passed, by where the job was: queued or running.",

@@ -55,6 +55,12 @@ def _invalid(field: str, message: str) -> InvalidRequest:
     return InvalidRequest(422, "invalid_field", f"{field}: {message}", field)
 
 
+def _shown(value: object) -> str:
+    """A client's value for an error message, cut short: an integer may have thousands of digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
 def _integer(payload: dict[str, Any], field: str, default: int | None, low: int, high: int) -> int | None:
     value = payload.get(field)
     if value is None:
@@ -62,8 +68,18 @@ def _integer(payload: dict[str, Any], field: str, default: int | None, low: int,
     if isinstance(value, bool) or not isinstance(value, int):
         raise _invalid(field, f"must be an integer from {low} to {high}, got {type(value).__name__}")
     if not low <= value <= high:
-        raise _invalid(field, f"must be from {low} to {high}, got {value}")
+        raise _invalid(field, f"must be from {low} to {high}, got {_shown(value)}")
     return value
+
+
+def _number(value: object, field: str, low: float, high: float) -> float:
+    """A JSON number from ``low`` to ``high``. An integer is compared exactly: converting one with hundreds
+    of digits to a float would overflow."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(field, f"must be a number from {low:g} to {high:g}, got {type(value).__name__}")
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise _invalid(field, f"must be from {low:g} to {high:g}, got {_shown(value)}")
+    return float(value)
 
 
 def _size(payload: dict[str, Any], field: str, default: int, settings: Settings) -> int:
@@ -89,23 +105,34 @@ def _text(payload: dict[str, Any], field: str, limit: int, required: bool) -> st
         raise _invalid(field, f"must be at most {limit} characters, got {len(value)}")
     if "\x00" in value:
         raise _invalid(field, "must not contain NUL characters")
+    try:
+        value.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+    except UnicodeEncodeError as exc:
+        bad = f"U+{ord(value[exc.start]):04X}"
+        raise _invalid(field, f"must be valid Unicode text: a lone surrogate {bad} at character {exc.start}") from None
     return value
 
 
 def parse_timeout(value: object, field: str, limit: float) -> float | None:
-    """A client deadline in seconds: a positive number no larger than REQUEST_TIMEOUT (never clamped)."""
+    """A client deadline in seconds: a number more than 0 and at most REQUEST_TIMEOUT (never clamped)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise _invalid(field, f"must be a number of seconds, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _invalid(field, f"must be a number of seconds from 0 to {limit:g}")
-    if not 0 < value <= limit:
-        raise _invalid(field, f"must be more than 0 and at most REQUEST_TIMEOUT={limit:g} s, got {value:g}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(field, f"must be a number of seconds, got {type(value).__name__}")
+    if not (isinstance(value, int) or math.isfinite(value)) or not 0 < value <= limit:
+        raise _invalid(field, f"must be more than 0 and at most REQUEST_TIMEOUT={limit:g} s, got {_shown(value)}")
     return float(value)
+
+
+def timeout_from_header(text: str | None, limit: float) -> float | None:
+    """The X-Request-Timeout header: a header is text, so a number written as text is the only form."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise _invalid(TIMEOUT_HEADER, f"must be a number of seconds, got {_shown(text)}") from None
+    return parse_timeout(value, TIMEOUT_HEADER, limit)
 
 
 def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
@@ -125,13 +152,10 @@ def parse(payload: object, settings: Settings, default_size: tuple[int, int]) ->
     num_images = _integer(payload, "num_images", 1, 1, settings.max_images)
     seed = _integer(payload, "seed", None, 0, SEED_LIMIT - 1)
 
-    guidance = payload.get("guidance_scale", settings.default_guidance)
+    guidance = payload.get("guidance_scale")
     if guidance is None:
         guidance = settings.default_guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-        raise _invalid("guidance_scale", f"must be a number from 0 to {settings.max_guidance:g}")
-    if not math.isfinite(guidance) or not 0 <= guidance <= settings.max_guidance:
-        raise _invalid("guidance_scale", f"must be from 0 to {settings.max_guidance:g}, got {guidance}")
+    guidance = _number(guidance, "guidance_scale", 0, settings.max_guidance)
 
     width = _size(payload, "width", default_size[0], settings)
     height = _size(payload, "height", default_size[1], settings)
@@ -140,4 +164,4 @@ def parse(payload: object, settings: Settings, default_size: tuple[int, int]) ->
     first = secrets.randbelow(SEED_LIMIT) if seed is None else seed
     seeds = tuple((first + i) % SEED_LIMIT for i in range(num_images))
     timeout = parse_timeout(payload.get("timeout_s"), "timeout_s", settings.request_timeout)
-    return GenerationParams(prompt, negative, steps, float(guidance), width, height, seeds, timeout)
+    return GenerationParams(prompt, negative, steps, guidance, width, height, seeds, timeout)
