@@ -5,9 +5,11 @@ and reads all of them, so any worker can answer /readyz for the whole container.
 slot only before the worker exists (pre_fork) and after it died (child_exit): one writer at a time.
 
 Readers never lock. Each record starts with a sequence counter (a seqlock): the writer makes it odd,
-writes the body, then makes it even again; a reader copies the body between two reads of the counter
-and retries if they differ or are odd, so it never sees a torn record and a writer never waits.
-Store order on the mapping is what the seqlock relies on; x86-64 keeps stores in order (TSO).
+writes the body and its CRC-32, then makes it even again; a reader copies the body between two reads of
+the counter and retries if they differ or are odd, or if the body does not match its CRC-32. The counter
+alone is enough only where stores are seen in the order they were made (x86-64); on arm64 (Grace Hopper,
+Graviton) a reader can see the new counter with part of the old body, and the checksum is what turns
+that into a retry instead of a state no worker wrote. A writer never waits.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import struct
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 MAGIC = b"HDBOARD1"
-VERSION = 3
+VERSION = 4
 BOARD_FILE = "board"
 DIR_PREFIX = "honest-diffusion-"
 
@@ -39,13 +42,14 @@ _READINESS = struct.Struct("<BxxxIId")
 _READINESS_AT = 32
 _HEADER_SIZE = 64
 _SEQ = struct.Struct("<Q")
-ERROR_BYTES = 400
+ERROR_BYTES = 396
 DEVICE_BYTES = 16
 # state, crashes, pid, attempt, max attempts, device, started, state since, ready, heartbeat, next retry,
 # last step (monotonic), started (wall), in flight, queued, served, failed, shed, error
 _BODY = struct.Struct(f"<BxHiHH{DEVICE_BYTES}s7d5I{ERROR_BYTES}s")
+_CRC = struct.Struct("<I")  # zlib.crc32 of the body, right after it
 RECORD_SIZE = 512
-assert _SEQ.size + _BODY.size <= RECORD_SIZE
+assert _SEQ.size + _BODY.size + _CRC.size <= RECORD_SIZE
 _READ_TRIES = 10_000
 
 
@@ -89,7 +93,7 @@ class SlotRecord:
     failed: int = 0
     shed: int = 0
     error: str = ""
-    torn: bool = False  # True when a consistent copy could not be read (a writer died mid-write)
+    torn: bool = False  # True when no consistent copy could be read (a writer died mid-write, or corruption)
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,10 @@ class Board:
         finally:
             os.close(fd)
         _HEADER.pack_into(mapping, 0, MAGIC, VERSION, capacity, expected_workers, 0, os.getpid(), time.time())
-        return cls(path, mapping, owner=True)
+        board = cls(path, mapping, owner=True)
+        for slot in range(capacity):
+            board.reset(slot)  # an all-zero record does not match its checksum: give each a valid empty one
+        return board
 
     @classmethod
     def attach(cls, path: Path) -> Board:
@@ -218,18 +225,21 @@ class Board:
         return _HEADER_SIZE + slot * RECORD_SIZE
 
     def read(self, slot: int) -> SlotRecord:
-        """A consistent copy of one slot, without locking; ``torn`` if its writer died mid-write."""
+        """A consistent copy of one slot, without locking; ``torn`` if none could be had (its writer died
+        mid-write, or the record does not match its checksum)."""
         offset = self._offset(slot)
         body_at = offset + _SEQ.size
+        crc_at = body_at + _BODY.size
         for attempt in range(_READ_TRIES):
             before = _SEQ.unpack_from(self._map, offset)[0]
             if before % 2 == 0:
-                body = self._map[body_at : body_at + _BODY.size]
-                if _SEQ.unpack_from(self._map, offset)[0] == before:
+                body = self._map[body_at:crc_at]
+                (crc,) = _CRC.unpack_from(self._map, crc_at)
+                if _SEQ.unpack_from(self._map, offset)[0] == before and zlib.crc32(body) == crc:
                     return _unpack(body)
             if attempt % 100 == 99:
                 time.sleep(0)  # let a descheduled writer finish
-        return replace(_unpack(self._map[body_at : body_at + _BODY.size]), torn=True)
+        return replace(_unpack(self._map[body_at:crc_at]), torn=True)
 
     def read_all(self) -> list[SlotRecord]:
         return [self.read(slot) for slot in range(self.capacity)]
@@ -245,8 +255,10 @@ class Board:
                 changes["state_since_mono"] = time.monotonic()
             record = replace(current, **changes)
             body = _pack(record)
+            body_at = offset + _SEQ.size
             _SEQ.pack_into(self._map, offset, seq + 1)
-            self._map[offset + _SEQ.size : offset + _SEQ.size + len(body)] = body
+            self._map[body_at : body_at + len(body)] = body
+            _CRC.pack_into(self._map, body_at + len(body), zlib.crc32(body))
             _SEQ.pack_into(self._map, offset, seq + 2)
             return record
 

@@ -117,7 +117,7 @@ def view_workers(
         problem = ""
         if record.state is not State.DEAD:
             if record.torn:
-                problem = "slot record unreadable: its writer stopped mid-write"
+                problem = "slot record torn: its writer stopped mid-write, or it fails its checksum"
             elif record.pid and not is_alive(record.pid):
                 problem = f"pid {record.pid} is gone"
             elif record.heartbeat_mono and now - record.heartbeat_mono > heartbeat_timeout:
