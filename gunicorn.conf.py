@@ -5,7 +5,7 @@ Run: gunicorn -c gunicorn.conf.py    (every setting is an environment variable; 
 
 import sys
 
-from webapp import hooks, logs
+from webapp import hooks, logs, worker
 from webapp.settings import Settings, SettingsError
 
 try:
@@ -16,7 +16,9 @@ except SettingsError as exc:
 wsgi_app = "webapp:create_app()"
 bind = [settings.bind]
 workers = settings.workers
-worker_class = "gthread"  # request threads keep answering probes while the engine thread generates
+# gthread (request threads keep answering probes while the engine thread generates), handing a thread only
+# requests that have fully arrived, so slow or idle clients cannot take the threads probes need.
+worker_class = worker.buffered_worker(settings.client_timeout, settings.max_body_bytes)
 threads = settings.threads
 timeout = int(settings.worker_timeout)
 graceful_timeout = int(settings.graceful_timeout)

@@ -43,8 +43,9 @@ def poll(
 
 
 @contextlib.contextmanager
-def server(cache: str, **env: str) -> Iterator[tuple[str, subprocess.Popen, float]]:
-    """Start gunicorn.conf.py on a free loopback port with ``env``; yield (url, process, start time)."""
+def server(cache: str, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen, float]]:
+    """Start gunicorn.conf.py on a free loopback port with ``env`` (and gunicorn command-line ``args``, which
+    override the config file); yield (url, process, start time)."""
     port = free_port()
     full_env = dict(
         os.environ, HOST="127.0.0.1", PORT=str(port), HF_HUB_OFFLINE="1", MODEL_CACHE_DIR=cache, ACCESS_LOG="0", **env
@@ -52,7 +53,7 @@ def server(cache: str, **env: str) -> Iterator[tuple[str, subprocess.Popen, floa
     with tempfile.TemporaryFile() as log:
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args],
             cwd=ROOT,
             env=full_env,
             stdout=log,

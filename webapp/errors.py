@@ -14,6 +14,8 @@ OVERLOADED = "overloaded"
 TIMEOUT = "timeout"
 REJECTED_BY_MODEL = "rejected_by_model"
 INTERNAL = "internal_error"
+BAD_REQUEST = "bad_request"  # headers that cannot be parsed, refused before the app (webapp.worker)
+REQUEST_TIMEOUT = "request_timeout"  # the request did not arrive within CLIENT_TIMEOUT
 
 
 class ApiError(Exception):
@@ -37,6 +39,11 @@ class ApiError(Exception):
         return {"status": self.status, "code": self.code, "message": self.message, "field": self.field}
 
 
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, dict[str, str | None]]:
+    """The body every error answer carries."""
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
 def error_response(
     status: int,
     code: str,
@@ -44,7 +51,7 @@ def error_response(
     field: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    response = jsonify({"error": {"code": code, "message": message, "field": field}})
+    response = jsonify(error_body(code, message, field))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value

@@ -155,6 +155,10 @@ class Recorder:
         )
         self.batch_jobs = Histogram(PREFIX + "batch_jobs", "Requests sharing one pipeline call.", buckets=BATCH_BUCKETS)
         self.shed = Counter(PREFIX + "jobs_shed", "Requests refused at once with 503 because the worker was full.")
+        self.client_timeouts = Counter(
+            PREFIX + "client_timeouts",
+            "Connections answered 408 and closed because their request did not arrive within CLIENT_TIMEOUT.",
+        )
         self.rejected = Counter(
             PREFIX + "jobs_rejected_by_model",
             "Requests answered 422 because the pipeline failed on them alone while the worker's canary passed.",

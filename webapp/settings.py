@@ -65,6 +65,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MAX_BATCH_SIZE", "4", "Images in one pipeline call; compatible queued jobs share it."),
     Variable("BATCH_WAIT_MS", "0", "How long an idle engine waits for more jobs to fill a batch."),
     Variable("MAX_BODY_BYTES", "65536", "Largest /generate body accepted (413 above)."),
+    Variable(
+        "CLIENT_TIMEOUT",
+        "20",
+        "Seconds a client has to send a whole request (408 after) and to take each part of an answer.",
+    ),
     Variable("MAX_PROMPT_CHARS", "2000", "Longest prompt and negative_prompt."),
     Variable("DEFAULT_STEPS", "20", "num_inference_steps when the request gives none."),
     Variable("MAX_STEPS", "100", "Largest num_inference_steps."),
@@ -118,6 +123,7 @@ class Settings:
     max_batch_size: int
     batch_wait_ms: float
     max_body_bytes: int
+    client_timeout: float
     max_prompt_chars: int
     default_steps: int
     max_steps: int
@@ -195,6 +201,7 @@ class Settings:
             max_batch_size=r.integer("MAX_BATCH_SIZE", 1, 1024),
             batch_wait_ms=r.number("BATCH_WAIT_MS", 0, 60000),
             max_body_bytes=r.integer("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024),
+            client_timeout=r.number("CLIENT_TIMEOUT", 0.5, 3600),
             max_prompt_chars=r.integer("MAX_PROMPT_CHARS", 1, 1_000_000),
             default_steps=r.integer("DEFAULT_STEPS", 1, 10000),
             max_steps=r.integer("MAX_STEPS", 1, 10000),

@@ -1,0 +1,135 @@
+"""Slow and idle clients against a real two-worker server: they cannot take the threads the probes need
+(webapp/worker.py), they are cut off at CLIENT_TIMEOUT, and well-behaved clients see no difference."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Server, server_env
+
+CLIENT_TIMEOUT = 4
+HEAD = b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+
+
+@pytest.fixture(scope="module")
+def server(model_cache, tmp_path_factory) -> Iterator[Server]:
+    workdir = tmp_path_factory.mktemp("slow-clients")
+    env = server_env(model_cache, workdir, CLIENT_TIMEOUT=str(CLIENT_TIMEOUT), THREADS="16")
+    server = Server(env, workdir / "gunicorn.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def connect(server: Server, first: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    if first:
+        sock.sendall(first)
+    return sock
+
+
+def answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def held_connections(server: Server, each: int) -> list[socket.socket]:
+    """``each`` connections of every slow kind: half their headers, a body short of its Content-Length,
+    and nothing at all. 40 of one kind took every thread of both workers before webapp/worker.py."""
+    body = json.dumps({"prompt": "slow"}).encode()
+    kinds = [
+        HEAD[:30],
+        HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5],
+        b"",
+    ]
+    return [connect(server, first) for first in kinds for _ in range(each)]
+
+
+def test_probes_answer_at_once_while_slow_and_idle_clients_hold_connections(server):
+    held = held_connections(server, 40)
+    try:
+        # The kernel queues connections in order, so every held one reaches a worker before these probes.
+        for _ in range(20):
+            for path in ("/healthz", "/readyz"):
+                assert server.get(path, timeout=2).status_code == 200
+        ok = server.post("/generate", json={"prompt": "between the slow ones", "num_inference_steps": 1}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_request_that_does_not_arrive_in_time_gets_a_408_and_an_idle_one_is_closed(server):
+    partial_head = connect(server, HEAD[:30])
+    short_body = connect(server, HEAD + b"Content-Length: 100\r\n\r\n{")
+    idle = connect(server)
+    started = time.monotonic()
+    for sock in (partial_head, short_body):
+        data = answer(sock)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), data
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert answer(idle) == b""
+    waited = time.monotonic() - started
+    assert waited >= CLIENT_TIMEOUT - 1, "closed before CLIENT_TIMEOUT"
+    for sock in (partial_head, short_body, idle):
+        sock.close()
+    assert server.metrics().value("honest_diffusion_client_timeouts_total") >= 2
+
+
+def test_a_request_sent_a_byte_at_a_time_is_answered(server):
+    sock = connect(server)
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n":
+        sock.sendall(bytes([byte]))
+    data = answer(sock)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200"), data
+
+
+def test_pipelined_and_kept_alive_requests_are_each_answered(server):
+    probe = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    sock = connect(server, probe + probe + b"GET /readyz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    data = answer(sock)
+    sock.close()
+    assert data.count(b"HTTP/1.1 200") == 3, data
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(server):
+    body = json.dumps({"prompt": "continue", "num_inference_steps": 1}).encode()
+    head = HEAD + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+    sock = connect(server, head)
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+    sock.sendall(body)
+    data = answer(sock)
+    sock.close()
+    assert b"HTTP/1.1 200" in data, data
+
+
+def test_a_body_declared_too_large_is_refused_at_once_and_never_drained(server):
+    sock = connect(server, HEAD + b"Content-Length: 100000000\r\n\r\n{")
+    data = answer(sock)  # the server closes after its answer: it does not wait for 100 MB
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), data
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+def test_headers_that_cannot_be_parsed_get_the_json_error_shape(server):
+    sock = connect(server, b"GET /healthz HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n")
+    data = answer(sock)
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data
+    assert json.loads(body)["error"]["code"] == "bad_request"
