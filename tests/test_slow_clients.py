@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -133,3 +134,20 @@ def test_headers_that_cannot_be_parsed_get_the_json_error_shape(server):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), data
     assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+def test_a_stopping_worker_sends_a_half_arrived_request_elsewhere_instead_of_waiting_for_it(start_server):
+    server = start_server(WEB_CONCURRENCY="1", CLIENT_TIMEOUT="120", GRACEFUL_TIMEOUT="60")
+    server.wait_ready()
+    sock = connect(server, HEAD[:30])
+    assert server.get("/healthz").status_code == 200  # the worker has taken the half request by now
+    stopped = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    data = answer(sock)
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head, data
+    assert json.loads(body)["error"]["code"] == "not_ready"
+    server.proc.wait(timeout=60)
+    # Neither CLIENT_TIMEOUT (120 s) nor GRACEFUL_TIMEOUT (60 s) was waited out for it.
+    assert time.monotonic() - stopped < 30

@@ -28,6 +28,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -39,6 +40,7 @@ from webapp import errors, logs, metrics
 log = logs.get(__name__)
 MAX_HEADER_BYTES = 64 * 1024  # h11 refuses (431) a header block larger than this
 CHUNK = 64 * 1024
+STOP_LINGER_S = 2.0  # as gunicorn's STOP_KEEPALIVE_LINGER for kept-alive connections
 
 
 @dataclass
@@ -53,12 +55,12 @@ class _Arrival:
     polled: bool = False  # registered with the worker's poller
 
 
-def _answer(status: int, code: str, message: str) -> bytes:
+def _answer(status: int, code: str, message: str, extra: str = "") -> bytes:
     """A complete HTTP/1.1 answer with the app's JSON error body, for the few refused before the app."""
     body = json.dumps(errors.error_body(code, message)).encode()
-    head = (  # the reason phrase is optional (RFC 9112 4)
-        f"HTTP/1.1 {status} \r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\nCache-Control: no-store\r\n\r\n"
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra}\r\n"
     )
     return head.encode() + body
 
@@ -73,6 +75,7 @@ def buffered_worker(client_timeout: float, max_body_bytes: int) -> type[ThreadWo
             self.arriving: dict[TConn, _Arrival] = {}  # insertion order is deadline order
             self.complete: set[TConn] = set()  # whole requests on their way to a thread
             self.close_after: set[TConn] = set()  # oversized: close after the answer, never drain
+            self.stopped_at: float | None = None  # when the worker began to stop
 
         def enqueue_req(self, conn: TConn) -> None:
             """Every path to a request thread comes here: only a whole request passes."""
@@ -163,8 +166,8 @@ def buffered_worker(client_timeout: float, max_body_bytes: int) -> type[ThreadWo
             with contextlib.suppress(OSError):  # non-blocking, best effort: a few bytes into an empty buffer
                 conn.sock.send(data)
 
-        def _refuse(self, arrival: _Arrival, status: int, code: str, message: str) -> None:
-            self._send(arrival.conn, _answer(status, code, message))
+        def _refuse(self, arrival: _Arrival, status: int, code: str, message: str, extra: str = "") -> None:
+            self._send(arrival.conn, _answer(status, code, message, extra))
             self._drop(arrival)
 
         def _drop(self, arrival: _Arrival) -> None:
@@ -173,20 +176,26 @@ def buffered_worker(client_timeout: float, max_body_bytes: int) -> type[ThreadWo
                 arrival.conn.close()
 
         def murder_pending(self) -> None:
-            """gunicorn's sweep of its pending connections, and ours of requests past CLIENT_TIMEOUT."""
+            """gunicorn's sweep of its pending connections, and ours of requests past CLIENT_TIMEOUT. Once
+            the worker stops, a request still arriving gets STOP_LINGER_S more, then a 503: another worker
+            (or instance) can take it, and the worker's exit does not wait out CLIENT_TIMEOUT for it."""
             super().murder_pending()
             now = time.monotonic()
+            if not self.alive and self.stopped_at is None:
+                self.stopped_at = now
             for arrival in list(self.arriving.values()):
-                expired = arrival.deadline <= now
-                if not expired and self.alive:
-                    break  # in deadline order; a stopping worker also closes those that sent nothing
-                if expired and arrival.data:
+                if arrival.deadline > now and self.alive:
+                    break  # in deadline order
+                if not arrival.data:
+                    self._drop(arrival)  # sent nothing: closed silently, like an idle kept-alive connection
+                elif arrival.deadline <= now:
                     metrics.recorder().client_timeouts.inc()
                     log.debug("client_timeout", bytes=len(arrival.data), remote=str(arrival.conn.client))
                     message = f"the request did not arrive within CLIENT_TIMEOUT={client_timeout:g} s"
                     self._refuse(arrival, 408, errors.REQUEST_TIMEOUT, message)
-                elif not arrival.data:
-                    self._drop(arrival)
+                elif self.stopped_at is not None and now - self.stopped_at >= STOP_LINGER_S:
+                    message = "this worker is shutting down; send the request elsewhere"
+                    self._refuse(arrival, 503, errors.NOT_READY, message, "Retry-After: 1\r\n")
 
         def _keepalive_after(self, conn: TConn, keepalive: bool) -> bool:
             if conn in self.close_after:
