@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Server, server_env
+from tests.conftest import Server, server_env, wait_for
 
 CLIENT_TIMEOUT = 4
 HEAD = b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -151,3 +151,28 @@ def test_a_stopping_worker_sends_a_half_arrived_request_elsewhere_instead_of_wai
     server.proc.wait(timeout=60)
     # Neither CLIENT_TIMEOUT (120 s) nor GRACEFUL_TIMEOUT (60 s) was waited out for it.
     assert time.monotonic() - stopped < 30
+
+
+def test_a_client_that_never_reads_its_answers_frees_the_thread_after_client_timeout(server):
+    """Thousands of pipelined probes whose answers (megabytes) the client never reads: once the kernel's
+    buffers are full the thread's send blocks, and CLIENT_TIMEOUT ends it instead of never."""
+    errors_before = sum("Socket error processing request" in line for line in server.log_lines())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect, so the window stays small
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    pending = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n" * 20_000
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while pending:
+                pending = pending[sock.send(pending) :]
+
+        def gave_up():
+            lines = [line for line in server.log_lines() if "Socket error processing request" in line]
+            return lines[errors_before:]
+
+        (line, *_) = wait_for(gave_up, 120, "the blocked thread's send to time out")
+        assert "Resource temporarily unavailable" in line  # EAGAIN: SO_SNDTIMEO, not a closed socket
+        assert server.get("/healthz", timeout=2).status_code == 200
+    finally:
+        sock.close()

@@ -54,7 +54,7 @@ _READ_TRIES = 10_000
 
 
 class State(enum.IntEnum):
-    """A worker's life (DESIGN.md §2). DEAD slots are free for the next worker."""
+    """A worker's life (docs/architecture.md §2). DEAD slots are free for the next worker."""
 
     EMPTY = 0
     STARTING = 1

@@ -1,19 +1,21 @@
 """The engine: one thread per worker owns the model from load to serve; request threads hand it jobs.
 
-States on the board (DESIGN.md §2): STARTING -> LOADING (attempt k) -> WARMING -> READY, or FAILED when
-the load cannot succeed. Each load attempt is ``loader(settings, slot)`` plus one warm-up generation,
-because a model can load cleanly and only fail when used (a missing tokenizer does exactly that).
+States on the board (docs/architecture.md §2): STARTING -> LOADING (attempt k) -> WARMING -> READY, or
+FAILED when the load cannot succeed. Each load attempt is ``loader(settings, slot)`` plus one warm-up
+generation, because a model can load cleanly and only fail when used (a missing tokenizer does that).
 
-At runtime (DESIGN.md §2): READY -> UNHEALTHY when a generation hits a fatal device error, when
-MAX_CONSECUTIVE_FAILURES generations fail in a row, or when a denoising step outlasts STALL_TIMEOUT. The
-engine then fails its queued and running jobs at once and asks the worker to exit, so gunicorn replaces it.
-On shutdown, ``drain()`` refuses new jobs (DRAINING) and finishes the queued ones.
+At runtime (docs/architecture.md §2): READY -> UNHEALTHY when a generation hits a fatal device error, when
+MAX_CONSECUTIVE_FAILURES generations fail in a row by the worker's own fault, or when a denoising step
+outlasts STALL_TIMEOUT. The engine then fails its queued and running jobs at once and asks the worker to
+exit, so gunicorn replaces it. On shutdown, ``drain()`` refuses new jobs (DRAINING) and finishes the rest.
 
-Serving (DESIGN.md §5): at most MAX_ONGOING jobs run at once and MAX_QUEUED wait; beyond that ``submit``
-sheds at once. Every job has a deadline: one that expires while queued is dropped unrun, and a pipeline
-call whose jobs have all expired or been abandoned is interrupted between denoising steps. Queued jobs
-that can share a pipeline call (same size, steps and guidance) run as one batch of up to MAX_BATCH_SIZE
-images, each image with its own seeded generator, so a seed gives the same image alone or in a batch.
+Serving (docs/architecture.md §5): at most MAX_ONGOING jobs run at once and MAX_QUEUED wait; beyond that
+``submit`` sheds at once. Every job has a deadline: one that expires while queued is dropped unrun, and a
+pipeline call whose jobs have all expired or been abandoned is interrupted between denoising steps. Queued
+jobs that can share a pipeline call (same size, steps and guidance) run as one batch of up to
+MAX_BATCH_SIZE images, each image with its own seeded generator, so a seed gives the same image alone or in
+a batch. A batch that fails runs again one job at a time, and a job that fails alone is followed by a
+canary generation that tells whether the request or the worker is at fault (``_charge``).
 
 A second thread writes the heartbeat and watches for stalls, so a frozen process is visible to every
 other worker and a stuck step is caught by this one.

@@ -3,7 +3,7 @@
 gunicorn's gthread worker hands a new connection to a request thread at once, and the thread then blocks
 reading the request. A client that sends half its headers, or a body shorter than its Content-Length, or
 nothing at all, holds that thread for as long as it likes: forty of them took every thread of two workers,
-and /healthz and /readyz timed out (docs/architecture.md, "Slow clients"). Here the worker's event loop,
+and /healthz and /readyz timed out (docs/architecture.md §10). Here the worker's event loop,
 which already watches kept-alive connections, reads every request without blocking and frames it with h11,
 and only a whole request (headers and body) goes to a thread, whose parser then reads it from memory.
 
