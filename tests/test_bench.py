@@ -23,3 +23,13 @@ def test_the_suite_prints_its_table_and_finds_no_false_readiness():
         assert measure in rows, done.stdout
     false_ready = rows["false-ready time (2 workers, start + kill + stop)"]
     assert "| 0.000 s |" in false_ready and false_ready.endswith("| pass |"), false_ready
+
+
+def test_the_slow_client_bench_prints_its_rows_and_no_probe_fails():
+    command = [sys.executable, "bench/slowclients.py", "--seconds", "2", "--connections", "10", "--skip-stock"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| this server")]
+    assert len(rows) == 2, done.stdout
+    assert rows[0][1] == "none" and rows[1][1].startswith("10 of each kind"), done.stdout
+    assert all(row[3] == "0" and int(row[2]) > 0 for row in rows), done.stdout  # probes sent, none failed
