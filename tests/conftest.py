@@ -187,13 +187,20 @@ def start_server(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., Se
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A two-worker server on the default tiny model, READY, shared by a module's read-only tests."""
-    workdir = tmp_path_factory.mktemp("ready-server")
-    server = Server(server_env(model_cache, workdir), workdir / "gunicorn.log")
+@contextlib.contextmanager
+def running_server(model_cache: Path, workdir: Path, **overrides: str) -> Iterator[Server]:
+    """A server started with ``overrides``, READY, and stopped by pid when the block ends: for the
+    module-scoped fixtures that share one server among read-only tests."""
+    server = Server(server_env(model_cache, workdir, **overrides), workdir / "gunicorn.log")
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A two-worker server on the default tiny model, READY, shared by a module's read-only tests."""
+    with running_server(model_cache, tmp_path_factory.mktemp("ready-server")) as server:
+        yield server

@@ -11,7 +11,7 @@ import requests
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Server, server_env
+from tests.conftest import running_server
 
 # Integers with more digits than a float holds.
 huge = st.integers(min_value=10**20, max_value=10**400) | st.integers(min_value=-(10**400), max_value=-(10**20))
@@ -77,14 +77,9 @@ headers = st.fixed_dictionaries(
 @pytest.fixture(scope="module")
 def server(model_cache, tmp_path_factory):
     """Small limits, so the valid requests the fuzzer finds stay cheap on two CPU cores."""
-    workdir = tmp_path_factory.mktemp("fuzz")
     limits = dict(MAX_STEPS="3", DEFAULT_STEPS="1", MAX_IMAGE_SIZE="128", MAX_IMAGES="2", REQUEST_TIMEOUT="30")
-    server = Server(server_env(model_cache, workdir, **limits), workdir / "gunicorn.log")
-    try:
-        server.wait_ready()
+    with running_server(model_cache, tmp_path_factory.mktemp("fuzz"), **limits) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def check_answer(response: requests.Response) -> None:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import Server, server_env, wait_for
+from tests.conftest import Server, running_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,9 @@ def server(model_cache, tmp_path_factory):
     """Two workers on the real pipeline; "ordinary" makes it fail for that request alone (tests.loaders).
     BATCH_WAIT_MS lets requests sent together share one pipeline call."""
     workdir = tmp_path_factory.mktemp("hostile")
-    env = server_env(
-        model_cache, workdir, MODEL_LOADER="tests.loaders:faulty", BATCH_WAIT_MS="400", MAX_CONSECUTIVE_FAILURES="3"
-    )
-    server = Server(env, workdir / "gunicorn.log")
-    try:
-        server.wait_ready()
+    faulty = dict(MODEL_LOADER="tests.loaders:faulty", BATCH_WAIT_MS="400", MAX_CONSECUTIVE_FAILURES="3")
+    with running_server(model_cache, workdir, **faulty) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def pids(server: Server) -> dict[int, int]:

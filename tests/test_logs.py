@@ -6,26 +6,15 @@ import json
 
 import pytest
 
-from tests.conftest import Server, server_env, wait_for
+from tests.conftest import Server, running_server, wait_for
 
 
 @pytest.fixture(scope="module")
 def json_server(model_cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("json-logs")
-    env = server_env(
-        model_cache,
-        workdir,
-        WEB_CONCURRENCY="1",
-        LOG_FORMAT="json",
-        LOG_PROBES="1",
-        MODEL_LOADER="tests.loaders:faulty",
-    )
-    server = Server(env, workdir / "gunicorn.log")
-    try:
-        server.wait_ready()
+    overrides = dict(WEB_CONCURRENCY="1", LOG_FORMAT="json", LOG_PROBES="1", MODEL_LOADER="tests.loaders:faulty")
+    with running_server(model_cache, workdir, **overrides) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def events(server: Server) -> list[dict]:

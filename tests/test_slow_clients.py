@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Server, server_env, wait_for
+from tests.conftest import Server, running_server, wait_for
 
 CLIENT_TIMEOUT = 4
 HEAD = b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -21,13 +21,8 @@ HEAD = b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json
 @pytest.fixture(scope="module")
 def server(model_cache, tmp_path_factory) -> Iterator[Server]:
     workdir = tmp_path_factory.mktemp("slow-clients")
-    env = server_env(model_cache, workdir, CLIENT_TIMEOUT=str(CLIENT_TIMEOUT), THREADS="16")
-    server = Server(env, workdir / "gunicorn.log")
-    try:
-        server.wait_ready()
+    with running_server(model_cache, workdir, CLIENT_TIMEOUT=str(CLIENT_TIMEOUT), THREADS="16") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def connect(server: Server, first: bytes = b"") -> socket.socket:
