@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from tests.conftest import Server, running_server, wait_for
 
@@ -171,3 +172,19 @@ def test_a_client_that_never_reads_its_answers_frees_the_thread_after_client_tim
         assert server.get("/healthz", timeout=2).status_code == 200
     finally:
         sock.close()
+
+
+def test_kept_alive_and_chunked_requests_pass_through_whole(server):
+    with requests.Session() as session:  # one connection, kept alive between requests
+        for _ in range(3):
+            assert session.get(server.url + "/healthz", timeout=10).status_code == 200
+
+    def chunks():
+        yield b'{"prompt": "sent in '
+        yield b'pieces", "num_inference_steps": 1}'
+
+    response = requests.post(
+        server.url + "/generate", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["images"]) == 1
