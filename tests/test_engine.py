@@ -19,9 +19,14 @@ from webapp.params import GenerationParams
 from webapp.settings import Settings
 
 
+class OutOfMemoryError(RuntimeError):
+    """Named as torch's own (torch.OutOfMemoryError): the faults module matches errors by class name."""
+
+
 class FakeModel:
-    """Images are the prompts themselves. "bad" fails any call it is in (the request's fault); "sick" fails
-    its call and the next one (the worker's fault); "slow" takes SLOW_S per image; "gate" waits for the gate."""
+    """Images are the prompts themselves. "bad" fails any call it is in (the request's fault), "huge" too, as
+    out of memory; "sick" fails its call and the next one (the worker's fault); "slow" takes SLOW_S per
+    image; "gate" waits for the gate."""
 
     device = "cpu"
     default_size = (64, 64)
@@ -38,6 +43,8 @@ class FakeModel:
         if self.sick or "sick" in prompts:
             self.sick = not self.sick
             raise RuntimeError("the device failed this call")
+        if "huge" in prompts:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         if "bad" in prompts:
             raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
         if "gate" in prompts:
@@ -104,6 +111,16 @@ def test_bad_requests_never_make_the_worker_unhealthy(engine):
         with pytest.raises(RejectedByModel):
             job.future.result(timeout=10)
     assert engine.state is State.READY  # MAX_CONSECUTIVE_FAILURES is 3 here: none of the 12 counted
+
+
+def test_out_of_memory_for_one_request_is_charged_to_it_and_says_so(engine):
+    job = engine.submit(params("huge", images=4))
+    with pytest.raises(RejectedByModel) as rejected:
+        job.future.result(timeout=10)
+    assert rejected.value.out_of_memory
+    ok = engine.submit(params("fine"))
+    assert ok.future.result(timeout=10) == ["fine"]
+    assert engine.state is State.READY
 
 
 def test_failures_of_the_worker_itself_still_make_it_unhealthy(engine):

@@ -90,7 +90,12 @@ class WorkerUnhealthy(Exception):
 
 class RejectedByModel(Exception):
     """The pipeline failed on this job alone while the worker stayed sound (its canary generation passed):
-    the request's own input is at fault, so it is charged to the request and not to the worker."""
+    the request's own input is at fault, so it is charged to the request and not to the worker.
+    ``out_of_memory`` says the device had too little memory for what it asked."""
+
+    def __init__(self, message: str, out_of_memory: bool) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
 
 
 @dataclass
@@ -476,7 +481,7 @@ class Engine:
             return
         self._batch = []
         metrics.recorder().rejected.inc()
-        rejected = RejectedByModel(loading.describe(exc))
+        rejected = RejectedByModel(loading.describe(exc), faults.is_out_of_memory(exc))
         rejected.__cause__ = exc  # the request's thread logs it, with the request id
         _settle(job.future, exc=rejected)
 

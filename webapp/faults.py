@@ -32,13 +32,24 @@ FATAL_MARKERS = (
 FATAL_TYPE_NAMES = frozenset({"AcceleratorError", "CudaError"})
 
 
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the chain of errors behind it (``__cause__``, else ``__context__``), outermost first."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    return chain
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
 def is_fatal(exc: BaseException) -> bool:
     """True when ``exc`` (or anything in its cause chain) means the device can no longer be trusted."""
-    seen: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and link not in seen:
-        seen.append(link)
-        names = {cls.__name__ for cls in type(link).__mro__}
+    for link in causes(exc):
+        names = _names(link)
         if "OutOfMemoryError" in names:
             return False
         if names & FATAL_TYPE_NAMES:
@@ -46,5 +57,10 @@ def is_fatal(exc: BaseException) -> bool:
         text = str(link).lower()
         if any(marker in text for marker in FATAL_MARKERS):
             return True
-        link = link.__cause__ or link.__context__
     return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when the device ran out of memory for this call (torch's OutOfMemoryError, anywhere in the chain):
+    the request asked for more than the device holds, and the device itself is fine."""
+    return any("OutOfMemoryError" in _names(link) for link in causes(exc))

@@ -131,10 +131,12 @@ def await_images(admitted: Admitted, wait_s: float | None = None) -> list[Any] |
         raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
     except RejectedByModel as exc:  # logged with the request id; the error may hold internals: not shown
         log.warning("request_rejected_by_model", slot=admitted.runtime.slot, error=str(exc), exc_info=exc.__cause__)
-        message = (
-            "the model failed on this request's input while the worker stayed sound; "
-            f"quote request id {g.request_id} to the operator"
+        cause = (
+            "this request needs more device memory than the worker has (ask for fewer or smaller images)"
+            if exc.out_of_memory
+            else "the model failed on this request's input"
         )
+        message = f"{cause}, while the worker stayed sound; quote request id {g.request_id} to the operator"
         raise ApiError(422, errors.REJECTED_BY_MODEL, message) from None
     except DeadlineExceeded as exc:
         metrics.recorder().timed_out.labels("running" if exc.ran else "queued").inc()

@@ -20,6 +20,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from webapp import faults
+
 T = TypeVar("T")
 
 # Matched by class name anywhere in an exception's MRO, so this module imports neither torch, httpx nor
@@ -109,12 +111,7 @@ def is_transient(exc: BaseException) -> bool:
     first link that tells decides. When no link tells, the error is permanent: only known transient
     failures are retried.
     """
-    chain: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and link not in chain:
-        chain.append(link)
-        link = link.__cause__ or link.__context__
-    for link in reversed(chain):
+    for link in reversed(faults.causes(exc)):
         verdict = _verdict(link)
         if verdict is not None:
             return verdict
