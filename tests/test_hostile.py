@@ -59,12 +59,17 @@ def test_twelve_bad_prompts_in_a_row_leave_both_workers_serving(server):
 def test_one_bad_job_sharing_a_batch_fails_alone(server):
     bodies = [{"prompt": f"valid {i}", **SMALL} for i in range(6)]
     bodies.insert(3, {"prompt": "ordinary", **SMALL})
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda body: server.post("/generate", json=body), bodies))
-    statuses = [a.status_code for a in answers]
-    assert statuses == [200, 200, 200, 422, 200, 200, 200], [a.text for a in answers]
-    # The bad job did share a pipeline call with valid ones, and that call was split, not failed.
-    assert any("batch_failed_retrying_alone" in line for line in server.log_lines())
+    splits_before = sum("batch_failed_retrying_alone" in line for line in server.log_lines())
+    # Which worker takes which connection is the kernel's choice: the bad job nearly always lands in a batch
+    # with valid ones (BATCH_WAIT_MS gathers them), and the rounds repeat until one did.
+    for _ in range(5):
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda body: server.post("/generate", json=body), bodies))
+        statuses = [a.status_code for a in answers]
+        assert statuses == [200, 200, 200, 422, 200, 200, 200], [a.text for a in answers]
+        if sum("batch_failed_retrying_alone" in line for line in server.log_lines()) > splits_before:
+            return  # the bad job did share a pipeline call with valid ones, and that call was split
+    raise AssertionError("the bad job never shared a batch in 5 rounds")
 
 
 @pytest.mark.parametrize(
