@@ -13,12 +13,16 @@ try:
 except SettingsError as exc:
     sys.exit(f"configuration error: {exc}")
 
+supervisor = hooks.supervisor(settings)  # what the hooks share: the board, the workers' slots
+
+# gunicorn asks for an app path, but the worker class below builds each worker's app with that worker's
+# runtime (supervisor.app) and never imports this one.
 wsgi_app = "webapp:create_app()"
 bind = [settings.bind]
-workers = settings.workers
+# workers: gunicorn's own, from WEB_CONCURRENCY (or -w); the master reads the count it really runs.
 # gthread (request threads keep answering probes while the engine thread generates), handing a thread only
 # requests that have fully arrived, so slow or idle clients cannot take the threads probes need.
-worker_class = worker.buffered_worker(settings.client_timeout, settings.max_body_bytes)
+worker_class = worker.buffered_worker(settings.client_timeout, settings.max_body_bytes, supervisor.app)
 threads = settings.threads
 timeout = int(settings.worker_timeout)
 graceful_timeout = int(settings.graceful_timeout)
@@ -33,36 +37,36 @@ logger_class = logs.server_logger(settings.log_format, settings.log_probes)
 
 
 def on_starting(server):
-    hooks.on_starting(server, settings)
+    supervisor.on_starting(server)
 
 
 def pre_fork(server, worker):
-    hooks.pre_fork(server, worker)
+    supervisor.pre_fork(server, worker)
 
 
 def post_fork(server, worker):
-    hooks.post_fork(server, worker, settings)
+    supervisor.post_fork(server, worker)
 
 
 def post_worker_init(worker):
-    hooks.post_worker_init(worker)
+    supervisor.post_worker_init(worker)
 
 
 def worker_int(worker):
-    hooks.worker_int(worker)
+    supervisor.worker_int(worker)
 
 
 def worker_exit(server, worker):
-    hooks.worker_exit(server, worker)
+    supervisor.worker_exit(server, worker)
 
 
 def child_exit(server, worker):
-    hooks.child_exit(server, worker)
+    supervisor.child_exit(server, worker)
 
 
 def nworkers_changed(server, new_value, old_value):
-    hooks.nworkers_changed(server, new_value, old_value)
+    supervisor.nworkers_changed(server, new_value, old_value)
 
 
 def on_exit(server):
-    hooks.on_exit(server)
+    supervisor.on_exit(server)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,12 +14,11 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts from bench/; the suite's helpers live in tests/
 
+from tests.conftest import Server, free_port  # noqa: E402 - needs the path above
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["ROOT", "free_port", "poll", "server"]
 
 
 def poll(
@@ -45,26 +42,16 @@ def poll(
 @contextlib.contextmanager
 def server(cache: str, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen, float]]:
     """Start gunicorn.conf.py on a free loopback port with ``env`` (and gunicorn command-line ``args``, which
-    override the config file); yield (url, process, start time)."""
+    override the config file); yield (url, process, start time). The start and the stop by pid are the test
+    suite's own (``tests.conftest.Server``)."""
     port = free_port()
     full_env = dict(
         os.environ, HOST="127.0.0.1", PORT=str(port), HF_HUB_OFFLINE="1", MODEL_CACHE_DIR=cache, ACCESS_LOG="0", **env
     )
-    with tempfile.TemporaryFile() as log:
+    with tempfile.TemporaryDirectory() as folder:
         started = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        running = Server(full_env, Path(folder) / "gunicorn.log", args)
         try:
-            yield f"http://127.0.0.1:{port}", proc, started
+            yield running.url, running.proc, started
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
+            running.stop()

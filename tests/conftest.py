@@ -69,14 +69,15 @@ class Metrics:
 class Server:
     """One gunicorn master started with gunicorn.conf.py, its log in ``log_path``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+        """Start gunicorn with ``env``; ``args`` are gunicorn command-line options (they override the config)."""
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.seen_pids: set[int] = set()
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -16,6 +16,7 @@ import yaml
 from tests.conftest import ROOT
 from webapp import create_app
 from webapp.board import Board
+from webapp.lifecycle import Lifecycle
 from webapp.runtime import Runtime
 from webapp.settings import Settings
 
@@ -34,14 +35,15 @@ def load_json(name: str) -> dict:
 
 def env_settings(pairs: list[dict]) -> Settings:
     """The settings a manifest's environment gives, validated exactly as the server would at start."""
-    return Settings.from_env({item["name"]: item["value"] for item in pairs})
+    env = {item["name"]: item["value"] for item in pairs}
+    return Settings.from_env(env).for_workers(int(env.get("WEB_CONCURRENCY", "1")))  # gunicorn reads that one
 
 
 @pytest.fixture(scope="module")
 def routes(tmp_path_factory) -> set[str]:
     board = Board.create(tmp_path_factory.mktemp("board"), capacity=1, expected_workers=1)
     try:
-        app = create_app(runtime=Runtime(Settings.from_env({}), board, 0, None))
+        app = create_app(Runtime(Settings.from_env({}), board, Lifecycle(board, 0), None))
         return {rule.rule for rule in app.url_map.iter_rules()}
     finally:
         board.remove()

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
+from webapp import lifecycle
 from webapp.board import Board, State
-from webapp.engine import Engine, Overloaded, RejectedByModel
+from webapp.engine import Engine, Overloaded, RejectedByModel, WorkerUnhealthy
+from webapp.lifecycle import Lifecycle
 from webapp.params import GenerationParams
+from webapp.runner import Runner
 from webapp.settings import Settings
 
 
@@ -78,10 +81,9 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
         }
     )
     board = Board.create(tmp_path, capacity=1, expected_workers=1)
-    board.reset(0, state=State.STARTING)
-    engine = Engine(settings, board, 0)
+    lifecycle.assign(board, 0)
     exits: list[str] = []
-    engine.on_unhealthy = exits.append
+    engine = Engine(settings, Lifecycle(board, 0), on_unhealthy=exits.append)
     engine.start()
     wait_for(lambda: engine.state is State.READY, 10, "the fake model to load")
     yield engine
@@ -102,7 +104,7 @@ def test_one_bad_job_in_a_batch_fails_alone_and_the_others_get_their_images(engi
     model = MODELS[-1]
     assert ["one", "bad", "two", "three"] in model.calls, "the jobs never shared a call"
     assert engine.state is State.READY
-    assert engine.board.read(0).failed == 1 and engine.board.read(0).served == 3
+    assert engine.lifecycle.board.read(0).failed == 1 and engine.lifecycle.board.read(0).served == 3
 
 
 def test_bad_requests_never_make_the_worker_unhealthy(engine):
@@ -129,7 +131,7 @@ def test_failures_of_the_worker_itself_still_make_it_unhealthy(engine):
         with pytest.raises(RuntimeError, match="device failed"):
             job.future.result(timeout=10)
     wait_for(lambda: engine.state is State.UNHEALTHY, 5, "the worker to turn UNHEALTHY")
-    assert "3 generations failed in a row" in engine.board.read(0).error
+    assert "3 generations failed in a row" in engine.lifecycle.board.read(0).error
 
 
 def test_a_good_generation_ends_the_worker_failure_streak(engine):
@@ -158,3 +160,15 @@ def test_each_step_is_reported_once_then_the_end(engine):
         seen.append(item)
     assert seen == [1, 2, 3, 4, 5]
     assert job.future.result() == ["fine"]
+
+
+def test_a_bug_in_running_a_batch_fails_its_jobs_with_503_and_turns_the_worker_unhealthy(engine, monkeypatch):
+    def broken(self, batch):
+        raise RuntimeError("a bug in the runner")
+
+    monkeypatch.setattr(Runner, "run", broken)
+    job = engine.submit(params("fine"))
+    with pytest.raises(WorkerUnhealthy, match="a bug in the runner"):
+        job.future.result(timeout=10)
+    assert engine.state is State.UNHEALTHY
+    assert "engine thread crashed" in engine.lifecycle.board.read(0).error

@@ -11,9 +11,10 @@ import time
 import pytest
 
 from tests.conftest import wait_for
-from webapp import loading
+from webapp import faults, lifecycle, loader
 from webapp.board import Board, State
 from webapp.engine import Engine, NotReady
+from webapp.lifecycle import Lifecycle
 from webapp.params import GenerationParams
 from webapp.settings import Settings
 
@@ -60,32 +61,32 @@ def test_a_truncated_text_encoder_raises_safetensor_error_and_is_permanent(broke
     exc = load_error(broken_copy)
     assert "SafetensorError" in chain_names(exc)
     assert not isinstance(exc, OSError) or "SafetensorError" in chain_names(exc)
-    assert not loading.is_transient(exc)
+    assert not faults.is_transient(exc)
 
 
 def test_truncated_unet_weights_are_permanent(broken_copy):
     (weights,) = (broken_copy / "unet").glob("*.safetensors")
     truncate(weights)
     exc = load_error(broken_copy)
-    assert not loading.is_transient(exc)
+    assert not faults.is_transient(exc)
 
 
 def test_a_missing_model_index_is_permanent(broken_copy):
     (broken_copy / "model_index.json").unlink()
     exc = load_error(broken_copy)
     assert isinstance(exc, OSError)
-    assert not loading.is_transient(exc)
+    assert not faults.is_transient(exc)
 
 
 def test_a_missing_absolute_path_is_permanent(tmp_path):
     exc = load_error(tmp_path / "nothing-here")
-    assert not loading.is_transient(exc)
+    assert not faults.is_transient(exc)
 
 
 def test_an_uncached_hub_id_while_offline_is_permanent():
     exc = load_error("some-org/not-cached-anywhere")
     assert "OfflineModeIsEnabled" in chain_names(exc) or "LocalEntryNotFoundError" in chain_names(exc)
-    assert not loading.is_transient(exc)
+    assert not faults.is_transient(exc)
 
 
 class ConnectError(Exception):
@@ -124,7 +125,7 @@ def wrapped(outer: BaseException, cause: BaseException) -> BaseException:
     ],
 )
 def test_transient_or_permanent(exc, transient):
-    assert loading.is_transient(exc) is transient
+    assert faults.is_transient(exc) is transient
 
 
 def count_attempts(policy, error):
@@ -138,17 +139,17 @@ def count_attempts(policy, error):
 
 
 def test_transient_errors_are_retried_until_the_attempt_limit():
-    policy = loading.retrying(3, 60, 0.01, 0.02, before_sleep=lambda state: None)
+    policy = loader.retrying(3, 60, 0.01, 0.02, before_sleep=lambda state: None)
     assert len(count_attempts(policy, ConnectionError("down"))) == 3
 
 
 def test_permanent_errors_stop_after_one_attempt():
-    policy = loading.retrying(5, 60, 0.01, 0.02, before_sleep=lambda state: None)
+    policy = loader.retrying(5, 60, 0.01, 0.02, before_sleep=lambda state: None)
     assert len(count_attempts(policy, ValueError("bad"))) == 1
 
 
 def test_no_retry_starts_that_would_end_past_the_time_budget():
-    policy = loading.retrying(100, 0.5, 0.4, 0.4, before_sleep=lambda state: None)
+    policy = loader.retrying(100, 0.5, 0.4, 0.4, before_sleep=lambda state: None)
     calls = count_attempts(policy, ConnectionError("down"))
     assert 1 <= len(calls) <= 2
     assert calls[-1] - calls[0] < 0.5
@@ -156,7 +157,7 @@ def test_no_retry_starts_that_would_end_past_the_time_budget():
 
 def test_the_wait_before_a_retry_is_written_to_the_board_callback():
     waits = []
-    policy = loading.retrying(3, 60, 0.05, 0.1, before_sleep=lambda s: waits.append(s.next_action.sleep))
+    policy = loader.retrying(3, 60, 0.05, 0.1, before_sleep=lambda s: waits.append(s.next_action.sleep))
     count_attempts(policy, ConnectionError("down"))
     assert len(waits) == 2
     assert all(0.05 <= w <= 0.2 for w in waits)
@@ -165,7 +166,7 @@ def test_the_wait_before_a_retry_is_written_to_the_board_callback():
 @pytest.fixture
 def engine_board(tmp_path):
     board = Board.create(tmp_path, capacity=1, expected_workers=1)
-    board.reset(0, state=State.STARTING, pid=os.getpid())
+    lifecycle.assign(board, 0)
     yield board
     board.remove()
 
@@ -176,7 +177,7 @@ def engine_settings(model_id, tmp_path) -> Settings:
 
 def test_a_model_that_loads_but_cannot_generate_ends_failed_at_warm_up(broken_copy, engine_board, tmp_path):
     shutil.rmtree(broken_copy / "tokenizer")
-    engine = Engine(engine_settings(broken_copy, tmp_path), engine_board, 0)
+    engine = Engine(engine_settings(broken_copy, tmp_path), Lifecycle(engine_board, 0))
     engine.start()
     try:
         record = wait_for(
@@ -194,7 +195,7 @@ def test_a_model_that_loads_but_cannot_generate_ends_failed_at_warm_up(broken_co
 
 
 def test_an_engine_on_the_real_tiny_model_becomes_ready_and_serves(tiny_folder, engine_board, tmp_path):
-    engine = Engine(engine_settings(tiny_folder, tmp_path), engine_board, 0)
+    engine = Engine(engine_settings(tiny_folder, tmp_path), Lifecycle(engine_board, 0))
     with pytest.raises(NotReady):
         engine.submit(GenerationParams("x", None, 1, 1.0, 64, 64, (0,)))
     engine.start()

@@ -129,7 +129,7 @@ def _read(path) -> list[float]:
 
 
 def test_the_master_folds_dead_workers_files_but_never_waits_on_a_scrape(tmp_path, monkeypatch):
-    from webapp import metrics
+    from webapp import metric_files
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     dead_pid = 2**22 + 12345  # above pid_max's default: no such process
@@ -137,22 +137,22 @@ def test_the_master_folds_dead_workers_files_but_never_waits_on_a_scrape(tmp_pat
     _counter_file(tmp_path / "counter_exited.db", 4)
     _counter_file(tmp_path / f"counter_{os.getpid()}.db", 100)  # a live process: left alone
 
-    with metrics._shared_lock(str(tmp_path)):  # a scrape in progress (or a SIGSTOPped one)
+    with metric_files.scrape_lock(str(tmp_path)):  # a scrape in progress (or a SIGSTOPped one)
         started = time.monotonic()
-        metrics.worker_exited(dead_pid, wait_s=0.2)
+        metric_files.fold_exited(dead_pid, wait_s=0.2)
         assert time.monotonic() - started < 5
     assert (tmp_path / f"counter_{dead_pid}.db").exists(), "folded under a scrape's lock"
 
-    metrics.worker_exited(dead_pid)
+    metric_files.fold_exited(dead_pid)
     assert not (tmp_path / f"counter_{dead_pid}.db").exists()
     assert _read(tmp_path / "counter_exited.db") == [7]
     assert _read(tmp_path / f"counter_{os.getpid()}.db") == [100]
 
 
 def test_a_scrape_skips_the_empty_file_of_a_worker_that_is_just_starting(tmp_path):
-    from webapp import metrics
+    from webapp import metric_files
 
     _counter_file(tmp_path / "counter_101.db", 5)
     (tmp_path / "counter_102.db").touch()  # created, not yet sized: what a booting worker leaves for an instant
-    (family,) = list(metrics.FolderCollector(str(tmp_path)).collect())
+    (family,) = list(metric_files.FolderCollector(str(tmp_path)).collect())
     assert [sample.value for sample in family.samples] == [5]

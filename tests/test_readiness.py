@@ -22,8 +22,8 @@ def everyone_alive(pid: int) -> bool:
     return True
 
 
-def verdict(records, quorum=2, alive=everyone_alive, master_alive=True):
-    return judge(records, NOW, quorum, heartbeat_timeout=10, master_alive=master_alive, is_alive=alive)
+def verdict(records, required_ready=2, alive=everyone_alive, master_alive=True):
+    return judge(records, NOW, required_ready, heartbeat_timeout=10, master_alive=master_alive, is_alive=alive)
 
 
 def test_all_ready_is_ready_and_alive():
@@ -74,10 +74,10 @@ def test_a_torn_record_is_not_trusted():
     assert not v.ready
 
 
-def test_any_and_number_policies_need_only_their_quorum():
+def test_any_and_number_policies_need_only_their_count_of_ready_workers():
     records = [rec(State.READY, 1), rec(State.LOADING, 2), rec(State.FAILED, 3)]
-    assert verdict(records, quorum=1).ready
-    assert not verdict(records, quorum=2).ready
+    assert verdict(records, required_ready=1).ready
+    assert not verdict(records, required_ready=2).ready
 
 
 def test_missing_workers_are_reported_when_slots_are_still_empty():

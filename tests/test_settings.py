@@ -13,10 +13,11 @@ from webapp.settings import BUILTIN_TINY_MODEL, VARIABLES, Settings, SettingsErr
 
 def test_defaults_validate():
     s = Settings.from_env({})
-    assert (s.host, s.port, s.workers, s.threads) == ("0.0.0.0", 8080, 1, 16)
+    assert (s.host, s.port, s.threads) == ("0.0.0.0", 8080, 16)
+    assert s.workers is None  # gunicorn's count, known once the master starts
     assert s.model_id == BUILTIN_TINY_MODEL
     assert s.bind == "0.0.0.0:8080"
-    assert s.ready_quorum(3) == 3
+    assert s.required_ready(3) == 3
 
 
 def test_every_variable_has_a_default_and_a_meaning():
@@ -30,10 +31,8 @@ def test_every_variable_has_a_default_and_a_meaning():
     [
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "70000"}, "PORT"),
-        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
         ({"THREADS": "1"}, "THREADS"),
         ({"READY_POLICY": "most"}, "READY_POLICY"),
-        ({"READY_POLICY": "3", "WEB_CONCURRENCY": "2"}, "READY_POLICY"),
         ({"DEVICE": "tpu"}, "DEVICE"),
         ({"DTYPE": "float8"}, "DTYPE"),
         ({"LOAD_MAX_SECONDS": "nan"}, "LOAD_MAX_SECONDS"),
@@ -51,9 +50,17 @@ def test_a_bad_value_is_refused_with_the_variable_named(env, named):
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    ("env", "workers", "named"), [({}, 0, "WEB_CONCURRENCY"), ({"READY_POLICY": "3"}, 2, "READY_POLICY")]
+)
+def test_settings_that_depend_on_gunicorns_worker_count_are_checked_against_it(env, workers, named):
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env).for_workers(workers)
+
+
 def test_policies_and_devices_that_are_valid():
-    assert Settings.from_env({"READY_POLICY": "any", "WEB_CONCURRENCY": "4"}).ready_quorum(4) == 1
-    assert Settings.from_env({"READY_POLICY": "2", "WEB_CONCURRENCY": "4"}).ready_quorum(4) == 2
+    assert Settings.from_env({"READY_POLICY": "any"}).for_workers(4).required_ready(4) == 1
+    assert Settings.from_env({"READY_POLICY": "2"}).for_workers(4).required_ready(4) == 2
     assert Settings.from_env({"DEVICE": "cuda:1"}).device == "cuda:1"
     assert Settings.from_env({"HOST": "::1"}).bind == "[::1]:8080"
 
@@ -70,4 +77,19 @@ def test_gunicorn_refuses_to_start_on_a_bad_value_and_names_it():
     )
     assert result.returncode != 0
     assert "configuration error: READY_POLICY='most' is invalid" in result.stderr
+    assert "Listening at" not in result.stderr + result.stdout
+
+
+def test_gunicorn_refuses_a_ready_policy_above_the_worker_count_it_runs():
+    env = {"PATH": "/usr/bin:/bin", "PORT": str(free_port()), "HOST": "127.0.0.1", "READY_POLICY": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "configuration error: READY_POLICY=3 asks for more READY workers than the 2" in result.stderr
     assert "Listening at" not in result.stderr + result.stdout

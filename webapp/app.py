@@ -9,7 +9,9 @@ import uuid
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from webapp import errors, hooks, logs, metrics
+from webapp import demo, errors, generate, health, logs, metrics
+from webapp import runtime as worker_runtime
+from webapp.recorder import recorder
 from webapp.runtime import Runtime
 from webapp.settings import Settings
 
@@ -17,27 +19,20 @@ log = logs.get(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
-    """Build the app. Under gunicorn the runtime comes from the post_fork hook; without one (plain
-    ``flask run``) a standalone one-worker runtime is started in this process."""
+def create_app(runtime: Runtime | None = None) -> Flask:
+    """Build the app for the worker ``runtime`` serves with: under gunicorn, the one post_fork started
+    (``webapp.hooks``). Without one (``flask --app webapp run``), a standalone one-worker runtime is
+    started in this process, from the environment's settings."""
     if runtime is None:
-        runtime = hooks.current_runtime()
-    if runtime is None:
-        settings = settings or Settings.from_env()
-        logs.configure(settings.log_format)
-        runtime = Runtime.standalone(settings)
+        runtime = worker_runtime.standalone(Settings.from_env())
     app = Flask(__name__)
     app.extensions["runtime"] = runtime
-    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see generate._read_json
+    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see jobs.read_json
 
-    from webapp.demo import bp as demo_bp
-    from webapp.generate import bp as generate_bp
-    from webapp.health import bp as health_bp
-
-    app.register_blueprint(health_bp)
-    app.register_blueprint(generate_bp)
-    app.register_blueprint(demo_bp)
-    app.register_blueprint(metrics.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(generate.bp)
+    app.register_blueprint(demo.bp)
+    metrics.init_app(app)
 
     @app.before_request
     def assign_request_id() -> None:
@@ -52,7 +47,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         response.headers["X-Request-ID"] = getattr(g, "request_id", "")
         # Routes by their rule, so a scan of random paths cannot blow up the number of series.
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        recorded = metrics.recorder()
+        recorded = recorder()
         recorded.requests.labels(request.method, route, str(response.status_code)).inc()
         recorded.request_seconds.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response

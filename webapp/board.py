@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 MAGIC = b"HDBOARD1"
@@ -196,7 +196,7 @@ class Board:
         ready, to_ready, to_not_ready, changed_wall = _READINESS.unpack_from(self._map, _READINESS_AT)
         return Readiness(bool(ready), to_ready, to_not_ready, changed_wall)
 
-    def note_readiness(self, ready: bool) -> bool:
+    def record_readiness(self, ready: bool) -> bool:
         """Record the container's readiness as just judged; True if this call recorded a change. Every
         worker judges on its own, so the change is counted under an exclusive flock, once."""
         if self.readiness.ready == ready:
@@ -293,9 +293,3 @@ class Board:
             os.unlink(self.path)
         if self.folder.name.startswith(DIR_PREFIX):  # never delete a folder this module did not make
             shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def record_as_dict(record: SlotRecord) -> dict[str, object]:
-    data = asdict(record)
-    data["state"] = record.state.name
-    return data

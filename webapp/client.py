@@ -20,6 +20,8 @@ from typing import Any
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay, wait_exponential_jitter
 
+from webapp.params import FIELDS
+
 RETRY_STATUSES = frozenset({502, 503, 504})
 
 
@@ -108,17 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default out.png)")
     parser.add_argument("--url", default="http://127.0.0.1:8080")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--steps", type=int, dest="num_inference_steps")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--guidance", type=float, dest="guidance_scale")
-    parser.add_argument("--negative", dest="negative_prompt")
+    flagged = [field for field in FIELDS if field.flag]  # the request's own declaration: one place
+    for field in flagged:
+        kind = {"text": str, "integer": int, "number": float}[field.kind]
+        parser.add_argument(f"--{field.flag}", type=kind, dest=field.name, help=field.meaning)
     parser.add_argument("--deadline", type=float, default=300.0, help="overall seconds to keep trying")
     parser.add_argument("--try-timeout", type=float, default=60.0, help="seconds for one try")
     args = parser.parse_args(argv)
-    fields = ("seed", "num_inference_steps", "width", "height", "guidance_scale", "negative_prompt")
-    payload = {"prompt": args.prompt} | {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    given = {field.name: getattr(args, field.name) for field in flagged if getattr(args, field.name) is not None}
+    payload = {"prompt": args.prompt} | given
     client = Client(args.url, per_try_timeout=args.try_timeout, deadline=args.deadline)
     try:
         response = client.generate(payload, accept="image/png")

@@ -11,10 +11,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 
+from webapp import errors, jobs, readiness
 from webapp.errors import ApiError
-from webapp.generate import admit, await_images, result_body
-from webapp.health import current_verdict
-from webapp.params import InvalidRequest
+from webapp.params import FIELDS, InvalidRequest, form_fields
 from webapp.runtime import Runtime
 
 bp = Blueprint("demo", __name__)
@@ -22,9 +21,6 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
-INTEGER_FIELDS = ("num_inference_steps", "width", "height", "seed", "num_images")
-NUMBER_FIELDS = ("guidance_scale",)
-TEXT_FIELDS = ("prompt", "negative_prompt")
 
 
 @bp.after_request
@@ -37,35 +33,40 @@ def secure(response: Response) -> Response:
 
 
 def _payload_from_form(form: Any) -> dict[str, Any]:
-    """The form's strings as a /generate payload: blank fields are left to the server's defaults."""
+    """The form's strings as a request, by each field's declared kind: blank fields are left to the
+    server's defaults (``seed`` too when "random" is ticked)."""
     payload: dict[str, Any] = {}
-    for name in TEXT_FIELDS:
-        if form.get(name, "") or name == "prompt":
-            payload[name] = form.get(name, "")
-    for name in INTEGER_FIELDS + NUMBER_FIELDS:
-        raw = form.get(name, "").strip()
-        if not raw or (name == "seed" and form.get("random_seed")):
+    for field in FIELDS:
+        raw = form.get(field.name, "")
+        if field.kind == "text":
+            if raw or field.required:
+                payload[field.name] = raw
+            continue
+        raw = raw.strip()
+        if not raw or (field.name == "seed" and form.get("random_seed")):
             continue
         try:
-            payload[name] = int(raw) if name in INTEGER_FIELDS else float(raw)
+            payload[field.name] = int(raw) if field.kind == "integer" else float(raw)
         except ValueError:
-            kind = "an integer" if name in INTEGER_FIELDS else "a number"
-            raise InvalidRequest(422, "invalid_field", f"{name}: must be {kind}, got {raw!r}", name) from None
+            kind = "an integer" if field.kind == "integer" else "a number"
+            message = f"{field.name}: must be {kind}, got {raw!r}"
+            raise InvalidRequest(422, errors.INVALID_FIELD, message, field.name) from None
     return payload
 
 
 def _page(status: int = 200, **context: Any) -> tuple[str, int]:
     runtime: Runtime = current_app.extensions["runtime"]
-    verdict = current_verdict()
+    verdict = readiness.observe(runtime.board, runtime.settings)
     now = time.monotonic()
     context.setdefault("values", {})
     return (
         render_template(
             "index.html",
             settings=runtime.settings,
+            number_fields=form_fields(runtime.settings),
             verdict=verdict,
-            workers=[w.as_row(now) for w in verdict.workers],
-            any_ready=any(w.ready for w in verdict.workers),
+            workers=[worker.as_row(now) for worker in verdict.workers],
+            any_ready=any(worker.ready for worker in verdict.workers),
             **context,
         ),
         status,
@@ -84,8 +85,8 @@ def demo_post() -> tuple[str, int] | Response:
     runtime: Runtime = current_app.extensions["runtime"]
     values = request.form.to_dict()
     try:
-        admitted = admit(runtime, _payload_from_form(request.form), None, time.monotonic())
-        images = await_images(admitted)
+        admitted = jobs.admit(runtime, _payload_from_form(request.form), None, time.monotonic())
+        images = jobs.wait(admitted)
     except ApiError as exc:
         page, status = _page(exc.status, values=values, error=exc)
         response = Response(page, status=status, mimetype="text/html")
@@ -93,5 +94,5 @@ def demo_post() -> tuple[str, int] | Response:
             response.headers[name] = value
         return response
     assert images is not None
-    body, _ = result_body(admitted, images)
+    body, _ = jobs.answer(admitted, images)
     return _page(values=values, result=body)

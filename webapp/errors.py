@@ -5,6 +5,10 @@ from __future__ import annotations
 from flask import Response, jsonify
 
 BAD_JSON = "bad_json"
+INVALID_BODY = "invalid_body"  # the body is JSON but not an object
+INVALID_FIELD = "invalid_field"  # a field outside its type or limits
+MISSING_FIELD = "missing_field"
+UNKNOWN_FIELD = "unknown_field"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 PAYLOAD_TOO_LARGE = "payload_too_large"
 NOT_ACCEPTABLE = "not_acceptable"

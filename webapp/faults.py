@@ -1,12 +1,20 @@
-"""Which errors during a generation leave the device unusable.
+"""What an error means: whether a failed load is worth retrying, and whether a failed generation leaves
+the device unusable. Errors are matched by class name and message along the whole chain of causes
+(``causes``, walked here once for both questions), so this module imports neither torch, httpx nor
+huggingface_hub.
 
-A fatal error (an illegal memory access, a device-side assert, a lost GPU) poisons the CUDA context for
-the whole process: every later call fails too, so the worker must say UNHEALTHY and exit to be replaced.
-Everything else (a prompt that breaks a tokenizer, an out-of-memory for one oversized batch) fails that
-request alone and changes nothing.
+- Loads: an error is transient (the network, the hub's 5xx/429, an I/O hiccup, a device still holding a
+  dying worker's memory) or permanent (a missing or corrupt local model will not fix itself, and retrying
+  it only delays the truth on /healthz). Only known transient errors are retried.
+- Generations: a fatal error (an illegal memory access, a device-side assert, a lost GPU) poisons the CUDA
+  context for the whole process: every later call fails too, so the worker must say UNHEALTHY and exit to
+  be replaced. Everything else (a prompt that breaks a tokenizer, an out-of-memory for one oversized batch)
+  fails that request alone and changes nothing.
 """
 
 from __future__ import annotations
+
+import errno
 
 # Matched case-insensitively in the message of any exception in the chain. These are the texts the CUDA
 # runtime, cuBLAS/cuDNN and NVML put in the errors torch raises once a context is broken.
@@ -44,6 +52,102 @@ def causes(exc: BaseException) -> list[BaseException]:
 
 def _names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
+
+
+# Matched by class name anywhere in an exception's MRO, so this module imports neither torch, httpx nor
+# huggingface_hub. Checked first: OfflineModeIsEnabled is a ConnectionError, yet offline stays offline.
+PERMANENT_NAMES = frozenset(
+    {
+        "OfflineModeIsEnabled",
+        "RepositoryNotFoundError",
+        "GatedRepoError",
+        "RevisionNotFoundError",
+        "RemoteEntryNotFoundError",
+        "HFValidationError",
+        "SafetensorError",
+    }
+)
+TRANSIENT_NAMES = frozenset(
+    {
+        "ConnectionError",  # builtins and requests
+        "TimeoutError",
+        "ConnectError",  # httpx / httpcore
+        "NetworkError",
+        "TimeoutException",
+        "RemoteProtocolError",
+        "Timeout",  # requests
+        "OutOfMemoryError",  # torch.cuda: memory of a worker that is still exiting
+        "IncompleteRead",
+    }
+)
+PERMANENT_TYPES: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    LookupError,
+    ArithmeticError,
+    AttributeError,
+    NotImplementedError,
+    ImportError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    SyntaxError,
+)
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.EINTR,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTUNREACH,
+        errno.ESTALE,
+    }
+)
+
+
+def _verdict(exc: BaseException) -> bool | None:
+    """True transient, False permanent, None: this link alone does not tell."""
+    names = _names(exc)
+    if names & PERMANENT_NAMES:
+        return False
+    if "HfHubHTTPError" in names:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return status is None or status >= 500 or status == 429
+    if names & TRANSIENT_NAMES:
+        return True
+    if isinstance(exc, PERMANENT_TYPES):
+        return False
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed load is worth another attempt.
+
+    The chain of causes is read from the root cause outwards, because libraries wrap: diffusers raises a
+    bare OSError around a hub ConnectError (transient) or around OfflineModeIsEnabled (permanent). The
+    first link that tells decides. When no link tells, the error is permanent: only known transient
+    failures are retried.
+    """
+    for link in reversed(causes(exc)):
+        verdict = _verdict(link)
+        if verdict is not None:
+            return verdict
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of an error for the board and logs: type and first line of the message."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def is_fatal(exc: BaseException) -> bool:

@@ -10,8 +10,8 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from webapp import metrics
-from webapp.readiness import Verdict, judge_board
+from webapp import readiness
+from webapp.readiness import Verdict
 from webapp.runtime import Runtime
 
 bp = Blueprint("health", __name__)
@@ -20,9 +20,7 @@ bp = Blueprint("health", __name__)
 def current_verdict() -> Verdict:
     """Judge the board now, and record a readiness change on it if this is the first to see one."""
     runtime: Runtime = current_app.extensions["runtime"]
-    verdict = judge_board(runtime.board, runtime.settings, time.monotonic())
-    metrics.note_readiness(runtime.board, verdict)
-    return verdict
+    return readiness.observe(runtime.board, runtime.settings)
 
 
 def _body(verdict: Verdict, status: str, reason: str) -> dict[str, object]:
@@ -31,8 +29,8 @@ def _body(verdict: Verdict, status: str, reason: str) -> dict[str, object]:
         "status": status,
         "reason": reason,
         "policy": current_app.extensions["runtime"].settings.ready_policy,
-        "required_ready": verdict.quorum,
-        "workers": [w.as_row(now) for w in verdict.workers],
+        "required_ready": verdict.required_ready,
+        "workers": [worker.as_row(now) for worker in verdict.workers],
     }
 
 

@@ -1,32 +1,141 @@
-"""The parameters of one /generate request, and their validation.
+"""The fields of a generation request, declared once, and their validation (docs/architecture.md §6).
 
-Every field is checked against limits from settings. A bad request raises ``InvalidRequest`` naming the
-field and the limit; nothing is clamped, and an unknown field is an error rather than silently dropped.
+``FIELDS`` holds one declaration per field: its kind, meaning, default and bounds (taken from settings).
+Everything else is derived from it: the pydantic model that validates a request (``request_model``), its
+JSON Schema (``request_schema``), the demo's form, the client's flags and the README's request table.
+A bad request raises ``InvalidRequest`` naming the field and the limit; nothing is clamped, and an unknown
+field is an error rather than silently dropped. Integers are compared exactly (never converted to float:
+one with hundreds of digits would overflow), and a client's value is shown cut short in a message.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic_core import PydanticCustomError
+
+from webapp import errors
 from webapp.errors import ApiError
 from webapp.settings import SIZE_MULTIPLE, Settings
 
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
-FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "seed",
-    "num_images",
-    "timeout_s",
-)
 TIMEOUT_HEADER = "X-Request-Timeout"
+
+Bound = Callable[[Settings], float] | float | None
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One field of a request. ``low``/``high`` are bounds (a length for text), fixed or read from settings;
+    ``default`` likewise (None: absent means what ``meaning`` says); ``flag`` names the client's option."""
+
+    name: str
+    kind: Literal["text", "integer", "number"]
+    label: str
+    meaning: str
+    default: Bound = None
+    low: Bound = None
+    high: Bound = None
+    multiple_of: int | None = None
+    required: bool = False
+    low_exclusive: bool = False
+    demo: bool = True  # shown as a field of the demo's form
+    flag: str | None = None  # the client's command-line option, when it has one
+
+    def bounds(self, settings: Settings) -> tuple[float | None, float | None]:
+        return _resolve(self.low, settings), _resolve(self.high, settings)
+
+    def default_for(self, settings: Settings) -> Any:
+        return _resolve(self.default, settings)
+
+
+def _resolve(value: Bound, settings: Settings) -> Any:
+    return value(settings) if callable(value) else value
+
+
+FIELDS: tuple[RequestField, ...] = (
+    RequestField(
+        "prompt", "text", "Prompt", "What to draw.", high=lambda s: s.max_prompt_chars, required=True, demo=False
+    ),
+    RequestField(
+        "negative_prompt",
+        "text",
+        "Negative prompt",
+        "What to steer away from (none when absent).",
+        high=lambda s: s.max_prompt_chars,
+        demo=False,
+        flag="negative",
+    ),
+    RequestField(
+        "num_inference_steps",
+        "integer",
+        "Steps",
+        "Denoising steps.",
+        default=lambda s: s.default_steps,
+        low=1,
+        high=lambda s: s.max_steps,
+        flag="steps",
+    ),
+    RequestField(
+        "guidance_scale",
+        "number",
+        "Guidance",
+        "Classifier-free guidance scale.",
+        default=lambda s: s.default_guidance,
+        low=0,
+        high=lambda s: s.max_guidance,
+        flag="guidance",
+    ),
+    RequestField(
+        "width",
+        "integer",
+        "Width",
+        "Image width in pixels (the model's native size when absent).",
+        low=lambda s: s.min_image_size,
+        high=lambda s: s.max_image_size,
+        multiple_of=SIZE_MULTIPLE,
+        flag="width",
+    ),
+    RequestField(
+        "height",
+        "integer",
+        "Height",
+        "Image height in pixels (the model's native size when absent).",
+        low=lambda s: s.min_image_size,
+        high=lambda s: s.max_image_size,
+        multiple_of=SIZE_MULTIPLE,
+        flag="height",
+    ),
+    RequestField(
+        "num_images", "integer", "Images", "Images to generate.", default=1, low=1, high=lambda s: s.max_images
+    ),
+    RequestField(
+        "seed",
+        "integer",
+        "Seed",
+        "Seed of the first image; image i uses seed + i (random when absent).",
+        low=0,
+        high=SEED_LIMIT - 1,
+        flag="seed",
+    ),
+    RequestField(
+        "timeout_s",
+        "number",
+        "Timeout",
+        "Seconds this request may wait for its images, at most REQUEST_TIMEOUT (REQUEST_TIMEOUT when absent).",
+        low=0,
+        low_exclusive=True,
+        high=lambda s: s.request_timeout,
+        demo=False,
+    ),
+)
+BY_NAME = {field.name: field for field in FIELDS}
 
 
 class InvalidRequest(ApiError):
@@ -51,8 +160,61 @@ class GenerationParams:
         return len(self.seeds)
 
 
-def _invalid(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest(422, "invalid_field", f"{field}: {message}", field)
+def _clean_text(value: str | None) -> str | None:
+    """Text a tokenizer can take: no NUL, and valid Unicode (JSON's \\ud800 escapes decode to lone
+    surrogates, which no tokenizer takes)."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        raise PydanticCustomError("text", "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = f"U+{ord(value[exc.start]):04X}"
+        message = "must be valid Unicode text: a lone surrogate {bad} at character {at}"
+        raise PydanticCustomError("text", message, {"bad": bad, "at": exc.start}) from None
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("text", "must not be empty")
+    return value
+
+
+def _annotation(field: RequestField, settings: Settings) -> Any:
+    low, high = field.bounds(settings)
+    if field.kind == "text":
+        checks: list[Any] = [Field(max_length=int(high))] if high is not None else []
+        checks.append(AfterValidator(_clean_text))
+        if field.required:
+            checks.append(AfterValidator(_not_blank))
+        text = Annotated[str, *checks]
+        return text if field.required else text | None
+    constraints: dict[str, Any] = {"le": high, "multiple_of": field.multiple_of}
+    constraints["gt" if field.low_exclusive else "ge"] = low
+    if field.kind == "number":
+        constraints["allow_inf_nan"] = False
+    base = int if field.kind == "integer" else float
+    number = Annotated[base, Field(**{key: value for key, value in constraints.items() if value is not None})]
+    return number if field.required else number | None
+
+
+@lru_cache(maxsize=8)
+def request_model(settings: Settings) -> type[BaseModel]:
+    """The pydantic model of a request under ``settings`` (strict: a JSON integer for an integer, a JSON
+    number for a number; unknown fields refused)."""
+    definitions: dict[str, Any] = {}
+    for field in FIELDS:
+        default = ... if field.required else field.default_for(settings)
+        definitions[field.name] = (_annotation(field, settings), Field(default, description=field.meaning))
+    config = ConfigDict(strict=True, extra="forbid", title="GenerateRequest")
+    return create_model("GenerateRequest", __config__=config, **definitions)
+
+
+def request_schema(settings: Settings) -> dict[str, Any]:
+    """The JSON Schema of a request body under ``settings``."""
+    return request_model(settings).model_json_schema()
 
 
 def _shown(value: object) -> str:
@@ -61,107 +223,126 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
-def _integer(payload: dict[str, Any], field: str, default: int | None, low: int, high: int) -> int | None:
-    value = payload.get(field)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(field, f"must be an integer from {low} to {high}, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise _invalid(field, f"must be from {low} to {high}, got {_shown(value)}")
-    return value
+def _number(value: float | None) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _number(value: object, field: str, low: float, high: float) -> float:
-    """A JSON number from ``low`` to ``high``. An integer is compared exactly: converting one with hundreds
-    of digits to a float would overflow."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(field, f"must be a number from {low:g} to {high:g}, got {type(value).__name__}")
-    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
-        raise _invalid(field, f"must be from {low:g} to {high:g}, got {_shown(value)}")
-    return float(value)
+def _limits(field: RequestField, settings: Settings) -> str:
+    low, high = field.bounds(settings)
+    if field.name == "timeout_s":
+        return f"more than 0 and at most REQUEST_TIMEOUT={_number(high)} s"
+    return f"from {_number(low)} to {_number(high)}"
 
 
-def _size(payload: dict[str, Any], field: str, default: int, settings: Settings) -> int:
-    low, high = settings.min_image_size, settings.max_image_size
-    value = _integer(payload, field, default, low, high)
-    assert value is not None
-    if value % SIZE_MULTIPLE:
-        raise _invalid(field, f"must be a multiple of {SIZE_MULTIPLE}, got {value}")
-    return value
+def _invalid(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(422, errors.INVALID_FIELD, f"{field}: {message}", field)
 
 
-def _text(payload: dict[str, Any], field: str, limit: int, required: bool) -> str | None:
-    value = payload.get(field)
-    if value is None:
-        if required:
-            raise InvalidRequest(422, "missing_field", f"{field}: is required", field)
-        return None
-    if not isinstance(value, str):
-        raise _invalid(field, f"must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise _invalid(field, "must not be empty")
-    if len(value) > limit:
-        raise _invalid(field, f"must be at most {limit} characters, got {len(value)}")
-    if "\x00" in value:
-        raise _invalid(field, "must not contain NUL characters")
+def _explain(error: Any, settings: Settings) -> InvalidRequest:
+    """Our 422 for pydantic's first error: the field, what it takes, and what it got."""
+    name, kind, value = str(error["loc"][0]), error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        accepted = ", ".join(BY_NAME)
+        return InvalidRequest(422, errors.UNKNOWN_FIELD, f"{name}: unknown field (accepted: {accepted})", name)
+    if kind == "missing" or (value is None and BY_NAME[name].required):
+        return InvalidRequest(422, errors.MISSING_FIELD, f"{name}: is required", name)
+    field = BY_NAME[name]
+    if field.kind == "text":
+        if kind == "string_too_long":
+            return _invalid(name, f"must be at most {error['ctx']['max_length']} characters, got {len(value)}")
+        if kind == "text":
+            return _invalid(name, error["msg"])
+        if isinstance(value, str):  # pydantic-core refuses a lone surrogate before our check sees it
+            try:
+                _clean_text(value)
+            except PydanticCustomError as problem:
+                return _invalid(name, problem.message())
+        return _invalid(name, f"must be a string, got {type(value).__name__}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    what = "an integer" if field.kind == "integer" else "a number"
+    if kind == "multiple_of":
+        return _invalid(name, f"must be a multiple of {field.multiple_of}, got {value}")
+    if (field.kind == "integer" and not integer) or not number:
+        return _invalid(name, f"must be {what} {_limits(field, settings)}, got {type(value).__name__}")
+    return _invalid(name, f"must be {_limits(field, settings)}, got {_shown(value)}")
+
+
+def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
+    """Validate a decoded JSON body; ``default_size`` (width, height) is the model's native size."""
+    if not isinstance(payload, dict):
+        message = f"the body must be a JSON object, got {type(payload).__name__}"
+        raise InvalidRequest(422, errors.INVALID_BODY, message)
     try:
-        value.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
-    except UnicodeEncodeError as exc:
-        bad = f"U+{ord(value[exc.start]):04X}"
-        raise _invalid(field, f"must be valid Unicode text: a lone surrogate {bad} at character {exc.start}") from None
-    return value
+        request = request_model(settings).model_validate(payload)
+    except ValidationError as exc:
+        found = exc.errors()
+        first = next((error for error in found if error["type"] == "extra_forbidden"), found[0])
+        raise _explain(first, settings) from None
+    values = request.model_dump()
+    first_seed = secrets.randbelow(SEED_LIMIT) if values["seed"] is None else values["seed"]
+    seeds = tuple((first_seed + i) % SEED_LIMIT for i in range(values["num_images"]))
+    return GenerationParams(
+        prompt=values["prompt"],
+        negative_prompt=values["negative_prompt"],
+        num_inference_steps=values["num_inference_steps"],
+        guidance_scale=float(values["guidance_scale"]),
+        width=values["width"] or default_size[0],
+        height=values["height"] or default_size[1],
+        seeds=seeds,
+        timeout_s=values["timeout_s"],
+    )
 
 
-def parse_timeout(value: object, field: str, limit: float) -> float | None:
-    """A client deadline in seconds: a number more than 0 and at most REQUEST_TIMEOUT (never clamped)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(field, f"must be a number of seconds, got {type(value).__name__}")
-    if not (isinstance(value, int) or math.isfinite(value)) or not 0 < value <= limit:
-        raise _invalid(field, f"must be more than 0 and at most REQUEST_TIMEOUT={limit:g} s, got {_shown(value)}")
-    return float(value)
-
-
-def timeout_from_header(text: str | None, limit: float) -> float | None:
-    """The X-Request-Timeout header: a header is text, so a number written as text is the only form."""
+def timeout_from_header(text: str | None, settings: Settings) -> float | None:
+    """The X-Request-Timeout header: a header is text, so a number written as text is the only form; its
+    limits are timeout_s's."""
     if text is None:
         return None
     try:
         value = float(text)
     except ValueError:
         raise _invalid(TIMEOUT_HEADER, f"must be a number of seconds, got {_shown(text)}") from None
-    return parse_timeout(value, TIMEOUT_HEADER, limit)
+    field = BY_NAME["timeout_s"]
+    if not math.isfinite(value) or not 0 < value <= settings.request_timeout:
+        raise _invalid(TIMEOUT_HEADER, f"must be {_limits(field, settings)}, got {_shown(text)}")
+    return value
 
 
-def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
-    """Validate a decoded JSON body; ``default_size`` (width, height) is the model's native size."""
-    if not isinstance(payload, dict):
-        raise InvalidRequest(422, "invalid_body", f"the body must be a JSON object, got {type(payload).__name__}")
-    unknown = sorted(set(payload) - set(FIELDS))
-    if unknown:
-        raise InvalidRequest(
-            422, "unknown_field", f"{unknown[0]}: unknown field (accepted: {', '.join(FIELDS)})", unknown[0]
+def form_fields(settings: Settings) -> list[dict[str, Any]]:
+    """The demo form's number inputs, in declaration order."""
+    rows = []
+    for field in FIELDS:
+        if not field.demo:
+            continue
+        low, high = field.bounds(settings)
+        step = field.multiple_of or (0.5 if field.kind == "number" else 1)
+        default = field.default_for(settings)
+        rows.append(
+            {
+                "name": field.name,
+                "label": field.label,
+                "kind": field.kind,
+                "min": low,
+                "max": high,
+                "step": step,
+                "default": "" if default is None else default,
+                "placeholder": "model default" if field.name in ("width", "height") else "",
+            }
         )
+    return rows
 
-    prompt = _text(payload, "prompt", settings.max_prompt_chars, required=True)
-    assert prompt is not None
-    negative = _text(payload, "negative_prompt", settings.max_prompt_chars, required=False)
-    steps = _integer(payload, "num_inference_steps", settings.default_steps, 1, settings.max_steps)
-    num_images = _integer(payload, "num_images", 1, 1, settings.max_images)
-    seed = _integer(payload, "seed", None, 0, SEED_LIMIT - 1)
 
-    guidance = payload.get("guidance_scale")
-    if guidance is None:
-        guidance = settings.default_guidance
-    guidance = _number(guidance, "guidance_scale", 0, settings.max_guidance)
-
-    width = _size(payload, "width", default_size[0], settings)
-    height = _size(payload, "height", default_size[1], settings)
-
-    assert steps is not None and num_images is not None
-    first = secrets.randbelow(SEED_LIMIT) if seed is None else seed
-    seeds = tuple((first + i) % SEED_LIMIT for i in range(num_images))
-    timeout = parse_timeout(payload.get("timeout_s"), "timeout_s", settings.request_timeout)
-    return GenerationParams(prompt, negative, steps, guidance, width, height, seeds, timeout)
+def request_table(settings: Settings) -> str:
+    """The README's table of request fields, with the limits of ``settings``."""
+    rows = ["| Field | Type | Default | Limits | Meaning |", "|---|---|---|---|---|"]
+    for field in FIELDS:
+        high = field.bounds(settings)[1]
+        default = field.default_for(settings)
+        if field.kind == "text":
+            limits = f"at most {_number(high)} characters" + (", required" if field.required else "")
+        else:
+            limits = _limits(field, settings) + (f", a multiple of {field.multiple_of}" if field.multiple_of else "")
+        shown = "(required)" if field.required else "-" if default is None else f"`{_number(default)}`"
+        rows.append(f"| `{field.name}` | {field.kind} | {shown} | {limits} | {field.meaning} |")
+    return "\n".join(rows)

@@ -116,7 +116,7 @@ def load(settings: Settings, slot: int) -> DiffusersModel:
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = choose_device(settings.device, slot, cuda_count)
     if device == "cpu":
-        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // (settings.workers or 1))
         torch.set_num_threads(threads)
     location = model_location(settings)
     dtype = choose_dtype(settings.dtype, device)

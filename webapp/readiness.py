@@ -1,7 +1,8 @@
 """Judging the board: is the container ready for traffic, and is it still alive?
 
-Pure functions over slot records, so the policy is unit-tested without processes. The routes in
-``health.py`` feed them the live board, ``time.monotonic()`` and a pid check.
+``judge`` is a pure function over slot records, so the policy is unit-tested without processes.
+``observe`` judges the live board and records a change of the container's readiness on it, once, whichever
+worker sees it first: the health routes, the metrics scrape and every worker's heartbeat call it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ from __future__ import annotations
 import errno
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from webapp import logs
 from webapp.board import Board, SlotRecord, State
 from webapp.settings import Settings
+
+log = logs.get(__name__)
 
 PF_EXITING = 0x4  # include/linux/sched.h: the task is exiting
 STALLED = "generation stalled"
@@ -62,28 +67,28 @@ class WorkerView:
         return self.record.state is State.READY and not self.problem
 
     def as_row(self, now: float) -> dict[str, object]:
-        r = self.record
+        record = self.record
         row: dict[str, object] = {
             "slot": self.slot,
-            "state": r.state.name,
-            "pid": r.pid,
-            "device": r.device,
-            "attempt": r.attempt,
-            "max_attempts": r.max_attempts,
-            "in_state_s": round(now - r.state_since_mono, 3) if r.state_since_mono else None,
-            "heartbeat_age_s": round(now - r.heartbeat_mono, 3) if r.heartbeat_mono else None,
-            "served": r.served,
-            "failed": r.failed,
-            "shed": r.shed,
-            "in_flight": r.in_flight,
-            "queued": r.queued,
+            "state": record.state.name,
+            "pid": record.pid,
+            "device": record.device,
+            "attempt": record.attempt,
+            "max_attempts": record.max_attempts,
+            "in_state_s": round(now - record.state_since_mono, 3) if record.state_since_mono else None,
+            "heartbeat_age_s": round(now - record.heartbeat_mono, 3) if record.heartbeat_mono else None,
+            "served": record.served,
+            "failed": record.failed,
+            "shed": record.shed,
+            "in_flight": record.in_flight,
+            "queued": record.queued,
         }
-        if r.crashes:
-            row["crashes"] = r.crashes
-        if r.next_retry_mono and r.state in (State.STARTING, State.LOADING) and r.next_retry_mono > now:
-            row["next_retry_in_s"] = round(r.next_retry_mono - now, 3)
-        if r.error:
-            row["error"] = r.error
+        if record.crashes:
+            row["crashes"] = record.crashes
+        if record.next_retry_mono and record.state in (State.STARTING, State.LOADING) and record.next_retry_mono > now:
+            row["next_retry_in_s"] = round(record.next_retry_mono - now, 3)
+        if record.error:
+            row["error"] = record.error
         if self.problem:
             row["problem"] = self.problem
         return row
@@ -98,7 +103,7 @@ class Verdict:
     alive: bool
     alive_reason: str
     workers: list[WorkerView]
-    quorum: int
+    required_ready: int  # READY workers READY_POLICY asks for
 
 
 def view_workers(
@@ -131,7 +136,7 @@ def view_workers(
 def judge(
     records: Sequence[SlotRecord],
     now: float,
-    quorum: int,
+    required_ready: int,
     heartbeat_timeout: float,
     stall_timeout: float = math.inf,
     crash_limit: int = 2**31,
@@ -139,7 +144,7 @@ def judge(
     master_alive: bool = True,
     is_alive: Callable[[int], bool] = pid_alive,
 ) -> Verdict:
-    """Apply the readiness policy (``quorum`` READY workers needed) and the liveness rule to the board."""
+    """Apply the readiness policy (``required_ready`` READY workers needed) and the liveness rule to the board."""
     workers = view_workers(records, now, heartbeat_timeout, stall_timeout, is_alive)
     ready_count = sum(w.ready for w in workers)
     live = [w for w in workers if w.record.state is not State.DEAD]
@@ -150,15 +155,17 @@ def judge(
     if not master_alive:
         alive, alive_reason = False, "the gunicorn master is gone"
     elif broken:
-        w = broken[0]
+        first = broken[0]
         alive = False
-        alive_reason = f"worker {w.slot} is {w.record.state.name}: {w.record.error or 'no message'}"
+        alive_reason = f"worker {first.slot} is {first.record.state.name}: {first.record.error or 'no message'}"
     elif stalled:
         alive, alive_reason = False, f"worker {stalled[0].slot} {stalled[0].problem}"
     elif looping:
-        w = looping[0]
+        first = looping[0]
         alive = False
-        alive_reason = f"slot {w.slot} crash loop: its workers died {w.record.crashes} times in a row before READY"
+        alive_reason = (
+            f"slot {first.slot} crash loop: its workers died {first.record.crashes} times in a row before READY"
+        )
     else:
         alive, alive_reason = True, "every worker is ready or can still become ready"
 
@@ -166,19 +173,19 @@ def judge(
         ready, reason = False, "the gunicorn master is gone"
     elif shutting_down:
         ready, reason = False, "the server is shutting down"
-    elif ready_count >= quorum:
-        ready, reason = True, f"{ready_count} of {quorum} required workers ready"
+    elif ready_count >= required_ready:
+        ready, reason = True, f"{ready_count} of {required_ready} required workers ready"
     else:
-        ready, reason = False, _not_ready_reason(workers, ready_count, quorum)
-    return Verdict(ready, reason, alive, alive_reason, workers, quorum)
+        ready, reason = False, _not_ready_reason(workers, ready_count, required_ready)
+    return Verdict(ready, reason, alive, alive_reason, workers, required_ready)
 
 
 def judge_board(board: Board, settings: Settings, now: float) -> Verdict:
-    """Judge the live board under ``settings`` (what /readyz, /healthz, /metrics and heartbeats use)."""
+    """Judge the live board under ``settings``."""
     return judge(
         board.read_all(),
         now=now,
-        quorum=settings.ready_quorum(board.expected_workers),
+        required_ready=settings.required_ready(board.expected_workers),
         heartbeat_timeout=settings.heartbeat_timeout,
         stall_timeout=settings.stall_timeout,
         crash_limit=settings.crash_loop_limit,
@@ -187,20 +194,31 @@ def judge_board(board: Board, settings: Settings, now: float) -> Verdict:
     )
 
 
-def _not_ready_reason(workers: list[WorkerView], ready_count: int, quorum: int) -> str:
+def observe(board: Board, settings: Settings) -> Verdict:
+    """Judge the live board now, and record (count, log) a change of the container's readiness if this
+    is the first process to see it: changes are counted when they happen, not only when someone probes."""
+    verdict = judge_board(board, settings, time.monotonic())
+    if board.record_readiness(verdict.ready):
+        log.info("readiness_changed", ready=verdict.ready, reason=verdict.ready_reason)
+    return verdict
+
+
+def _not_ready_reason(workers: list[WorkerView], ready_count: int, required_ready: int) -> str:
     details = []
-    for w in workers:
-        if w.ready:
+    for worker in workers:
+        if worker.ready:
             continue
-        if w.problem:
-            details.append(f"worker {w.slot} {w.problem}")
-        elif w.record.state is State.LOADING:
-            suffix = f": {w.record.error}" if w.record.error else ""
-            details.append(f"worker {w.slot} LOADING (attempt {w.record.attempt}/{w.record.max_attempts}){suffix}")
+        if worker.problem:
+            details.append(f"worker {worker.slot} {worker.problem}")
+        elif worker.record.state is State.LOADING:
+            suffix = f": {worker.record.error}" if worker.record.error else ""
+            details.append(
+                f"worker {worker.slot} LOADING (attempt {worker.record.attempt}/{worker.record.max_attempts}){suffix}"
+            )
         else:
-            details.append(f"worker {w.slot} {w.record.state.name}")
-    missing = quorum - ready_count
-    head = f"{ready_count} of {quorum} required workers ready"
+            details.append(f"worker {worker.slot} {worker.record.state.name}")
+    missing = required_ready - ready_count
+    head = f"{ready_count} of {required_ready} required workers ready"
     if not details:
         details.append(f"{missing} worker(s) not started yet")
     return head + "; " + "; ".join(details)

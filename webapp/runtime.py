@@ -1,37 +1,87 @@
-"""What one worker process serves with: its settings, the board, its slot and its engine."""
+"""One worker process's life: ``start_worker`` starts it, ``drain`` and ``stop`` end it. gunicorn's hooks
+call these (``webapp.hooks``), and so does a standalone app (``flask --app webapp run``) or a test: one way
+to start a worker, whoever asks.
+
+A worker's state changes are the lifecycle's (``webapp.lifecycle``); this module only wires the pieces:
+the slot's lifecycle, the engine and its way out when it turns UNHEALTHY.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from webapp import lifecycle, logs
 from webapp.board import Board, State
 from webapp.engine import Engine
+from webapp.lifecycle import Lifecycle
 from webapp.settings import Settings
+
+log = logs.get(__name__)
 
 
 @dataclass
 class Runtime:
-    """The pieces the routes read. ``engine`` is None only if the worker could not start one (the board
-    then says FAILED with the reason)."""
+    """What a worker's routes serve with. ``engine`` is None only if the worker could not start one (its
+    slot then says FAILED with the reason)."""
 
     settings: Settings
     board: Board
-    slot: int
+    lifecycle: Lifecycle
     engine: Engine | None
 
-    @classmethod
-    def standalone(cls, settings: Settings) -> Runtime:
-        """A one-slot board and engine in this process, for running the app without gunicorn's hooks
-        (``flask --app webapp run``). Production always goes through the gunicorn hooks."""
-        board = Board.create(Path(tempfile.gettempdir()), capacity=1, expected_workers=1)
-        now = time.monotonic()
-        board.reset(
-            0, state=State.STARTING, pid=os.getpid(), started_mono=now, started_wall=time.time(), heartbeat_mono=now
-        )
-        engine = Engine(settings, board, 0)
+    @property
+    def slot(self) -> int:
+        return self.lifecycle.slot
+
+
+def exit_gracefully(reason: str) -> None:
+    """An UNHEALTHY worker leaves through its own SIGTERM: under gunicorn that is the graceful exit, so
+    replies in flight still go out, and the master forks a replacement."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_worker(
+    settings: Settings, board: Board, slot: int, on_unhealthy: Callable[[str], None] = exit_gracefully
+) -> Runtime:
+    """Take ``slot`` for this process and start its engine threads; return at once, never raise (under
+    gunicorn an exception in post_fork halts the whole server): a failure is written to the slot as FAILED."""
+    worker = Lifecycle(board, slot)
+    try:
+        engine = Engine(settings, worker, on_unhealthy)
         engine.start()
-        return cls(settings, board, 0, engine)
+    except Exception as exc:
+        log.exception("worker_start_failed", slot=slot, pid=os.getpid())
+        worker.failed(f"worker start failed: {exc!r}")
+        return Runtime(settings, board, worker, None)
+    log.info("worker_started", slot=slot, pid=os.getpid(), state=worker.state.name)
+    return Runtime(settings, board, worker, engine)
+
+
+def drain(runtime: Runtime) -> None:
+    """Shutdown begins: DRAINING, finish what is held, take nothing new."""
+    if runtime.engine is not None:
+        runtime.engine.drain()
+    else:
+        runtime.lifecycle.draining()
+
+
+def stop(runtime: Runtime) -> None:
+    """The worker exits now: drain, then give the engine's threads a moment to finish their step (none when
+    UNHEALTHY: its engine thread may be stuck in a step for good)."""
+    drain(runtime)
+    if runtime.engine is not None:
+        runtime.engine.stop(timeout=0 if runtime.engine.state is State.UNHEALTHY else 5)
+
+
+def standalone(settings: Settings) -> Runtime:
+    """A one-slot board and one worker in this process, for the app without gunicorn. Production always
+    goes through gunicorn, whose master owns the board and sees workers die."""
+    logs.configure(settings.log_format)
+    board = Board.create(Path(tempfile.gettempdir()), capacity=1, expected_workers=1)
+    lifecycle.assign(board, 0)
+    return start_worker(settings, board, 0)

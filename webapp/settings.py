@@ -1,23 +1,29 @@
-"""Settings: one validated object built from environment variables.
+"""Settings: one validated, frozen object built from environment variables.
 
-Every variable is listed in ``VARIABLES`` with its default and meaning (the README's settings table is
-generated from the same list). A bad value raises ``SettingsError`` naming the variable: the server
-refuses to start rather than fall back silently.
+Each setting is declared once, as a field of ``Settings``: its variable, default, bounds and meaning.
+pydantic parses and checks the values; the README's settings table (``settings_table()``, which a test
+compares with the README) and the error messages are derived from the same declarations. A bad value
+raises ``SettingsError`` naming the variable: the server refuses to start rather than fall back silently.
+
+gunicorn's own worker count is gunicorn's: it reads ``WEB_CONCURRENCY`` (or ``-w``) itself, and the master
+hands the count it really runs to ``Settings.for_workers``. The gunicorn settings below that gunicorn does
+not read from the environment itself (bind, threads, timeouts, recycling, logging) are declared here and
+passed to it by gunicorn.conf.py, flat.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 BUILTIN_TINY_MODEL = "builtin:tiny-sd"
-READY_POLICIES = ("all", "any")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines require sides divisible by 8
 STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
 
@@ -26,118 +32,222 @@ class SettingsError(ValueError):
     """A configuration value is invalid; the message names the environment variable."""
 
 
-@dataclass(frozen=True)
-class Variable:
-    name: str
-    default: str
-    meaning: str
+def _setting(variable: str, default: Any, meaning: str, expected: str = "", **bounds: Any) -> Any:
+    """One setting: read from ``variable``, ``default`` when unset, with its ``meaning`` for the README and,
+    where its bounds are not numbers, what it ``expected`` in words for the error message."""
+    extra = {"expected": expected} if expected else None
+    return Field(default, validation_alias=variable, description=meaning, json_schema_extra=extra, **bounds)
 
 
-VARIABLES: tuple[Variable, ...] = (
-    Variable("HOST", "0.0.0.0", "Address gunicorn binds."),
-    Variable("PORT", "8080", "Port gunicorn binds (Cloud Run sets it)."),
-    Variable("WEB_CONCURRENCY", "1", "gunicorn workers; each loads its own pipeline (one per GPU is usual)."),
-    Variable("THREADS", "16", "gthread request threads per worker; at least MAX_ONGOING + MAX_QUEUED + 2."),
-    Variable("MODEL_ID", BUILTIN_TINY_MODEL, "Model to serve: a local folder, a hub id, or the embedded tiny model."),
-    Variable("MODEL_CACHE_DIR", "~/.cache/honest-diffusion", "Where the embedded tiny model is built."),
-    Variable("MODEL_LOADER", "webapp.pipeline:load", "Callable `module:function(settings, slot)` returning a model."),
-    Variable("DEVICE", "auto", "auto (cuda:<slot % GPUs> when CUDA is there, else cpu), cpu, cuda or cuda:N."),
-    Variable("DTYPE", "auto", "auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16."),
-    Variable("TORCH_THREADS", "0", "CPU threads per worker for torch; 0 = cores / workers."),
-    Variable("LOAD_MAX_ATTEMPTS", "5", "Load attempts before a worker is FAILED."),
-    Variable("LOAD_MAX_SECONDS", "180", "Total load budget; no retry starts that would end past it."),
-    Variable("LOAD_BACKOFF_INITIAL", "2", "First retry wait in seconds (exponential, with jitter)."),
-    Variable("LOAD_BACKOFF_MAX", "30", "Longest wait between attempts, seconds."),
-    Variable("READY_POLICY", "all", "/readyz is 200 when: all = every worker READY, any = one, N = at least N."),
-    Variable("HEARTBEAT_INTERVAL", "1", "Seconds between a worker's heartbeats on the board."),
-    Variable("HEARTBEAT_TIMEOUT", "10", "A heartbeat older than this marks the worker stale (not ready)."),
-    Variable("BOARD_DIR", "", "Folder for the readiness board; empty = /dev/shm, else the temp dir."),
-    Variable("STALL_TIMEOUT", "60", "A denoising step running longer than this makes the worker UNHEALTHY."),
-    Variable("MAX_CONSECUTIVE_FAILURES", "5", "Failed generations in a row that make a worker UNHEALTHY."),
-    Variable("CRASH_LOOP_LIMIT", "5", "Deaths in a row of a slot's workers before READY that turn /healthz 503."),
-    Variable("RESPAWN_BACKOFF_INITIAL", "1", "Wait before loading again after a slot's worker crashed, seconds."),
-    Variable("RESPAWN_BACKOFF_MAX", "60", "Longest respawn wait, seconds (doubles per crash in a row)."),
-    Variable("MAX_REQUESTS", "0", "gunicorn max_requests: recycle a worker after this many requests; 0 = never."),
-    Variable("MAX_REQUESTS_JITTER", "0", "gunicorn max_requests_jitter, so workers do not recycle together."),
-    Variable("REQUEST_TIMEOUT", "120", "Seconds a /generate request may wait for its images (504 after)."),
-    Variable("MAX_ONGOING", "4", "Jobs a worker runs on its device at once (in one batch)."),
-    Variable("MAX_QUEUED", "8", "Jobs that may wait per worker beyond MAX_ONGOING; more are shed with 503."),
-    Variable("MAX_BATCH_SIZE", "4", "Images in one pipeline call; compatible queued jobs share it."),
-    Variable("BATCH_WAIT_MS", "0", "How long an idle engine waits for more jobs to fill a batch."),
-    Variable("MAX_BODY_BYTES", "65536", "Largest /generate body accepted (413 above)."),
-    Variable(
-        "CLIENT_TIMEOUT",
-        "20",
-        "Seconds a client has to send a whole request (408 after) and to take each part of an answer.",
-    ),
-    Variable("MAX_PROMPT_CHARS", "2000", "Longest prompt and negative_prompt."),
-    Variable("DEFAULT_STEPS", "20", "num_inference_steps when the request gives none."),
-    Variable("MAX_STEPS", "100", "Largest num_inference_steps."),
-    Variable("MAX_GUIDANCE", "30", "Largest guidance_scale."),
-    Variable("DEFAULT_GUIDANCE", "7.5", "guidance_scale when the request gives none."),
-    Variable("MIN_IMAGE_SIZE", "64", "Smallest width or height (a multiple of 8)."),
-    Variable("MAX_IMAGE_SIZE", "1024", "Largest width or height (a multiple of 8)."),
-    Variable("MAX_IMAGES", "4", "Largest num_images per request."),
-    Variable("GRACEFUL_TIMEOUT", "30", "Seconds a worker may finish in-flight work after SIGTERM."),
-    Variable("WORKER_TIMEOUT", "60", "gunicorn timeout: a worker whose main loop is frozen this long is killed."),
-    Variable("ACCESS_LOG", "1", "1 = access log on stdout, 0 = off."),
-    Variable("LOG_PROBES", "0", "1 = log /healthz and /readyz requests in the access log too."),
-    Variable("LOG_LEVEL", "info", "gunicorn and app log level."),
-    Variable("LOG_FORMAT", "kv", "kv = one logfmt line (key=value) per event, json = one JSON object per line."),
-)
-_DEFAULTS = {v.name: v.default for v in VARIABLES}
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
-@dataclass(frozen=True)
-class Settings:
+def _default_board_dir(value: Any) -> Any:
+    if value not in ("", None):
+        return value
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+Choice = Annotated[str, BeforeValidator(_lower)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Settings(BaseModel):
     """Validated configuration; build it with ``Settings.from_env()``."""
 
-    host: str
-    port: int
-    workers: int
-    threads: int
-    model_id: str
-    model_cache_dir: Path
-    model_loader: str
-    device: str
-    dtype: str
-    torch_threads: int
-    load_max_attempts: int
-    load_max_seconds: float
-    load_backoff_initial: float
-    load_backoff_max: float
-    ready_policy: str
-    heartbeat_interval: float
-    heartbeat_timeout: float
-    board_dir: Path
-    stall_timeout: float
-    max_consecutive_failures: int
-    crash_loop_limit: int
-    respawn_backoff_initial: float
-    respawn_backoff_max: float
-    max_requests: int
-    max_requests_jitter: int
-    request_timeout: float
-    max_ongoing: int
-    max_queued: int
-    max_batch_size: int
-    batch_wait_ms: float
-    max_body_bytes: int
-    client_timeout: float
-    max_prompt_chars: int
-    default_steps: int
-    max_steps: int
-    max_guidance: float
-    default_guidance: float
-    min_image_size: int
-    max_image_size: int
-    max_images: int
-    graceful_timeout: float
-    worker_timeout: float
-    access_log: bool
-    log_probes: bool
-    log_level: str
-    log_format: str
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True, validate_default=True
+    )
+
+    host: str = _setting("HOST", "0.0.0.0", "Address gunicorn binds.", min_length=1)
+    port: int = _setting("PORT", 8080, "Port gunicorn binds (Cloud Run sets it).", ge=1, le=65535)
+    threads: int = _setting(
+        "THREADS", 16, "gthread request threads per worker; at least MAX_ONGOING + MAX_QUEUED + 2.", ge=3, le=4096
+    )
+    model_id: str = _setting(
+        "MODEL_ID",
+        BUILTIN_TINY_MODEL,
+        "Model to serve: a local folder, a hub id, or the embedded tiny model.",
+        min_length=1,
+    )
+    model_cache_dir: Annotated[Path, AfterValidator(Path.expanduser)] = _setting(
+        "MODEL_CACHE_DIR", "~/.cache/honest-diffusion", "Where the embedded tiny model is built."
+    )
+    model_loader: str = _setting(
+        "MODEL_LOADER",
+        "webapp.pipeline:load",
+        "Callable `module:function(settings, slot)` returning a model.",
+        expected="module.path:function",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+    )
+    device: Choice = _setting(
+        "DEVICE",
+        "auto",
+        "auto (cuda:<slot % GPUs> when CUDA is there, else cpu), cpu, cuda or cuda:N.",
+        expected="auto, cpu, cuda or cuda:N",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+    )
+    dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"], BeforeValidator(_lower)] = _setting(
+        "DTYPE", "auto", "auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16."
+    )
+    torch_threads: int = _setting(
+        "TORCH_THREADS", 0, "CPU threads per worker for torch; 0 = cores / workers.", ge=0, le=1024
+    )
+    load_max_attempts: int = _setting("LOAD_MAX_ATTEMPTS", 5, "Load attempts before a worker is FAILED.", ge=1, le=1000)
+    load_max_seconds: Number = _setting(
+        "LOAD_MAX_SECONDS", 180, "Total load budget; no retry starts that would end past it.", ge=0.1, le=86400
+    )
+    load_backoff_initial: Number = _setting(
+        "LOAD_BACKOFF_INITIAL", 2, "First retry wait in seconds (exponential, with jitter).", ge=0, le=3600
+    )
+    load_backoff_max: Number = _setting(
+        "LOAD_BACKOFF_MAX", 30, "Longest wait between attempts, seconds.", ge=0, le=3600
+    )
+    ready_policy: Choice = _setting(
+        "READY_POLICY",
+        "all",
+        "/readyz is 200 when: all = every worker READY, any = one, N = at least N.",
+        expected="all, any, or a number of workers",
+        pattern=r"^(all|any|[1-9]\d{0,3})$",
+    )
+    heartbeat_interval: Number = _setting(
+        "HEARTBEAT_INTERVAL", 1, "Seconds between a worker's heartbeats on the board.", ge=0.05, le=60
+    )
+    heartbeat_timeout: Number = _setting(
+        "HEARTBEAT_TIMEOUT", 10, "A heartbeat older than this marks the worker stale (not ready).", ge=0.1, le=3600
+    )
+    board_dir: Annotated[Path, BeforeValidator(_default_board_dir)] = _setting(
+        "BOARD_DIR", "", "Folder for the readiness board; empty = /dev/shm, else the temp dir."
+    )
+    stall_timeout: Number = _setting(
+        "STALL_TIMEOUT", 60, "A denoising step running longer than this makes the worker UNHEALTHY.", ge=0.1, le=86400
+    )
+    max_consecutive_failures: int = _setting(
+        "MAX_CONSECUTIVE_FAILURES", 5, "Failed generations in a row that make a worker UNHEALTHY.", ge=1, le=1_000_000
+    )
+    crash_loop_limit: int = _setting(
+        "CRASH_LOOP_LIMIT",
+        5,
+        "Deaths in a row of a slot's workers before READY that turn /healthz 503.",
+        ge=1,
+        le=65535,
+    )
+    respawn_backoff_initial: Number = _setting(
+        "RESPAWN_BACKOFF_INITIAL", 1, "Wait before loading again after a slot's worker crashed, seconds.", ge=0, le=3600
+    )
+    respawn_backoff_max: Number = _setting(
+        "RESPAWN_BACKOFF_MAX", 60, "Longest respawn wait, seconds (doubles per crash in a row).", ge=0, le=86400
+    )
+    max_requests: int = _setting(
+        "MAX_REQUESTS",
+        0,
+        "gunicorn max_requests: recycle a worker after this many requests; 0 = never.",
+        ge=0,
+        le=10**7,
+    )
+    max_requests_jitter: int = _setting(
+        "MAX_REQUESTS_JITTER", 0, "gunicorn max_requests_jitter, so workers do not recycle together.", ge=0, le=10**7
+    )
+    request_timeout: Number = _setting(
+        "REQUEST_TIMEOUT", 120, "Seconds a /generate request may wait for its images (504 after).", ge=0.1, le=86400
+    )
+    max_ongoing: int = _setting(
+        "MAX_ONGOING", 4, "Jobs a worker runs on its device at once (in one batch).", ge=1, le=1024
+    )
+    max_queued: int = _setting(
+        "MAX_QUEUED", 8, "Jobs that may wait per worker beyond MAX_ONGOING; more are shed with 503.", ge=0, le=10000
+    )
+    max_batch_size: int = _setting(
+        "MAX_BATCH_SIZE", 4, "Images in one pipeline call; compatible queued jobs share it.", ge=1, le=1024
+    )
+    batch_wait_ms: Number = _setting(
+        "BATCH_WAIT_MS", 0, "How long an idle engine waits for more jobs to fill a batch.", ge=0, le=60000
+    )
+    max_body_bytes: int = _setting(
+        "MAX_BODY_BYTES", 65536, "Largest /generate body accepted (413 above).", ge=1024, le=64 * 1024 * 1024
+    )
+    client_timeout: Number = _setting(
+        "CLIENT_TIMEOUT",
+        20,
+        "Seconds a client has to send a whole request (408 after) and to take each part of an answer.",
+        ge=0.5,
+        le=3600,
+    )
+    max_prompt_chars: int = _setting(
+        "MAX_PROMPT_CHARS", 2000, "Longest prompt and negative_prompt.", ge=1, le=1_000_000
+    )
+    default_steps: int = _setting(
+        "DEFAULT_STEPS", 20, "num_inference_steps when the request gives none.", ge=1, le=10000
+    )
+    max_steps: int = _setting("MAX_STEPS", 100, "Largest num_inference_steps.", ge=1, le=10000)
+    max_guidance: Number = _setting("MAX_GUIDANCE", 30, "Largest guidance_scale.", ge=0, le=1000)
+    default_guidance: Number = _setting(
+        "DEFAULT_GUIDANCE", 7.5, "guidance_scale when the request gives none.", ge=0, le=1000
+    )
+    min_image_size: int = _setting(
+        "MIN_IMAGE_SIZE", 64, "Smallest width or height (a multiple of 8).", ge=8, le=8192, multiple_of=SIZE_MULTIPLE
+    )
+    max_image_size: int = _setting(
+        "MAX_IMAGE_SIZE", 1024, "Largest width or height (a multiple of 8).", ge=8, le=8192, multiple_of=SIZE_MULTIPLE
+    )
+    max_images: int = _setting("MAX_IMAGES", 4, "Largest num_images per request.", ge=1, le=64)
+    graceful_timeout: Number = _setting(
+        "GRACEFUL_TIMEOUT", 30, "Seconds a worker may finish in-flight work after SIGTERM.", ge=0, le=3600
+    )
+    worker_timeout: Number = _setting(
+        "WORKER_TIMEOUT",
+        60,
+        "gunicorn timeout: a worker whose main loop is frozen this long is killed.",
+        ge=1,
+        le=86400,
+    )
+    access_log: bool = _setting("ACCESS_LOG", True, "1 = access log on stdout, 0 = off.")
+    log_probes: bool = _setting("LOG_PROBES", False, "1 = log /healthz and /readyz requests in the access log too.")
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = _setting(
+        "LOG_LEVEL", "info", "gunicorn and app log level."
+    )
+    log_format: Annotated[Literal["kv", "json"], BeforeValidator(_lower)] = _setting(
+        "LOG_FORMAT", "kv", "kv = one logfmt line (key=value) per event, json = one JSON object per line."
+    )
+    # Not read from the environment: gunicorn's own count (WEB_CONCURRENCY or -w), given by ``for_workers``
+    # once the master knows it; None until then.
+    workers: int | None = Field(None, ge=1, le=64, exclude=True)
+
+    @model_validator(mode="after")
+    def _relations(self) -> Settings:
+        checks = [
+            (
+                self.threads >= self.max_ongoing + self.max_queued + 2,
+                f"THREADS={self.threads} is too few: each admitted /generate holds a thread while it waits, so "
+                f"MAX_ONGOING + MAX_QUEUED + 2 = {self.max_ongoing + self.max_queued + 2} are needed for probes "
+                "to always find a free one",
+            ),
+            (self.default_steps <= self.max_steps, "DEFAULT_STEPS must not exceed MAX_STEPS"),
+            (self.default_guidance <= self.max_guidance, "DEFAULT_GUIDANCE must not exceed MAX_GUIDANCE"),
+            (self.min_image_size <= self.max_image_size, "MIN_IMAGE_SIZE must not exceed MAX_IMAGE_SIZE"),
+            (
+                self.load_backoff_initial <= self.load_backoff_max,
+                "LOAD_BACKOFF_INITIAL must not exceed LOAD_BACKOFF_MAX",
+            ),
+            (
+                self.respawn_backoff_initial <= self.respawn_backoff_max,
+                "RESPAWN_BACKOFF_INITIAL must not exceed RESPAWN_BACKOFF_MAX",
+            ),
+            (
+                self.heartbeat_timeout > 2 * self.heartbeat_interval,
+                "HEARTBEAT_TIMEOUT must be more than twice HEARTBEAT_INTERVAL, or a live worker looks stale",
+            ),
+            (
+                self.workers is None or self.ready_policy in ("all", "any") or int(self.ready_policy) <= self.workers,
+                f"READY_POLICY={self.ready_policy} asks for more READY workers than the {self.workers} gunicorn runs "
+                "(WEB_CONCURRENCY)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
 
     @property
     def bind(self) -> str:
@@ -149,13 +259,7 @@ class Settings:
         attempt that may still be running when the budget ends (STARTUP_OVERHEAD_S)."""
         return self.load_max_seconds + STARTUP_OVERHEAD_S
 
-    def respawn_delay(self, crashes: int) -> float:
-        """How long a slot's new worker waits before loading after ``crashes`` deaths in a row."""
-        if crashes <= 0:
-            return 0.0
-        return min(self.respawn_backoff_max, self.respawn_backoff_initial * 2 ** (crashes - 1))
-
-    def ready_quorum(self, expected_workers: int) -> int:
+    def required_ready(self, expected_workers: int) -> int:
         """How many READY workers /readyz needs under READY_POLICY, given the configured worker count."""
         if self.ready_policy == "all":
             return expected_workers
@@ -167,169 +271,84 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; raise SettingsError naming the first bad one."""
         env = os.environ if environ is None else environ
-        r = _Reader(env)
-        workers = r.integer("WEB_CONCURRENCY", 1, 64)
-        settings = cls(
-            host=r.text("HOST"),
-            port=r.integer("PORT", 1, 65535),
-            workers=workers,
-            threads=r.integer("THREADS", 3, 4096),
-            model_id=r.text("MODEL_ID"),
-            model_cache_dir=Path(r.text("MODEL_CACHE_DIR")).expanduser(),
-            model_loader=r.loader("MODEL_LOADER"),
-            device=r.device("DEVICE"),
-            dtype=r.choice("DTYPE", DTYPE_CHOICES),
-            torch_threads=r.integer("TORCH_THREADS", 0, 1024),
-            load_max_attempts=r.integer("LOAD_MAX_ATTEMPTS", 1, 1000),
-            load_max_seconds=r.number("LOAD_MAX_SECONDS", 0.1, 86400),
-            load_backoff_initial=r.number("LOAD_BACKOFF_INITIAL", 0, 3600),
-            load_backoff_max=r.number("LOAD_BACKOFF_MAX", 0, 3600),
-            ready_policy=r.ready_policy("READY_POLICY", workers),
-            heartbeat_interval=r.number("HEARTBEAT_INTERVAL", 0.05, 60),
-            heartbeat_timeout=r.number("HEARTBEAT_TIMEOUT", 0.1, 3600),
-            board_dir=Path(r.text("BOARD_DIR", allow_empty=True) or _default_board_dir()),
-            stall_timeout=r.number("STALL_TIMEOUT", 0.1, 86400),
-            max_consecutive_failures=r.integer("MAX_CONSECUTIVE_FAILURES", 1, 1_000_000),
-            crash_loop_limit=r.integer("CRASH_LOOP_LIMIT", 1, 65535),
-            respawn_backoff_initial=r.number("RESPAWN_BACKOFF_INITIAL", 0, 3600),
-            respawn_backoff_max=r.number("RESPAWN_BACKOFF_MAX", 0, 86400),
-            max_requests=r.integer("MAX_REQUESTS", 0, 10_000_000),
-            max_requests_jitter=r.integer("MAX_REQUESTS_JITTER", 0, 10_000_000),
-            request_timeout=r.number("REQUEST_TIMEOUT", 0.1, 86400),
-            max_ongoing=r.integer("MAX_ONGOING", 1, 1024),
-            max_queued=r.integer("MAX_QUEUED", 0, 10000),
-            max_batch_size=r.integer("MAX_BATCH_SIZE", 1, 1024),
-            batch_wait_ms=r.number("BATCH_WAIT_MS", 0, 60000),
-            max_body_bytes=r.integer("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024),
-            client_timeout=r.number("CLIENT_TIMEOUT", 0.5, 3600),
-            max_prompt_chars=r.integer("MAX_PROMPT_CHARS", 1, 1_000_000),
-            default_steps=r.integer("DEFAULT_STEPS", 1, 10000),
-            max_steps=r.integer("MAX_STEPS", 1, 10000),
-            max_guidance=r.number("MAX_GUIDANCE", 0, 1000),
-            default_guidance=r.number("DEFAULT_GUIDANCE", 0, 1000),
-            min_image_size=r.size("MIN_IMAGE_SIZE"),
-            max_image_size=r.size("MAX_IMAGE_SIZE"),
-            max_images=r.integer("MAX_IMAGES", 1, 64),
-            graceful_timeout=r.number("GRACEFUL_TIMEOUT", 0, 3600),
-            worker_timeout=r.number("WORKER_TIMEOUT", 1, 86400),
-            access_log=r.flag("ACCESS_LOG"),
-            log_probes=r.flag("LOG_PROBES"),
-            log_level=r.choice("LOG_LEVEL", ("debug", "info", "warning", "error", "critical")),
-            log_format=r.choice("LOG_FORMAT", ("kv", "json")),
-        )
-        _check_relations(settings)
-        return settings
+        given = {
+            info.validation_alias: env[info.validation_alias].strip()
+            for info in _declared()
+            if info.validation_alias in env
+        }
+        return _validated(cls, given)
+
+    def for_workers(self, workers: int) -> Settings:
+        """These settings for a server of ``workers`` workers (gunicorn's count), checked again."""
+        return _validated(type(self), {**self.model_dump(), "workers": workers})
 
 
-def _default_board_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+def _declared() -> list[FieldInfo]:
+    return [info for info in Settings.model_fields.values() if isinstance(info.validation_alias, str)]
 
 
-def _check_relations(s: Settings) -> None:
-    pairs: list[tuple[bool, str]] = [
-        (
-            s.threads >= s.max_ongoing + s.max_queued + 2,
-            f"THREADS={s.threads} is too few: each admitted /generate holds a thread while it waits, so "
-            f"MAX_ONGOING + MAX_QUEUED + 2 = {s.max_ongoing + s.max_queued + 2} are needed for probes to "
-            "always find a free one",
-        ),
-        (s.default_steps <= s.max_steps, "DEFAULT_STEPS must not exceed MAX_STEPS"),
-        (s.default_guidance <= s.max_guidance, "DEFAULT_GUIDANCE must not exceed MAX_GUIDANCE"),
-        (s.min_image_size <= s.max_image_size, "MIN_IMAGE_SIZE must not exceed MAX_IMAGE_SIZE"),
-        (s.load_backoff_initial <= s.load_backoff_max, "LOAD_BACKOFF_INITIAL must not exceed LOAD_BACKOFF_MAX"),
-        (
-            s.respawn_backoff_initial <= s.respawn_backoff_max,
-            "RESPAWN_BACKOFF_INITIAL must not exceed RESPAWN_BACKOFF_MAX",
-        ),
-        (
-            s.heartbeat_timeout > 2 * s.heartbeat_interval,
-            "HEARTBEAT_TIMEOUT must be more than twice HEARTBEAT_INTERVAL, or a live worker looks stale",
-        ),
-    ]
-    for ok, message in pairs:
-        if not ok:
-            raise SettingsError(message)
+def _validated(cls: type[Settings], data: dict[str, Any]) -> Settings:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if not error["loc"]:  # a relation between settings: its message names them
+            raise SettingsError(str(error["ctx"]["error"])) from None
+        name = str(error["loc"][0])
+        variable = "WEB_CONCURRENCY" if name == "workers" else name
+        shown = data.get(name, error.get("input"))
+        raise SettingsError(f"{variable}={shown!r} is invalid: {_expected(name, error)}") from None
 
 
-class _Reader:
-    """Parses one variable at a time and names it in every error."""
+def _expected(name: str, error: Any) -> str:
+    """What the setting takes, in words, from its declaration: the bounds, the choices or the pattern."""
+    info = Settings.model_fields.get(name) or next(
+        f for f in Settings.model_fields.values() if f.validation_alias == name
+    )
+    bounds = {type(item).__name__: item for item in info.metadata}
+    kind = {int: "an integer", float: "a number", int | None: "an integer"}.get(info.annotation, "")
+    if "Ge" in bounds and "Le" in bounds:
+        low, high = bounds["Ge"].ge, bounds["Le"].le
+        text = f"expected {kind or 'a value'} from {low:g} to {high:g}"
+        if "MultipleOf" in bounds:
+            text += f", a multiple of {bounds['MultipleOf'].multiple_of}"
+        return text
+    if isinstance(info.json_schema_extra, dict) and "expected" in info.json_schema_extra:
+        return f"expected {info.json_schema_extra['expected']}"
+    if info.annotation is bool:
+        return "expected 1 or 0 (true/false, yes/no, on/off)"
+    if error["type"] == "literal_error":
+        return "expected " + error["msg"].removeprefix("Input should be ")
+    return error["msg"]
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
 
-    def raw(self, name: str) -> str:
-        return self.env.get(name, _DEFAULTS[name]).strip()
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable as the README's settings table shows it."""
 
-    def fail(self, name: str, expected: str) -> SettingsError:
-        return SettingsError(f"{name}={self.env.get(name, '')!r} is invalid: expected {expected}")
+    name: str
+    default: str
+    meaning: str
 
-    def text(self, name: str, allow_empty: bool = False) -> str:
-        value = self.raw(name)
-        if not value and not allow_empty:
-            raise self.fail(name, "a non-empty value")
-        return value
 
-    def integer(self, name: str, low: int, high: int) -> int:
-        try:
-            value = int(self.raw(name))
-        except ValueError:
-            raise self.fail(name, f"an integer from {low} to {high}") from None
-        if not low <= value <= high:
-            raise self.fail(name, f"an integer from {low} to {high}")
-        return value
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
-    def number(self, name: str, low: float, high: float) -> float:
-        try:
-            value = float(self.raw(name))
-        except ValueError:
-            raise self.fail(name, f"a number from {low:g} to {high:g}") from None
-        if not math.isfinite(value) or not low <= value <= high:
-            raise self.fail(name, f"a number from {low:g} to {high:g}")
-        return value
 
-    def flag(self, name: str) -> bool:
-        value = self.raw(name).lower()
-        if value in ("1", "true", "yes", "on"):
-            return True
-        if value in ("0", "false", "no", "off"):
-            return False
-        raise self.fail(name, "1 or 0 (true/false, yes/no, on/off)")
+VARIABLES: tuple[Variable, ...] = tuple(
+    Variable(str(info.validation_alias), _text(info.default), info.description or "") for info in _declared()
+)
 
-    def choice(self, name: str, choices: tuple[str, ...]) -> str:
-        value = self.raw(name).lower()
-        if value not in choices:
-            raise self.fail(name, "one of " + ", ".join(choices))
-        return value
 
-    def size(self, name: str) -> int:
-        value = self.integer(name, SIZE_MULTIPLE, 8192)
-        if value % SIZE_MULTIPLE:
-            raise self.fail(name, f"a multiple of {SIZE_MULTIPLE}")
-        return value
-
-    def device(self, name: str) -> str:
-        value = self.raw(name).lower()
-        if value in DEVICE_CHOICES:
-            return value
-        prefix, _, index = value.partition(":")
-        if prefix == "cuda" and index.isdigit():
-            return value
-        raise self.fail(name, "auto, cpu, cuda or cuda:N")
-
-    def ready_policy(self, name: str, workers: int) -> str:
-        value = self.raw(name).lower()
-        if value in READY_POLICIES:
-            return value
-        if value.isdigit() and 1 <= int(value) <= workers:
-            return str(int(value))
-        raise self.fail(name, f"all, any, or a number of workers from 1 to WEB_CONCURRENCY ({workers})")
-
-    def loader(self, name: str) -> str:
-        value = self.text(name)
-        module, sep, attr = value.partition(":")
-        if not sep or not module or not attr.isidentifier():
-            raise self.fail(name, "module.path:function")
-        return value
+def settings_table() -> str:
+    """The README's settings table, in Markdown."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    rows += [f"| `{v.name}` | `{v.default or '(empty)'}` | {v.meaning} |" for v in VARIABLES]
+    return "\n".join(rows)
 
 
 def resolve_callable(spec: str) -> Callable[..., object]:

@@ -26,6 +26,7 @@ import selectors
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
@@ -35,7 +36,8 @@ import h11
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from webapp import errors, logs, metrics
+from webapp import errors, logs
+from webapp.recorder import recorder
 
 log = logs.get(__name__)
 MAX_HEADER_BYTES = 64 * 1024  # h11 refuses (431) a header block larger than this
@@ -66,11 +68,18 @@ def _answer(status: int, code: str, message: str, extra: str = "") -> bytes:
 
 
 class BufferedThreadWorker(ThreadWorker):
-    """gthread, handing a request thread only requests that have fully arrived. The limits are class
-    attributes: ``buffered_worker`` makes the subclass gunicorn runs, with the values from settings."""
+    """gthread, handing a request thread only requests that have fully arrived. The limits and the app
+    factory are class attributes: ``buffered_worker`` makes the subclass gunicorn runs, with the values
+    from settings."""
 
     client_timeout: float  # CLIENT_TIMEOUT
     max_body_bytes: int  # MAX_BODY_BYTES
+    make_app: Callable[[], Any]  # builds this worker's WSGI app, once its runtime exists (after post_fork)
+
+    def load_wsgi(self) -> None:
+        """The app comes from ``make_app`` (the supervisor's, with this worker's runtime), not from an
+        import path."""
+        self.wsgi = self.make_app()
 
     def _kernel_timeout(self) -> bytes:
         seconds = self.client_timeout
@@ -195,7 +204,7 @@ class BufferedThreadWorker(ThreadWorker):
             if not arrival.data:
                 self._drop(arrival)  # sent nothing: closed silently, like an idle kept-alive connection
             elif arrival.deadline <= now:
-                metrics.recorder().client_timeouts.inc()
+                recorder().client_timeouts.inc()
                 log.debug("client_timeout", bytes=len(arrival.data), remote=str(arrival.conn.client))
                 message = f"the request did not arrive within CLIENT_TIMEOUT={self.client_timeout:g} s"
                 self._refuse(arrival, 408, errors.REQUEST_TIMEOUT, message)
@@ -210,7 +219,14 @@ class BufferedThreadWorker(ThreadWorker):
         return super()._keepalive_after(conn, keepalive)
 
 
-def buffered_worker(client_timeout: float, max_body_bytes: int) -> type[BufferedThreadWorker]:
-    """The worker class for gunicorn's ``worker_class``, with the limits from settings."""
-    limits = {"client_timeout": client_timeout, "max_body_bytes": max_body_bytes}
-    return type("BufferedThreadWorker", (BufferedThreadWorker,), limits)
+def buffered_worker(
+    client_timeout: float, max_body_bytes: int, make_app: Callable[[], Any]
+) -> type[BufferedThreadWorker]:
+    """The worker class for gunicorn's ``worker_class``: the limits from settings, and the function that
+    builds each worker's app."""
+    attributes = {
+        "client_timeout": client_timeout,
+        "max_body_bytes": max_body_bytes,
+        "make_app": staticmethod(make_app),
+    }
+    return type("BufferedThreadWorker", (BufferedThreadWorker,), attributes)

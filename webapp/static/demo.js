@@ -74,13 +74,15 @@ function payloadFromForm(form) {
   const data = new FormData(form);
   const payload = { prompt: data.get("prompt") };
   if (data.get("negative_prompt")) payload.negative_prompt = data.get("negative_prompt");
-  for (const name of ["num_inference_steps", "width", "height", "num_images", "seed"]) {
+  // The number fields and their kinds come from the server's declaration of the request (data-kind).
+  for (const input of form.querySelectorAll("input[data-kind]")) {
+    const name = input.name;
     const raw = String(data.get(name) || "").trim();
     if (!raw || (name === "seed" && data.get("random_seed"))) continue;
-    payload[name] = Number.isInteger(Number(raw)) ? Number(raw) : raw;
+    const value = Number(raw);
+    if (input.dataset.kind === "integer") payload[name] = Number.isInteger(value) ? value : raw;
+    else payload[name] = Number.isFinite(value) ? value : raw;
   }
-  const guidance = String(data.get("guidance_scale") || "").trim();
-  if (guidance) payload.guidance_scale = Number(guidance);
   return payload;
 }
 

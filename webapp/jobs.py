@@ -1,0 +1,181 @@
+"""One generation request's path through a worker, for every route that generates: read the body, admit
+the job to the engine, wait for it, and answer (docs/architecture.md §6).
+
+    read_json(max_bytes)   413 size, 415 content type, 400 unparseable JSON
+    admit(...)             503 + Retry-After while the worker is not READY or is full; 422 for a bad field
+    wait(admitted)         the images, or 422 / 503 / 504 / 500 as ``wait`` says
+    answer(admitted, ...)  the JSON body (base64 PNGs, seeds, timings, batch, worker) and the PNG bytes
+
+Every refusal is an ``ApiError``; Retry-After values come from the engine, which knows when it may have
+room or be ready. Routes never read the board.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from flask import g, request
+
+from webapp import errors, logs
+from webapp.engine import (
+    NOT_READY_RETRY_AFTER_S,
+    DeadlineExceeded,
+    Job,
+    NotReady,
+    Overloaded,
+    RejectedByModel,
+    WorkerUnhealthy,
+)
+from webapp.errors import ApiError
+from webapp.params import GenerationParams, InvalidRequest, parse, timeout_from_header
+from webapp.recorder import recorder
+from webapp.runtime import Runtime
+
+log = logs.get(__name__)
+JSON = "application/json"
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(max_bytes: int) -> object:
+    """The request's JSON body, decoded; InvalidRequest (413, 415, 400) when it cannot be."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        message = f"body is {request.content_length} bytes; the limit is {max_bytes}"
+        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
+    if request.mimetype != JSON and not request.mimetype.endswith("+json"):
+        shown = request.mimetype or "none"
+        raise InvalidRequest(415, errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {JSON}, got {shown}")
+    # The app's MAX_CONTENT_LENGTH is one byte over the limit, so a chunked body that is too long shows
+    # as one byte too many here rather than being cut off silently at the limit.
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, f"body exceeds the limit of {max_bytes} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise InvalidRequest(400, errors.BAD_JSON, "body is not UTF-8") from None
+    except ValueError as exc:
+        raise InvalidRequest(400, errors.BAD_JSON, f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # a body of a few kilobytes can nest arrays thousands deep
+        raise InvalidRequest(400, errors.BAD_JSON, "body is not valid JSON: nested too deeply") from None
+
+
+@dataclass
+class Admitted:
+    """A job the engine accepted, with what the answer needs."""
+
+    runtime: Runtime
+    job: Job
+    timeout: float  # seconds from ``received``: the least of REQUEST_TIMEOUT and the client's own
+    received: float
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.job.params
+
+
+def _not_ready(state_name: str, retry_after_s: int) -> ApiError:
+    message = f"this worker is {state_name}; see /readyz"
+    return ApiError(503, errors.NOT_READY, message, headers={"Retry-After": str(retry_after_s)})
+
+
+def admit(runtime: Runtime, payload: object, header_timeout: str | None, received: float) -> Admitted:
+    """Validate ``payload`` and queue it on this worker's engine, or raise ApiError (503 + Retry-After
+    while not READY or full, 422 for a field outside its limits)."""
+    settings, engine = runtime.settings, runtime.engine
+    if engine is None:
+        raise _not_ready(runtime.lifecycle.state.name, NOT_READY_RETRY_AFTER_S)
+    try:
+        params = parse(payload, settings, engine.native_size())
+        from_header = timeout_from_header(header_timeout, settings)
+        timeout = min(t for t in (settings.request_timeout, params.timeout_s, from_header) if t is not None)
+        job = engine.submit(params, deadline=received + timeout)
+    except NotReady as exc:
+        raise _not_ready(exc.state.name, exc.retry_after_s) from None
+    except Overloaded as exc:
+        raise ApiError(503, errors.OVERLOADED, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+    return Admitted(runtime, job, timeout, received)
+
+
+def _timed_out(admitted: Admitted, ran: bool, detail: str = "") -> ApiError:
+    recorder().timed_out.labels("running" if ran else "queued").inc()
+    where = "while running" if ran else "in the queue"
+    message = f"deadline of {admitted.timeout:g} s passed {where}" + (f": {detail}" if detail else "")
+    return ApiError(504, errors.TIMEOUT, message)
+
+
+def wait(admitted: Admitted, wait_s: float | None = None) -> list[Any] | None:
+    """The job's images; None if ``wait_s`` passed first (the job goes on). Raises ApiError: 422 (the
+    pipeline failed on this request alone while the worker stayed sound), 503 (the worker turned
+    UNHEALTHY), 504 (deadline), 500 (the generation failed and the worker's canary too). Errors are logged
+    here, on the request's thread, so they carry its request id."""
+    job = admitted.job
+    until_deadline = max(0.0, job.deadline - time.monotonic())
+    try:
+        return job.future.result(timeout=until_deadline if wait_s is None else min(wait_s, until_deadline))
+    except FutureTimeout:
+        if wait_s is not None and time.monotonic() < job.deadline:
+            return None
+        job.abandon()
+        raise _timed_out(admitted, ran=bool(job.started)) from None
+    except DeadlineExceeded as exc:
+        raise _timed_out(admitted, exc.ran, str(exc)) from None
+    except WorkerUnhealthy as exc:
+        message = f"this worker turned UNHEALTHY before finishing: {exc}"
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
+    except RejectedByModel as exc:  # the error may hold internals: logged, not shown
+        log.warning("request_rejected_by_model", slot=admitted.runtime.slot, error=str(exc), exc_info=exc.__cause__)
+        cause = (
+            "this request needs more device memory than the worker has (ask for fewer or smaller images)"
+            if exc.out_of_memory
+            else "the model failed on this request's input"
+        )
+        message = f"{cause}, while the worker stayed sound; quote request id {g.request_id} to the operator"
+        raise ApiError(422, errors.REJECTED_BY_MODEL, message) from None
+    except Exception:  # the client sees no stack trace
+        log.exception("generate_error", slot=admitted.runtime.slot)
+        message = f"generation failed; quote request id {g.request_id} to the operator"
+        raise ApiError(500, errors.INTERNAL, message) from None
+
+
+def _png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def answer(admitted: Admitted, images: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """The JSON answer for finished images, and the PNG bytes."""
+    job, params = admitted.job, admitted.params
+    encode_start = time.monotonic()
+    pngs = [_png_bytes(image) for image in images]
+    done = time.monotonic()
+    body = {
+        "images": [
+            {"seed": seed, "png_base64": base64.b64encode(png).decode("ascii")}
+            for seed, png in zip(params.seeds, pngs, strict=True)
+        ],
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "timings": {
+            "queue_ms": round((job.started - job.enqueued) * 1000, 1),
+            "generate_ms": round((job.finished - job.started) * 1000, 1),
+            "encode_ms": round((done - encode_start) * 1000, 1),
+            "total_ms": round((done - admitted.received) * 1000, 1),
+        },
+        "batch": {"jobs": job.batch_jobs, "images": job.batch_images},
+        "worker": {"slot": admitted.runtime.slot, "pid": os.getpid()},
+    }
+    return body, pngs
