@@ -46,6 +46,10 @@ class FakeModel:
         if self.sick or "sick" in prompts:
             self.sick = not self.sick
             raise RuntimeError("the device failed this call")
+        if "fatal-alone" in prompts:  # breaks the device only when it runs on its own
+            if len(prompts) == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            raise TypeError("a batch this model cannot take")
         if "huge" in prompts:
             raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         if "bad" in prompts:
@@ -172,3 +176,12 @@ def test_a_bug_in_running_a_batch_fails_its_jobs_with_503_and_turns_the_worker_u
         job.future.result(timeout=10)
     assert engine.state is State.UNHEALTHY
     assert "engine thread crashed" in engine.lifecycle.board.read(0).error
+
+
+def test_jobs_waiting_to_run_again_alone_are_answered_when_the_worker_turns_unhealthy_meanwhile(engine):
+    jobs = [engine.submit(params(p)) for p in ("fatal-alone", "one", "two")]
+    wait([job.future for job in jobs], timeout=10)
+    assert all(job.future.done() for job in jobs), "a job of the split batch was never answered"
+    for job in jobs[1:]:
+        assert isinstance(job.future.exception(), WorkerUnhealthy)
+    assert engine.state is State.UNHEALTHY
