@@ -65,49 +65,54 @@ class BoardCollector:
             value=verdict.required_ready,
         )
 
-        state = GaugeMetricFamily(
-            PREFIX + "worker_state",
-            "1 for the state each board slot records (see worker_untrusted for whether to believe it).",
-            labels=["slot", "state"],
-        )
-        per_slot = {
-            "queued": GaugeMetricFamily(PREFIX + "worker_queued_jobs", "Jobs waiting in the worker.", labels=["slot"]),
-            "in_flight": GaugeMetricFamily(
-                PREFIX + "worker_running_jobs", "Jobs in the worker's running batch.", labels=["slot"]
-            ),
-            "heartbeat": GaugeMetricFamily(
-                PREFIX + "worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat.", labels=["slot"]
-            ),
-            "crashes": GaugeMetricFamily(
-                PREFIX + "worker_crash_streak", "Deaths in a row of the slot's workers before READY.", labels=["slot"]
-            ),
-            "attempt": GaugeMetricFamily(
-                PREFIX + "worker_load_attempt", "The worker's current or last load attempt.", labels=["slot"]
-            ),
-            "untrusted": GaugeMetricFamily(
-                PREFIX + "worker_untrusted",
-                "1 when the slot's record cannot be believed now: pid gone, heartbeat stale, generation stalled or "
-                "record torn (/readyz gives the reason).",
-                labels=["slot"],
-            ),
-        }
-        for view in view_workers(board.read_all(), now, settings.heartbeat_timeout, settings.stall_timeout):
-            slot, record = str(view.slot), view.record
-            for candidate in State:
-                if candidate is not State.EMPTY:
-                    state.add_metric([slot, candidate.name], int(candidate is record.state))
-            if record.state is State.DEAD:
-                continue
-            per_slot["untrusted"].add_metric([slot], int(bool(view.problem)))
-            per_slot["queued"].add_metric([slot], record.queued)
-            per_slot["in_flight"].add_metric([slot], record.in_flight)
-            per_slot["heartbeat"].add_metric(
-                [slot], max(0.0, now - record.heartbeat_mono) if record.heartbeat_mono else 0
-            )
-            per_slot["crashes"].add_metric([slot], record.crashes)
-            per_slot["attempt"].add_metric([slot], record.attempt)
-        yield state
-        yield from per_slot.values()
+        yield from _slot_gauges(settings, board.read_all(), now)
+
+
+def _slot_gauges(settings: Any, records: list[Any], now: float) -> Iterator[Any]:
+    """Each slot's state and load, as the board records it now."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    state = GaugeMetricFamily(
+        PREFIX + "worker_state",
+        "1 for the state each board slot records (see worker_untrusted for whether to believe it).",
+        labels=["slot", "state"],
+    )
+    per_slot = {
+        "queued": GaugeMetricFamily(PREFIX + "worker_queued_jobs", "Jobs waiting in the worker.", labels=["slot"]),
+        "in_flight": GaugeMetricFamily(
+            PREFIX + "worker_running_jobs", "Jobs in the worker's running batch.", labels=["slot"]
+        ),
+        "heartbeat": GaugeMetricFamily(
+            PREFIX + "worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat.", labels=["slot"]
+        ),
+        "crashes": GaugeMetricFamily(
+            PREFIX + "worker_crash_streak", "Deaths in a row of the slot's workers before READY.", labels=["slot"]
+        ),
+        "attempt": GaugeMetricFamily(
+            PREFIX + "worker_load_attempt", "The worker's current or last load attempt.", labels=["slot"]
+        ),
+        "untrusted": GaugeMetricFamily(
+            PREFIX + "worker_untrusted",
+            "1 when the slot's record cannot be believed now: pid gone, heartbeat stale, generation stalled or "
+            "record torn (/readyz gives the reason).",
+            labels=["slot"],
+        ),
+    }
+    for view in view_workers(records, now, settings.heartbeat_timeout, settings.stall_timeout):
+        slot, record = str(view.slot), view.record
+        for candidate in State:
+            if candidate is not State.EMPTY:
+                state.add_metric([slot, candidate.name], int(candidate is record.state))
+        if record.state is State.DEAD:
+            continue
+        per_slot["untrusted"].add_metric([slot], int(bool(view.problem)))
+        per_slot["queued"].add_metric([slot], record.queued)
+        per_slot["in_flight"].add_metric([slot], record.in_flight)
+        per_slot["heartbeat"].add_metric([slot], max(0.0, now - record.heartbeat_mono) if record.heartbeat_mono else 0)
+        per_slot["crashes"].add_metric([slot], record.crashes)
+        per_slot["attempt"].add_metric([slot], record.attempt)
+    yield state
+    yield from per_slot.values()
 
 
 @bp.get("/metrics")

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -61,14 +62,14 @@ def _resolve(value: Bound, settings: Settings) -> Any:
 
 FIELDS: tuple[RequestField, ...] = (
     RequestField(
-        "prompt", "text", "Prompt", "What to draw.", high=lambda s: s.max_prompt_chars, required=True, demo=False
+        "prompt", "text", "Prompt", "What to draw.", high=attrgetter("max_prompt_chars"), required=True, demo=False
     ),
     RequestField(
         "negative_prompt",
         "text",
         "Negative prompt",
         "What to steer away from (none when absent).",
-        high=lambda s: s.max_prompt_chars,
+        high=attrgetter("max_prompt_chars"),
         demo=False,
         flag="negative",
     ),
@@ -77,9 +78,9 @@ FIELDS: tuple[RequestField, ...] = (
         "integer",
         "Steps",
         "Denoising steps.",
-        default=lambda s: s.default_steps,
+        default=attrgetter("default_steps"),
         low=1,
-        high=lambda s: s.max_steps,
+        high=attrgetter("max_steps"),
         flag="steps",
     ),
     RequestField(
@@ -87,9 +88,9 @@ FIELDS: tuple[RequestField, ...] = (
         "number",
         "Guidance",
         "Classifier-free guidance scale.",
-        default=lambda s: s.default_guidance,
+        default=attrgetter("default_guidance"),
         low=0,
-        high=lambda s: s.max_guidance,
+        high=attrgetter("max_guidance"),
         flag="guidance",
     ),
     RequestField(
@@ -97,8 +98,8 @@ FIELDS: tuple[RequestField, ...] = (
         "integer",
         "Width",
         "Image width in pixels (the model's native size when absent).",
-        low=lambda s: s.min_image_size,
-        high=lambda s: s.max_image_size,
+        low=attrgetter("min_image_size"),
+        high=attrgetter("max_image_size"),
         multiple_of=SIZE_MULTIPLE,
         flag="width",
     ),
@@ -107,13 +108,13 @@ FIELDS: tuple[RequestField, ...] = (
         "integer",
         "Height",
         "Image height in pixels (the model's native size when absent).",
-        low=lambda s: s.min_image_size,
-        high=lambda s: s.max_image_size,
+        low=attrgetter("min_image_size"),
+        high=attrgetter("max_image_size"),
         multiple_of=SIZE_MULTIPLE,
         flag="height",
     ),
     RequestField(
-        "num_images", "integer", "Images", "Images to generate.", default=1, low=1, high=lambda s: s.max_images
+        "num_images", "integer", "Images", "Images to generate.", default=1, low=1, high=attrgetter("max_images")
     ),
     RequestField(
         "seed",
@@ -131,7 +132,7 @@ FIELDS: tuple[RequestField, ...] = (
         "Seconds this request may wait for its images, at most REQUEST_TIMEOUT (REQUEST_TIMEOUT when absent).",
         low=0,
         low_exclusive=True,
-        high=lambda s: s.request_timeout,
+        high=attrgetter("request_timeout"),
         demo=False,
     ),
 )
