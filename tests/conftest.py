@@ -205,3 +205,15 @@ def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """A two-worker server on the default tiny model, READY, shared by a module's read-only tests."""
     with running_server(model_cache, tmp_path_factory.mktemp("ready-server")) as server:
         yield server
+
+
+API_KEY = "test-key-0123456789abcdef"  # the key keyed_server accepts (API_KEYS); never a real secret
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A one-worker server that needs API_KEY on the routes that generate, READY, shared by a module."""
+    with running_server(
+        model_cache, tmp_path_factory.mktemp("keyed-server"), WEB_CONCURRENCY="1", API_KEYS=f"{API_KEY},second-key"
+    ) as server:
+        yield server

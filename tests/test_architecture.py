@@ -10,15 +10,17 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "webapp"
 # Lowest first. A module may import only modules of a lower layer.
 LAYERS: list[set[str]] = [
-    {"errors", "logs", "settings", "recorder", "faults", "board", "tiny_model"},
+    {"errors", "logs", "settings", "recorder", "faults", "board", "tiny_model", "images"},
     {"params", "readiness"},
+    {"openai_params", "auth"},
     {"lifecycle", "scheduler", "client", "metric_files"},
     {"loader", "pipeline"},
     {"runner"},
     {"engine"},
     {"runtime"},
     {"jobs"},
-    {"generate", "demo", "health", "metrics", "worker"},
+    {"generate", "demo", "health", "metrics", "worker", "openai_api"},
+    {"openapi"},
     {"app"},
     {"hooks", "__init__"},
 ]

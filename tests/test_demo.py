@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import API_KEY, ROOT, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -134,3 +134,28 @@ def test_while_the_model_loads_the_panel_says_so_and_the_button_explains_itself(
     expect(page.locator("#workers li.state-ready")).to_have_count(1, timeout=120_000)
     expect(page.locator("#generate-button")).to_be_enabled()
     expect(page.locator("#button-hint")).to_have_text("")
+
+
+def test_a_server_that_needs_a_key_asks_for_it_and_the_tab_keeps_it(browser, keyed_server):
+    page = open_page(browser, keyed_server.url + "/", viewport={"width": 1280, "height": 900})
+    expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
+    page.fill("#prompt", "a lighthouse")
+    page.fill("#num_inference_steps", "2")
+    page.fill("#api_key", "a-wrong-key")
+    page.click("#generate-button")
+    expect(page.locator('[data-error-for="api_key"]')).to_have_text("the API key is not valid")
+    expect(page.locator("#api_key")).to_have_attribute("aria-invalid", "true")
+
+    page.fill("#api_key", API_KEY)
+    page.click("#generate-button")
+    expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
+    page.reload()
+    expect(page.locator("#api_key")).to_have_value(API_KEY)  # kept in this tab's sessionStorage
+    page.screenshot(path=str(ARTIFACTS / "demo-api-key.png"), full_page=True)
+
+    other = open_page(browser, keyed_server.url + "/")  # another tab's storage: the key is not there
+    expect(other.locator("#api_key")).to_have_value("")
+
+
+def test_the_page_of_an_open_server_has_no_key_field(ready_server):
+    assert 'id="api_key"' not in ready_server.get("/").text

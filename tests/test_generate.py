@@ -147,6 +147,55 @@ def test_an_unsupported_accept_is_not_acceptable(ready_server):
     assert response.status_code == 406
 
 
+@pytest.mark.parametrize(
+    ("media", "pil_format"), [("image/jpeg", "JPEG"), ("image/webp", "WEBP"), ("image/png", "PNG")]
+)
+def test_accept_picks_the_image_format(ready_server, media, pil_format):
+    response = ready_server.post(
+        "/generate", json={"prompt": "a fox", "num_inference_steps": 2, "seed": 4}, headers={"Accept": media}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == media
+    with Image.open(io.BytesIO(response.content)) as image:
+        assert (image.format, image.size) == (pil_format, (64, 64))
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_output_format_in_json_and_its_quality(ready_server, output_format):
+    sizes = []
+    for quality in (100, 5):
+        body = {"prompt": "a fox", "num_inference_steps": 2, "seed": 4, "output_format": output_format}
+        response = ready_server.post("/generate", json={**body, "output_compression": quality})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["output_format"] == output_format
+        data = base64.b64decode(answer["images"][0][f"{output_format}_base64"])
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == output_format.upper()
+        sizes.append(len(data))
+    assert sizes[1] < sizes[0]
+
+
+def test_accept_and_output_format_that_disagree_are_not_acceptable(ready_server):
+    response = ready_server.post(
+        "/generate", json={"prompt": "x", "output_format": "png"}, headers={"Accept": "image/jpeg"}
+    )
+    assert response.status_code == 406
+    assert response.json()["error"]["field"] == "output_format"
+
+
+def test_a_quality_for_lossless_png_is_refused_not_ignored(ready_server):
+    response = ready_server.post("/generate", json={"prompt": "x", "output_compression": 50})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "output_compression"
+
+
+def test_null_for_an_optional_field_means_its_default(ready_server):
+    response = ready_server.post("/generate", json={"prompt": "x", "num_inference_steps": None, "num_images": None})
+    assert response.status_code == 200, response.text
+    assert response.json()["num_inference_steps"] == 20
+
+
 def test_wrong_method_and_unknown_path_answer_in_json(ready_server):
     assert ready_server.get("/generate").status_code == 405
     missing = ready_server.get("/nope")

@@ -9,7 +9,7 @@ import uuid
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from webapp import demo, errors, generate, health, logs, metrics
+from webapp import auth, demo, errors, generate, health, logs, metrics, openai_api, openapi
 from webapp import runtime as worker_runtime
 from webapp.recorder import recorder
 from webapp.runtime import Runtime
@@ -27,11 +27,14 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         runtime = worker_runtime.standalone(Settings.from_env())
     app = Flask(__name__)
     app.extensions["runtime"] = runtime
+    app.extensions["keys"] = auth.Keys(runtime.settings)
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see jobs.read_json
 
     app.register_blueprint(health.bp)
     app.register_blueprint(generate.bp)
     app.register_blueprint(demo.bp)
+    app.register_blueprint(openai_api.bp)
+    app.register_blueprint(openapi.bp)
     metrics.init_app(app)
 
     @app.before_request

@@ -11,12 +11,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 
-from webapp import errors, jobs, readiness
+from webapp import auth, errors, jobs, readiness
 from webapp.errors import ApiError
 from webapp.params import FIELDS, InvalidRequest, form_fields
 from webapp.runtime import Runtime
 
 bp = Blueprint("demo", __name__)
+KEY_FIELD = "api_key"  # the no-JavaScript form's key field
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -38,7 +39,7 @@ def _payload_from_form(form: Any) -> dict[str, Any]:
     payload: dict[str, Any] = {}
     for field in FIELDS:
         raw = form.get(field.name, "")
-        if field.kind == "text":
+        if field.kind in ("text", "choice"):
             if raw or field.required:
                 payload[field.name] = raw
             continue
@@ -67,6 +68,7 @@ def _page(status: int = 200, **context: Any) -> tuple[str, int]:
             verdict=verdict,
             workers=[worker.as_row(now) for worker in verdict.workers],
             any_ready=any(worker.ready for worker in verdict.workers),
+            needs_key=current_app.extensions["keys"].enabled,
             **context,
         ),
         status,
@@ -79,20 +81,35 @@ def index() -> tuple[str, int]:
     return _page()
 
 
+def _values() -> dict[str, str]:
+    """The form's values to show again: never the API key."""
+    return {name: value for name, value in request.form.items() if name != KEY_FIELD}
+
+
+def _error_page(exc: ApiError) -> Response:
+    page, status = _page(exc.status, values=_values(), error=exc)
+    response = Response(page, status=status, mimetype="text/html")
+    for name, value in exc.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def _refused(exc: ApiError) -> Response:
+    """A 401 shown next to the form's key field."""
+    return _error_page(ApiError(exc.status, exc.code, exc.message, KEY_FIELD, exc.headers))
+
+
 @bp.post("/demo")
+@auth.required(refused=_refused, form_field=KEY_FIELD)
 def demo_post() -> tuple[str, int] | Response:
     """The form without JavaScript: generate, then answer with the page showing the images or the error."""
     runtime: Runtime = current_app.extensions["runtime"]
-    values = request.form.to_dict()
+    values = _values()
     try:
         admitted = jobs.admit(runtime, _payload_from_form(request.form), None, time.monotonic())
         images = jobs.wait(admitted)
     except ApiError as exc:
-        page, status = _page(exc.status, values=values, error=exc)
-        response = Response(page, status=status, mimetype="text/html")
-        for name, value in exc.headers.items():
-            response.headers[name] = value
-        return response
+        return _error_page(exc)
     assert images is not None
     body, _ = jobs.answer(admitted, images)
     return _page(values=values, result=body)

@@ -59,6 +59,7 @@ class Engine:
         self._lock = threading.Condition()  # guards the scheduler; notified when a job arrives
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.loaded_at: float | None = None  # Unix time the model finished loading (/v1/models' created)
 
     @property
     def state(self) -> State:
@@ -92,6 +93,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self.model = loader.load(self.settings, self.lifecycle, self._stop)
+            self.loaded_at = time.time()
             if self.model is not None and self.lifecycle.ready():
                 self._serve(
                     Runner(

@@ -1,8 +1,17 @@
-"""JSON error responses: ``{"error": {"code", "message", "field"}}``, with codes spelled once here."""
+"""JSON error responses, with codes spelled once here, in one of two shapes by path:
+
+- ours: ``{"error": {"code", "message", "field"}}``;
+- under /v1/ (the OpenAI-compatible API), OpenAI's: ``{"error": {"message", "type", "param", "code"}}``,
+  where ``type`` follows from the status as OpenAI's clients expect and Retry-After is at most
+  OPENAI_MAX_RETRY_AFTER_S, the longest wait the ``openai`` package honours (it does not retry at all
+  when asked to wait longer).
+"""
 
 from __future__ import annotations
 
-from flask import Response, jsonify
+from typing import Any
+
+from flask import Response, has_request_context, jsonify, request
 
 BAD_JSON = "bad_json"
 INVALID_BODY = "invalid_body"  # the body is JSON but not an object
@@ -20,6 +29,14 @@ REJECTED_BY_MODEL = "rejected_by_model"
 INTERNAL = "internal_error"
 BAD_REQUEST = "bad_request"  # headers that cannot be parsed, refused before the app (webapp.worker)
 REQUEST_TIMEOUT = "request_timeout"  # the request did not arrive within CLIENT_TIMEOUT
+MISSING_API_KEY = "missing_api_key"
+INVALID_API_KEY = "invalid_api_key"
+MODEL_NOT_FOUND = "model_not_found"
+UNSUPPORTED_VALUE = "unsupported_value"  # a value the OpenAI API takes that this server cannot honour
+
+
+OPENAI_PREFIX = "/v1/"
+OPENAI_MAX_RETRY_AFTER_S = 120
 
 
 class ApiError(Exception):
@@ -48,6 +65,24 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, d
     return {"error": {"code": code, "message": message, "field": field}}
 
 
+def openai_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error"
+    )
+
+
+def openai_error_body(status: int, code: str, message: str, field: str | None = None) -> dict[str, dict[str, Any]]:
+    return {"error": {"message": message, "type": openai_type(status), "param": field, "code": code}}
+
+
+def speaks_openai() -> bool:
+    """Whether the request being answered is one of the OpenAI-compatible API's."""
+    return has_request_context() and request.path.startswith(OPENAI_PREFIX)
+
+
 def error_response(
     status: int,
     code: str,
@@ -55,8 +90,15 @@ def error_response(
     field: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    response = jsonify(error_body(code, message, field))
+    """The error answer in the shape of the route being answered."""
+    headers = dict(headers or {})
+    if speaks_openai():
+        response = jsonify(openai_error_body(status, code, message, field))
+        if "Retry-After" in headers:
+            headers["Retry-After"] = str(min(int(headers["Retry-After"]), OPENAI_MAX_RETRY_AFTER_S))
+    else:
+        response = jsonify(error_body(code, message, field))
     response.status_code = status
-    for name, value in (headers or {}).items():
+    for name, value in headers.items():
         response.headers[name] = value
     return response

@@ -1,4 +1,4 @@
-"""POST /generate (JSON or PNG) and POST /generate/stream (server-sent progress events).
+"""POST /generate (JSON, or one image's bytes) and POST /generate/stream (server-sent progress events).
 
 Both read top to bottom with ``webapp.jobs``: read the body, admit the job, wait, answer. Transport errors
 come first (413 size, 415 content type, 400 unparseable JSON, 406 Accept), then 503 while this worker is
@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from webapp import errors, jobs, logs
+from webapp import auth, errors, images, jobs, logs
 from webapp.errors import ApiError
 from webapp.jobs import JSON
 from webapp.params import TIMEOUT_HEADER, InvalidRequest
@@ -23,40 +23,57 @@ from webapp.runtime import Runtime
 
 bp = Blueprint("generate", __name__)
 log = logs.get(__name__)
-PNG = "image/png"
+
+
+IMAGE_TYPES = list(images.BY_MEDIA_TYPE)
+
+
+def _negotiate(payload: object) -> str:
+    """The media type to answer in, from Accept (JSON when there is none: RFC 9110 12.5.1, and urllib
+    and http.client send none). An image type answers with that format's bytes, so it must agree with an
+    output_format in the body, and it holds one image."""
+    wants = request.accept_mimetypes.best_match([JSON, *IMAGE_TYPES]) if request.headers.get("Accept") else JSON
+    if wants is None:
+        raise InvalidRequest(406, errors.NOT_ACCEPTABLE, f"Accept must allow {JSON} or one of {', '.join(IMAGE_TYPES)}")
+    if wants == JSON or not isinstance(payload, dict):
+        return wants
+    named = images.BY_MEDIA_TYPE[wants]
+    chosen = payload.get("output_format")
+    if chosen is not None and chosen != named:
+        message = f"Accept: {wants} and output_format {chosen!r} disagree; ask for {JSON} or drop one"
+        raise InvalidRequest(406, errors.NOT_ACCEPTABLE, message, "output_format")
+    count = payload.get("num_images")
+    if isinstance(count, int) and not isinstance(count, bool) and count != 1:
+        message = f"{wants} holds one image; ask for {JSON} for num_images > 1"
+        raise InvalidRequest(406, errors.NOT_ACCEPTABLE, message, "num_images")
+    return wants
 
 
 @bp.post("/generate")
+@auth.required
 def generate() -> Response:
-    """Images for a JSON request: PNG for ``Accept: image/png`` (one image), else JSON with base64 PNGs,
-    seeds and timings. 4xx for bad input, 503 + Retry-After when not ready or full, 504 past the deadline."""
+    """Images for a JSON request: the image's bytes for ``Accept: image/png`` (or image/jpeg, image/webp;
+    one image), else JSON with base64 images, seeds and timings. 4xx for bad input, 503 + Retry-After
+    when not ready or full, 504 past the deadline."""
     runtime: Runtime = current_app.extensions["runtime"]
     received = time.monotonic()
     try:
         payload = jobs.read_json(runtime.settings.max_body_bytes)
-        # RFC 9110 12.5.1: no Accept means any type (urllib and http.client send none); werkzeug's
-        # best_match would find nothing in an empty list.
-        wants = request.accept_mimetypes.best_match([JSON, PNG]) if request.headers.get("Accept") else JSON
-        if wants is None:
-            raise InvalidRequest(406, errors.NOT_ACCEPTABLE, f"Accept must allow {JSON} or {PNG}")
-        count = payload.get("num_images") if isinstance(payload, dict) else None
-        if wants == PNG and isinstance(count, int) and not isinstance(count, bool) and count != 1:
-            raise InvalidRequest(
-                406, errors.NOT_ACCEPTABLE, f"{PNG} holds one image; ask for {JSON} for num_images > 1", "num_images"
-            )
+        wants = _negotiate(payload)
+        if wants != JSON:
+            payload = {"output_format": images.BY_MEDIA_TYPE[wants], **payload}
         admitted = jobs.admit(runtime, payload, request.headers.get(TIMEOUT_HEADER), received)
-        images = jobs.wait(admitted)
+        finished = jobs.wait(admitted)
     except ApiError as exc:
         return exc.response()
-    assert images is not None
-    body, pngs = jobs.answer(admitted, images)
-    if wants == PNG:
-        response = Response(pngs[0], mimetype=PNG)
+    assert finished is not None
+    if wants != JSON:
+        response = Response(jobs.encoded(admitted, finished)[0], mimetype=wants)
         response.headers["X-Seed"] = str(admitted.params.seeds[0])
-        response.headers["X-Generate-Ms"] = str(body["timings"]["generate_ms"])
-        response.headers["X-Batch-Images"] = str(body["batch"]["images"])
+        response.headers["X-Generate-Ms"] = str(jobs.timings(admitted)["generate_ms"])
+        response.headers["X-Batch-Images"] = str(admitted.job.batch_images)
         return response
-    return jsonify(body)
+    return jsonify(jobs.answer(admitted, finished)[0])
 
 
 def _event(name: str, data: dict[str, Any]) -> str:
@@ -64,6 +81,7 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 
 @bp.post("/generate/stream")
+@auth.required
 def generate_stream() -> Response:
     """The same request as /generate, answered as server-sent events: ``progress`` ({step, total}) after
     every denoising step, then ``done`` (the JSON /generate answer) or ``error`` ({status, code, message,
@@ -90,12 +108,12 @@ def generate_stream() -> Response:
                     yield _event("progress", {"step": step, "total": total})
                     continue
                 try:
-                    images = jobs.wait(admitted)
+                    finished = jobs.wait(admitted)
                 except ApiError as exc:
                     yield _event("error", exc.as_dict())
                     return
-                assert images is not None
-                yield _event("done", jobs.answer(admitted, images)[0])
+                assert finished is not None
+                yield _event("done", jobs.answer(admitted, finished)[0])
                 return
         finally:
             if not job.future.done():  # the client went away (gunicorn closes the stream): nobody to answer

@@ -23,7 +23,7 @@ from typing import Any
 
 from flask import Flask
 
-from webapp import lifecycle, logs, metric_files, runtime
+from webapp import auth, lifecycle, logs, metric_files, runtime
 from webapp.app import create_app
 from webapp.board import BOARD_FILE, DIR_PREFIX, Board
 from webapp.readiness import pid_alive
@@ -93,6 +93,9 @@ class Supervisor:
         self.board = Board.create(settings.board_dir, board_capacity(workers), workers)
         metrics_folder = metric_files.prepare_multiprocess(self.board)
         log.info("board_created", path=str(self.board.path), slots=self.board.capacity, metrics=str(metrics_folder))
+        warning = auth.open_warning(settings)
+        if warning:
+            log.warning("api_keys_off", bind=settings.bind, message=warning)
         for name in ("term", "int", "quit"):
             self._flag_shutdown_first(server, name)
 

@@ -4,7 +4,7 @@ the job to the engine, wait for it, and answer (docs/architecture.md §6).
     read_json(max_bytes)   413 size, 415 content type, 400 unparseable JSON
     admit(...)             503 + Retry-After while the worker is not READY or is full; 422 for a bad field
     wait(admitted)         the images, or 422 / 503 / 504 / 500 as ``wait`` says
-    answer(admitted, ...)  the JSON body (base64 PNGs, seeds, timings, batch, worker) and the PNG bytes
+    answer(admitted, ...)  the JSON body (base64 images, seeds, timings, batch, worker) and the image bytes
 
 Every refusal is an ``ApiError``; Retry-After values come from the engine, which knows when it may have
 room or be ready. Routes never read the board.
@@ -13,10 +13,10 @@ room or be ready. Routes never read the board.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +34,11 @@ from webapp.engine import (
     WorkerUnhealthy,
 )
 from webapp.errors import ApiError
+from webapp.images import encode
 from webapp.params import GenerationParams, InvalidRequest, parse, timeout_from_header
 from webapp.recorder import recorder
 from webapp.runtime import Runtime
+from webapp.settings import Settings
 
 log = logs.get(__name__)
 JSON = "application/json"
@@ -77,6 +79,7 @@ class Admitted:
     job: Job
     timeout: float  # seconds from ``received``: the least of REQUEST_TIMEOUT and the client's own
     received: float
+    encode_s: float = 0.0  # set by ``encoded``
 
     @property
     def params(self) -> GenerationParams:
@@ -88,14 +91,19 @@ def _not_ready(state_name: str, retry_after_s: int) -> ApiError:
     return ApiError(503, errors.NOT_READY, message, headers={"Retry-After": str(retry_after_s)})
 
 
-def admit(runtime: Runtime, payload: object, header_timeout: str | None, received: float) -> Admitted:
-    """Validate ``payload`` and queue it on this worker's engine, or raise ApiError (503 + Retry-After
-    while not READY or full, 422 for a field outside its limits)."""
+Parser = Callable[[object, Settings, tuple[int, int]], GenerationParams]
+
+
+def admit(
+    runtime: Runtime, payload: object, header_timeout: str | None, received: float, parser: Parser = parse
+) -> Admitted:
+    """Validate ``payload`` with ``parser`` (given the model's native size) and queue it on this worker's
+    engine, or raise ApiError (503 + Retry-After while not READY or full, 4xx for a bad field)."""
     settings, engine = runtime.settings, runtime.engine
     if engine is None:
         raise _not_ready(runtime.lifecycle.state.name, NOT_READY_RETRY_AFTER_S)
     try:
-        params = parse(payload, settings, engine.native_size())
+        params = parser(payload, settings, engine.native_size())
         from_header = timeout_from_header(header_timeout, settings)
         timeout = min(t for t in (settings.request_timeout, params.timeout_s, from_header) if t is not None)
         job = engine.submit(params, deadline=received + timeout)
@@ -148,34 +156,53 @@ def wait(admitted: Admitted, wait_s: float | None = None) -> list[Any] | None:
         raise ApiError(500, errors.INTERNAL, message) from None
 
 
-def _png_bytes(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def encoded(admitted: Admitted, images: list[Any]) -> list[bytes]:
+    """The finished images in the request's output_format; the time it took is in the timings."""
+    params = admitted.params
+    started = time.monotonic()
+    data = [encode(image, params.output_format, params.output_compression) for image in images]
+    admitted.encode_s = time.monotonic() - started
+    return data
+
+
+def timings(admitted: Admitted) -> dict[str, float]:
+    """Where the request's time went, in milliseconds, once its images are encoded."""
+    job = admitted.job
+    return {
+        "queue_ms": round((job.started - job.enqueued) * 1000, 1),
+        "generate_ms": round((job.finished - job.started) * 1000, 1),
+        "encode_ms": round(admitted.encode_s * 1000, 1),
+        "total_ms": round((time.monotonic() - admitted.received) * 1000, 1),
+    }
 
 
 def answer(admitted: Admitted, images: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
-    """The JSON answer for finished images, and the PNG bytes."""
-    job, params = admitted.job, admitted.params
-    encode_start = time.monotonic()
-    pngs = [_png_bytes(image) for image in images]
-    done = time.monotonic()
+    """The JSON answer for finished images (``<format>_base64`` per image: png_base64 by default), and the
+    encoded bytes."""
+    params = admitted.params
+    data = encoded(admitted, images)
+    key = f"{params.output_format}_base64"
     body = {
         "images": [
-            {"seed": seed, "png_base64": base64.b64encode(png).decode("ascii")}
-            for seed, png in zip(params.seeds, pngs, strict=True)
+            {"seed": seed, key: base64.b64encode(item).decode("ascii")}
+            for seed, item in zip(params.seeds, data, strict=True)
         ],
+        "output_format": params.output_format,
         "width": params.width,
         "height": params.height,
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
-        "timings": {
-            "queue_ms": round((job.started - job.enqueued) * 1000, 1),
-            "generate_ms": round((job.finished - job.started) * 1000, 1),
-            "encode_ms": round((done - encode_start) * 1000, 1),
-            "total_ms": round((done - admitted.received) * 1000, 1),
-        },
-        "batch": {"jobs": job.batch_jobs, "images": job.batch_images},
-        "worker": {"slot": admitted.runtime.slot, "pid": os.getpid()},
+        "timings": timings(admitted),
+        "batch": batch(admitted),
+        "worker": worker(admitted),
     }
-    return body, pngs
+    return body, data
+
+
+def batch(admitted: Admitted) -> dict[str, int]:
+    """The pipeline call the job rode in: how many jobs and images it held."""
+    return {"jobs": admitted.job.batch_jobs, "images": admitted.job.batch_images}
+
+
+def worker(admitted: Admitted) -> dict[str, int]:
+    return {"slot": admitted.runtime.slot, "pid": os.getpid()}

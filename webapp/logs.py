@@ -92,6 +92,11 @@ def bind_request(request_id: str) -> None:
     structlog.contextvars.bind_contextvars(request_id=request_id)
 
 
+def bind_request_key(key_fingerprint: str) -> None:
+    """Tag the rest of the request's lines with the fingerprint of the API key it came with."""
+    structlog.contextvars.bind_contextvars(key=key_fingerprint)
+
+
 def server_logger(fmt: str, log_probes: bool) -> type[Logger]:
     """gunicorn's logger class with our line format, and an access log that skips probes unless asked."""
     access_log = get("gunicorn.access")

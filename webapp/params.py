@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
-from webapp import errors
+from webapp import errors, images
 from webapp.errors import ApiError
 from webapp.settings import SIZE_MULTIPLE, Settings
 
@@ -37,7 +37,7 @@ class RequestField:
     ``default`` likewise (None: absent means what ``meaning`` says); ``flag`` names the client's option."""
 
     name: str
-    kind: Literal["text", "integer", "number"]
+    kind: Literal["text", "integer", "number", "choice", "boolean"]
     label: str
     meaning: str
     default: Bound = None
@@ -48,6 +48,8 @@ class RequestField:
     low_exclusive: bool = False
     demo: bool = True  # shown as a field of the demo's form
     flag: str | None = None  # the client's command-line option, when it has one
+    choices: tuple[str, ...] = ()  # the values a choice takes
+    pattern: str | None = None  # a regular expression text must match (checked again by its parser)
 
     def bounds(self, settings: Settings) -> tuple[float | None, float | None]:
         return _resolve(self.low, settings), _resolve(self.high, settings)
@@ -126,6 +128,28 @@ FIELDS: tuple[RequestField, ...] = (
         flag="seed",
     ),
     RequestField(
+        "output_format",
+        "choice",
+        "Format",
+        "Encoding of the images: png (lossless), jpeg or webp.",
+        default="png",
+        choices=tuple(images.FORMATS),
+        demo=False,
+        flag="format",
+    ),
+    RequestField(
+        "output_compression",
+        "integer",
+        "Quality",
+        "jpeg and webp quality, as OpenAI's API takes it: 100 keeps the most detail, lower is smaller "
+        "(refused with png, which is lossless).",
+        default=images.DEFAULT_QUALITY,
+        low=0,
+        high=100,
+        demo=False,
+        flag="quality",
+    ),
+    RequestField(
         "timeout_s",
         "number",
         "Timeout",
@@ -155,6 +179,8 @@ class GenerationParams:
     height: int
     seeds: tuple[int, ...]
     timeout_s: float | None = None  # the client's own deadline, never above REQUEST_TIMEOUT
+    output_format: str = "png"
+    output_compression: int = images.DEFAULT_QUALITY
 
     @property
     def num_images(self) -> int:
@@ -185,8 +211,14 @@ def _not_blank(value: str) -> str:
 
 def _annotation(field: RequestField, settings: Settings) -> Any:
     low, high = field.bounds(settings)
+    if field.kind == "choice":
+        return Literal[field.choices] | None  # type: ignore[valid-type]
+    if field.kind == "boolean":
+        return bool | None
     if field.kind == "text":
         checks: list[Any] = [Field(max_length=int(high))] if high is not None else []
+        if field.pattern:
+            checks.append(Field(pattern=field.pattern))
         checks.append(AfterValidator(_clean_text))
         if field.required:
             checks.append(AfterValidator(_not_blank))
@@ -201,20 +233,25 @@ def _annotation(field: RequestField, settings: Settings) -> Any:
     return number if field.required else number | None
 
 
-@lru_cache(maxsize=8)
-def request_model(settings: Settings) -> type[BaseModel]:
-    """The pydantic model of a request under ``settings`` (strict: a JSON integer for an integer, a JSON
-    number for a number; unknown fields refused)."""
+@lru_cache(maxsize=16)
+def model_of(title: str, fields: tuple[RequestField, ...], settings: Settings) -> type[BaseModel]:
+    """The pydantic model of a body made of ``fields`` under ``settings`` (strict: a JSON integer for an
+    integer, a JSON number for a number; unknown fields refused)."""
     definitions: dict[str, Any] = {}
-    for field in FIELDS:
+    for field in fields:
         default = ... if field.required else field.default_for(settings)
         definitions[field.name] = (_annotation(field, settings), Field(default, description=field.meaning))
-    config = ConfigDict(strict=True, extra="forbid", title="GenerateRequest")
-    return create_model("GenerateRequest", __config__=config, **definitions)
+    config = ConfigDict(strict=True, extra="forbid", title=title)
+    return create_model(title, __config__=config, **definitions)
+
+
+def request_model(settings: Settings) -> type[BaseModel]:
+    """The model of a /generate request under ``settings``."""
+    return model_of("GenerateRequest", FIELDS, settings)
 
 
 def request_schema(settings: Settings) -> dict[str, Any]:
-    """The JSON Schema of a request body under ``settings``."""
+    """The JSON Schema of a /generate request body under ``settings``."""
     return request_model(settings).model_json_schema()
 
 
@@ -239,20 +276,27 @@ def _invalid(field: str, message: str) -> InvalidRequest:
     return InvalidRequest(422, errors.INVALID_FIELD, f"{field}: {message}", field)
 
 
-def _explain(error: Any, settings: Settings) -> InvalidRequest:
+def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) -> InvalidRequest:
     """Our 422 for pydantic's first error: the field, what it takes, and what it got."""
     name, kind, value = str(error["loc"][0]), error["type"], error.get("input")
     if kind == "extra_forbidden":
-        accepted = ", ".join(BY_NAME)
+        accepted = ", ".join(fields)
         return InvalidRequest(422, errors.UNKNOWN_FIELD, f"{name}: unknown field (accepted: {accepted})", name)
-    if kind == "missing" or (value is None and BY_NAME[name].required):
+    if kind == "missing" or (value is None and fields[name].required):
         return InvalidRequest(422, errors.MISSING_FIELD, f"{name}: is required", name)
-    field = BY_NAME[name]
+    field = fields[name]
+    if field.kind == "choice":
+        shown = ", ".join(field.choices)
+        return _invalid(name, f"must be one of {shown}, got {_shown(value)}. {field.meaning}")
+    if field.kind == "boolean":
+        return _invalid(name, f"must be true or false, got {_shown(value)}")
     if field.kind == "text":
         if kind == "string_too_long":
             return _invalid(name, f"must be at most {error['ctx']['max_length']} characters, got {len(value)}")
         if kind == "text":
             return _invalid(name, error["msg"])
+        if kind == "string_pattern_mismatch":
+            return _invalid(name, f"{field.meaning} Got {_shown(value)}")
         if isinstance(value, str):  # pydantic-core refuses a lone surrogate before our check sees it
             try:
                 _clean_text(value)
@@ -269,20 +313,37 @@ def _explain(error: Any, settings: Settings) -> InvalidRequest:
     return _invalid(name, f"must be {_limits(field, settings)}, got {_shown(value)}")
 
 
-def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
-    """Validate a decoded JSON body; ``default_size`` (width, height) is the model's native size."""
+def validate(title: str, fields: tuple[RequestField, ...], payload: object, settings: Settings) -> dict[str, Any]:
+    """A decoded JSON body checked against ``fields``: every field's value (its default when absent or
+    null), or InvalidRequest (422) for the first problem, an unknown field before any other."""
     if not isinstance(payload, dict):
         message = f"the body must be a JSON object, got {type(payload).__name__}"
         raise InvalidRequest(422, errors.INVALID_BODY, message)
     try:
-        request = request_model(settings).model_validate(payload)
+        request = model_of(title, fields, settings).model_validate(payload)
     except ValidationError as exc:
         found = exc.errors()
         first = next((error for error in found if error["type"] == "extra_forbidden"), found[0])
-        raise _explain(first, settings) from None
+        raise _explain(first, {field.name: field for field in fields}, settings) from None
     values = request.model_dump()
-    first_seed = secrets.randbelow(SEED_LIMIT) if values["seed"] is None else values["seed"]
-    seeds = tuple((first_seed + i) % SEED_LIMIT for i in range(values["num_images"]))
+    for field in fields:  # null means absent, as for an optional field anywhere in JSON APIs
+        if values[field.name] is None and field.default is not None:
+            values[field.name] = field.default_for(settings)
+    given = {name for name in request.model_fields_set if payload.get(name) is not None}
+    if "output_compression" in given and values.get("output_format") == "png":
+        raise _invalid("output_compression", "applies to jpeg and webp only; png is lossless")
+    return values
+
+
+def seeds_from(first: int | None, count: int) -> tuple[int, ...]:
+    """One seed per image: ``first`` (random when None), then first + 1, ... modulo 2**32."""
+    first_seed = secrets.randbelow(SEED_LIMIT) if first is None else first
+    return tuple((first_seed + i) % SEED_LIMIT for i in range(count))
+
+
+def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
+    """Validate a decoded /generate body; ``default_size`` (width, height) is the model's native size."""
+    values = validate("GenerateRequest", FIELDS, payload, settings)
     return GenerationParams(
         prompt=values["prompt"],
         negative_prompt=values["negative_prompt"],
@@ -290,8 +351,10 @@ def parse(payload: object, settings: Settings, default_size: tuple[int, int]) ->
         guidance_scale=float(values["guidance_scale"]),
         width=values["width"] or default_size[0],
         height=values["height"] or default_size[1],
-        seeds=seeds,
+        seeds=seeds_from(values["seed"], values["num_images"]),
         timeout_s=values["timeout_s"],
+        output_format=values["output_format"],
+        output_compression=values["output_compression"],
     )
 
 
@@ -334,16 +397,26 @@ def form_fields(settings: Settings) -> list[dict[str, Any]]:
     return rows
 
 
-def request_table(settings: Settings) -> str:
-    """The README's table of request fields, with the limits of ``settings``."""
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else _number(value)  # type: ignore[arg-type]
+
+
+def request_table(settings: Settings, fields: tuple[RequestField, ...] = FIELDS) -> str:
+    """The README's table of request ``fields`` (/generate's by default), with the limits of ``settings``."""
     rows = ["| Field | Type | Default | Limits | Meaning |", "|---|---|---|---|---|"]
-    for field in FIELDS:
+    for field in fields:
         high = field.bounds(settings)[1]
         default = field.default_for(settings)
         if field.kind == "text":
             limits = f"at most {_number(high)} characters" + (", required" if field.required else "")
+        elif field.kind == "choice":
+            limits = "one of " + ", ".join(f"`{choice}`" for choice in field.choices)
+        elif field.kind == "boolean":
+            limits = "`true` or `false`"
         else:
             limits = _limits(field, settings) + (f", a multiple of {field.multiple_of}" if field.multiple_of else "")
-        shown = "(required)" if field.required else "-" if default is None else f"`{_number(default)}`"
+        shown = "(required)" if field.required else "-" if default is None else f"`{_default_text(default)}`"
         rows.append(f"| `{field.name}` | {field.kind} | {shown} | {limits} | {field.meaning} |")
     return "\n".join(rows)

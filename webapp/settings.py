@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 BUILTIN_TINY_MODEL = "builtin:tiny-sd"
@@ -47,6 +56,21 @@ def _default_board_dir(value: Any) -> Any:
     if value not in ("", None):
         return value
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value in ("", None) else value
+
+
+def _key_file(path: Path | None) -> Path | None:
+    """An API key file must be readable at start: a server meant to be closed must not start open."""
+    if path is None:
+        return None
+    try:
+        path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read it: {exc}") from None
+    return path
 
 
 Choice = Annotated[str, BeforeValidator(_lower)]
@@ -211,6 +235,20 @@ class Settings(BaseModel):
     log_format: Annotated[Literal["kv", "json"], BeforeValidator(_lower)] = _setting(
         "LOG_FORMAT", "kv", "kv = one logfmt line (key=value) per event, json = one JSON object per line."
     )
+    api_keys: SecretStr = _setting(
+        "API_KEYS",
+        "",
+        "Comma-separated API keys; when this or API_KEYS_FILE is set, generating routes need one.",
+    )
+    api_keys_file: Annotated[Path | None, BeforeValidator(_empty_is_none), AfterValidator(_key_file)] = _setting(
+        "API_KEYS_FILE", "", "File of API keys, one per line (a mounted secret); re-read when it changes."
+    )
+    served_model_name: str = _setting(
+        "SERVED_MODEL_NAME",
+        "",
+        "The model's id in /v1/models and the OpenAI API's `model`; empty = MODEL_ID.",
+        max_length=256,
+    )
     # Not read from the environment: gunicorn's own count (WEB_CONCURRENCY or -w), given by ``for_workers``
     # once the master knows it; None until then.
     workers: int | None = Field(None, ge=1, le=64, exclude=True)
@@ -251,6 +289,11 @@ class Settings(BaseModel):
         return self
 
     @property
+    def model_name(self) -> str:
+        """The served model's id for OpenAI clients."""
+        return self.served_model_name or self.model_id
+
+    @property
     def bind(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
@@ -284,6 +327,9 @@ class Settings(BaseModel):
         return _validated(type(self), {**self.model_dump(), "workers": workers})
 
 
+SECRET = frozenset({"API_KEYS", "api_keys"})  # never shown: not in errors, logs or `config`
+
+
 def _declared() -> list[FieldInfo]:
     return [info for info in Settings.model_fields.values() if isinstance(info.validation_alias, str)]
 
@@ -297,7 +343,7 @@ def _validated(cls: type[Settings], data: dict[str, Any]) -> Settings:
             raise SettingsError(str(error["ctx"]["error"])) from None
         name = str(error["loc"][0])
         variable = "WEB_CONCURRENCY" if name == "workers" else name
-        shown = data.get(name, error.get("input"))
+        shown = "(redacted)" if name in SECRET else data.get(name, error.get("input"))
         raise SettingsError(f"{variable}={shown!r} is invalid: {_expected(name, error)}") from None
 
 

@@ -54,7 +54,8 @@ function clearErrors() {
   $("message").classList.remove("shown");
 }
 
-function showError(error, retryAfter) {
+function showError(error, retryAfter, status) {
+  if (status === 401 && $("api_key")) error = { ...error, field: "api_key" };
   const slot = error.field && document.querySelector(`[data-error-for="${error.field}"]`);
   if (slot) {
     slot.textContent = error.message;
@@ -112,16 +113,19 @@ async function generate(event) {
   busy = true;
   updateButton("");
   const payload = payloadFromForm(event.target);
+  const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
+  const key = $("api_key");
+  if (key) {
+    // Kept for this tab only: sessionStorage is gone when the tab closes, and the key never enters the URL.
+    sessionStorage.setItem("api_key", key.value);
+    headers.Authorization = `Bearer ${key.value}`;
+  }
   setProgress(0, payload.num_inference_steps || Number(event.target.dataset.maxSteps));
   try {
-    const response = await fetch("/generate/stream", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify(payload),
-    });
+    const response = await fetch("/generate/stream", { method: "POST", headers, body: JSON.stringify(payload) });
     if (!response.ok) {
       const body = await response.json();
-      showError(body.error, response.headers.get("Retry-After"));
+      showError(body.error, response.headers.get("Retry-After"), response.status);
       $("progress-box").hidden = true;
       return;
     }
@@ -167,6 +171,7 @@ function syncSeed() {
 document.addEventListener("DOMContentLoaded", () => {
   $("generate-form").addEventListener("submit", generate);
   $("random_seed").addEventListener("change", syncSeed);
+  if ($("api_key")) $("api_key").value = sessionStorage.getItem("api_key") || "";
   syncSeed();
   refreshHealth();
   setInterval(refreshHealth, 2000);

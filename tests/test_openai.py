@@ -1,0 +1,182 @@
+"""The OpenAI-compatible API driven by the official ``openai`` package, against a real gunicorn server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import openai
+import pytest
+from flask import Flask
+from PIL import Image
+
+from tests.conftest import API_KEY, wait_for
+from webapp import errors
+
+
+def client(server, key: str | None = API_KEY, **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key or "none", **options)
+
+
+def decoded(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def test_images_generate_with_n_and_extra_body(keyed_server):
+    result = client(keyed_server).images.generate(
+        prompt="a lighthouse at dusk",
+        n=2,
+        size="96x64",
+        extra_body={"seed": 7, "num_inference_steps": 2, "guidance_scale": 5.0, "negative_prompt": "fog"},
+    )
+    assert len(result.data) == 2
+    assert [item.model_extra["seed"] for item in result.data] == [7, 8]
+    assert result.size == "96x64" and result.output_format == "png"
+    for item in result.data:
+        image = decoded(item.b64_json)
+        assert (image.format, image.size) == ("PNG", (96, 64))
+    assert result.created > 0
+
+
+def test_the_same_seed_gives_the_same_image_as_generate(keyed_server):
+    request = {"prompt": "a red fox", "num_inference_steps": 2, "seed": 99}
+    via_openai = client(keyed_server).images.generate(prompt=request["prompt"], extra_body={**request})
+    native = keyed_server.post("/generate", json=request, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert base64.b64decode(via_openai.data[0].b64_json) == base64.b64decode(native.json()["images"][0]["png_base64"])
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_format_and_compression(keyed_server, output_format, pil_format):
+    sizes = []
+    for quality in (100, 10):
+        result = client(keyed_server).images.generate(
+            prompt="a field of flowers",
+            size="auto",
+            output_format=output_format,
+            output_compression=quality,
+            extra_body={"seed": 3, "num_inference_steps": 2},
+        )
+        image = decoded(result.data[0].b64_json)
+        assert (image.format, image.size) == (pil_format, (64, 64))
+        sizes.append(len(result.data[0].b64_json))
+    assert sizes[1] < sizes[0], "lower output_compression must give a smaller file"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"size": "65x64"}, "size"),
+        ({"size": "2048x2048"}, "size"),
+        ({"size": "large"}, "size"),
+        ({"n": 50}, "n"),
+        ({"quality": "hd"}, "quality"),
+        ({"style": "vivid"}, "style"),
+        ({"response_format": "url"}, "response_format"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"output_compression": 50}, "output_compression"),  # with png, which is lossless
+        ({"partial_images": 2}, "partial_images"),
+        ({"extra_body": {"num_inference_steps": 0}}, "num_inference_steps"),
+        ({"extra_body": {"sampler": "euler"}}, "sampler"),
+    ],
+)
+def test_a_bad_param_raises_bad_request_naming_it(keyed_server, fields, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(keyed_server, max_retries=0).images.generate(prompt="a boat", **fields)
+    assert caught.value.status_code == 400
+    assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
+    assert param in caught.value.message
+
+
+def test_another_model_is_not_found(keyed_server):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(keyed_server).images.generate(prompt="a boat", model="dall-e-3")
+    assert caught.value.code == errors.MODEL_NOT_FOUND
+    assert caught.value.param == "model"
+
+
+def test_models_list_names_the_served_model_and_generate_takes_it(keyed_server):
+    models = client(keyed_server).models.list()
+    assert [model.id for model in models.data] == ["builtin:tiny-sd"]
+    assert models.data[0].object == "model" and models.data[0].created > 0
+    assert client(keyed_server).models.retrieve("builtin:tiny-sd").id == "builtin:tiny-sd"
+    result = client(keyed_server).images.generate(
+        prompt="a boat", model=models.data[0].id, extra_body={"num_inference_steps": 1}
+    )
+    assert len(result.data) == 1
+
+
+@pytest.mark.parametrize("key", ["wrong-key", None])
+def test_a_wrong_or_missing_key_raises_authentication_error(keyed_server, key):
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client(keyed_server, key=key).images.generate(prompt="a boat")
+    assert caught.value.status_code == 401
+    assert caught.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+    with pytest.raises(openai.AuthenticationError):
+        client(keyed_server, key=key).models.list()
+
+
+def test_streaming_yields_one_completed_event_per_image(keyed_server):
+    events = list(
+        client(keyed_server).images.generate(
+            prompt="two boats", n=2, stream=True, extra_body={"seed": 5, "num_inference_steps": 3}
+        )
+    )
+    assert [event.type for event in events] == ["image_generation.completed"] * 2
+    assert [event.model_extra["seed"] for event in events] == [5, 6]
+    assert {decoded(event.b64_json).size for event in events} == {(64, 64)}
+
+
+def test_a_stream_refused_before_it_starts_raises_like_any_call(keyed_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(keyed_server).images.generate(prompt="a boat", size="1x1", stream=True)
+    assert caught.value.param == "size"
+
+
+def test_the_sdk_rides_out_a_loading_server_through_retry_after(start_server, tmp_path):
+    gate = tmp_path / "gate"
+    server = start_server(
+        WEB_CONCURRENCY="1", MODEL_LOADER="tests.loaders:gated", GATE_FILE=str(gate), API_KEYS=API_KEY
+    )
+    wait_for(lambda: server.get("/healthz").status_code == 200, 120, "the port to answer")
+    raw = server.post("/v1/images/generations", json={"prompt": "a boat"}, headers={"X-API-Key": API_KEY})
+    assert raw.status_code == 503 and raw.json()["error"]["code"] == errors.NOT_READY
+    assert 0 < int(raw.headers["Retry-After"]) <= errors.OPENAI_MAX_RETRY_AFTER_S
+    # The SDK's own retries (each waits Retry-After) carry the call over the load: the gate opens only
+    # once the SDK too has been refused (a second 503 in the access log).
+
+    def refusals() -> int:
+        return sum("path=/v1/images/generations status=503" in line for line in server.log_lines())
+
+    def open_gate_after_a_refusal() -> None:
+        wait_for(lambda: refusals() >= 2, 60, "a 503 to the SDK")
+        gate.touch()
+
+    opener = threading.Thread(target=open_gate_after_a_refusal)
+    opener.start()
+    result = client(server, max_retries=30, timeout=60).images.generate(
+        prompt="a boat", extra_body={"num_inference_steps": 1}
+    )
+    opener.join()
+    assert len(result.data) == 1
+    assert refusals() >= 2, "the SDK was refused while loading and retried"
+
+
+def test_retry_after_under_v1_is_capped_where_the_sdk_still_honours_it():
+    app = Flask(__name__)
+    with app.test_request_context("/v1/images/generations"):
+        response = errors.error_response(503, errors.OVERLOADED, "full", headers={"Retry-After": "900"})
+        assert response.headers["Retry-After"] == str(errors.OPENAI_MAX_RETRY_AFTER_S)
+        assert response.get_json()["error"]["type"] == "server_error"
+    with app.test_request_context("/generate"):
+        response = errors.error_response(503, errors.OVERLOADED, "full", headers={"Retry-After": "900"})
+        assert response.headers["Retry-After"] == "900"
+        assert response.get_json()["error"]["code"] == errors.OVERLOADED
+
+
+def test_probes_and_metrics_need_no_key(keyed_server):
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        assert keyed_server.get(path).status_code == 200, path

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible API: POST /v1/images/generations and GET /v1/models (docs/architecture.md §11).
+
+The generation path is /generate's (``webapp.jobs``: read, admit, wait, encode); what differs is the
+request's fields (``webapp.openai_params``), the answer's shape and the error envelope, which
+``webapp.errors`` picks for every path under /v1/. An answer's ``data`` items carry OpenAI's ``b64_json``
+plus this server's ``seed``; the body also carries ``timings``, ``batch`` and ``worker`` as /generate's
+does. OpenAI's clients ignore keys they do not know.
+
+With ``stream: true`` the answer is server-sent events as the ``openai`` package reads them: one
+``image_generation.completed`` event per image, a comment line after each denoising step (so proxies
+see traffic), and on failure one ``{"error": {...}}`` event, which the package raises as an APIError.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from webapp import auth, errors, jobs, logs, openai_params
+from webapp.errors import ApiError
+from webapp.openai_params import ImageRequest
+from webapp.params import TIMEOUT_HEADER, GenerationParams, InvalidRequest
+from webapp.runtime import Runtime
+from webapp.settings import Settings
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+log = logs.get(__name__)
+OWNED_BY = "honest-diffusion"
+
+
+def _runtime() -> Runtime:
+    return current_app.extensions["runtime"]
+
+
+def _created(runtime: Runtime) -> int:
+    loaded = runtime.engine.loaded_at if runtime.engine is not None else None
+    return int(loaded if loaded is not None else time.time())
+
+
+def _check_model(asked: str | None, settings: Settings) -> None:
+    known = {settings.model_name, settings.model_id}
+    if asked is not None and asked not in known:
+        message = f"model {asked!r} is not served here; this server serves {settings.model_name!r} (see /v1/models)"
+        raise InvalidRequest(404, errors.MODEL_NOT_FOUND, message, "model")
+
+
+@bp.get("/models")
+@auth.required
+def models() -> Response:
+    """The served model, as OpenAI's model list."""
+    runtime = _runtime()
+    entry = {"id": runtime.settings.model_name, "object": "model", "created": _created(runtime), "owned_by": OWNED_BY}
+    return jsonify({"object": "list", "data": [entry]})
+
+
+@bp.get("/models/<path:model>")
+@auth.required
+def model(model: str) -> Response:
+    """One model: the served one, or a 404 model_not_found."""
+    runtime = _runtime()
+    try:
+        _check_model(model, runtime.settings)
+    except ApiError as exc:
+        return exc.response()
+    entry = {"id": runtime.settings.model_name, "object": "model", "created": _created(runtime), "owned_by": OWNED_BY}
+    return jsonify(entry)
+
+
+def _size(params: GenerationParams) -> str:
+    return f"{params.width}x{params.height}"
+
+
+def _answer(admitted: jobs.Admitted, finished: list[Any]) -> dict[str, Any]:
+    params = admitted.params
+    data = jobs.encoded(admitted, finished)
+    return {
+        "created": int(time.time()),
+        "data": [
+            {"b64_json": base64.b64encode(item).decode("ascii"), "seed": seed}
+            for seed, item in zip(params.seeds, data, strict=True)
+        ],
+        "background": "opaque",
+        "output_format": params.output_format,
+        "size": _size(params),
+        "timings": jobs.timings(admitted),
+        "batch": jobs.batch(admitted),
+        "worker": jobs.worker(admitted),
+    }
+
+
+def _sse(data: dict[str, Any], event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
+
+
+def _stream(admitted: jobs.Admitted) -> Response:
+    job, params = admitted.job, admitted.params
+    runtime = admitted.runtime
+
+    def events() -> Iterator[str]:
+        try:
+            while True:
+                try:  # a step number as the engine finishes it; None once the job is settled
+                    step = job.updates.get(timeout=max(0.0, job.deadline - time.monotonic()))
+                except queue.Empty:
+                    step = None  # the deadline passed: jobs.wait answers the 504
+                if step is not None:
+                    yield f": step {step} of {params.num_inference_steps}\n\n"
+                    continue
+                try:
+                    finished = jobs.wait(admitted)
+                except ApiError as exc:
+                    yield _sse(errors.openai_error_body(exc.status, exc.code, exc.message, exc.field), "error")
+                    return
+                assert finished is not None
+                answer = _answer(admitted, finished)
+                for item in answer["data"]:
+                    completed = {
+                        "type": "image_generation.completed",
+                        "b64_json": item["b64_json"],
+                        "seed": item["seed"],
+                        "background": "opaque",
+                        "created_at": answer["created"],
+                        "output_format": answer["output_format"],
+                        "quality": "auto",
+                        "size": answer["size"],
+                        "timings": answer["timings"],
+                    }
+                    yield _sse(completed, "image_generation.completed")
+                return
+        finally:
+            if not job.future.done():  # the client went away: nobody to answer
+                job.abandon()
+                log.info("stream_abandoned", slot=runtime.slot, steps_done=job.steps_done)
+
+    response = Response(events(), mimetype="text/event-stream")
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+@bp.post("/images/generations")
+@auth.required
+def generations() -> Response:
+    """OpenAI's image generation: 400 for a bad or unsupported param (naming it), 404 for another model,
+    503 + Retry-After while loading or full (the ``openai`` package retries it), 504 past the deadline."""
+    runtime = _runtime()
+    received = time.monotonic()
+    try:
+        payload = jobs.read_json(runtime.settings.max_body_bytes)
+        image_request: ImageRequest = openai_params.parse(payload, runtime.settings)
+        _check_model(image_request.model, runtime.settings)
+        who = image_request.values.get("user") or image_request.values.get("safety_identifier")
+        if who:
+            log.info("openai_user", user=who)
+        admitted = jobs.admit(
+            runtime,
+            payload,
+            request.headers.get(TIMEOUT_HEADER),
+            received,
+            parser=lambda _payload, _settings, native: image_request.params(native),
+        )
+        if image_request.stream:
+            return _stream(admitted)
+        finished = jobs.wait(admitted)
+    except ApiError as exc:
+        return exc.response()
+    assert finished is not None
+    response = jsonify(_answer(admitted, finished))
+    response.headers["X-Seeds"] = ",".join(str(seed) for seed in admitted.params.seeds)
+    return response
