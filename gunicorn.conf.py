@@ -6,12 +6,12 @@ Run: gunicorn -c gunicorn.conf.py    (every setting is an environment variable; 
 import sys
 
 from webapp import hooks, logs, worker
-from webapp.settings import Settings, SettingsError
+from webapp.settings import Settings, SettingsError, refusal
 
 try:
     settings = Settings.from_env()
 except SettingsError as exc:
-    sys.exit(f"configuration error: {exc}")
+    sys.exit(refusal(exc))
 
 supervisor = hooks.supervisor(settings)  # what the hooks share: the board, the workers' slots
 

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"generate", "demo", "health", "metrics", "worker", "openai_api"},
     {"openapi"},
     {"app"},
-    {"hooks", "__init__"},
+    {"hooks", "__init__", "cli"},
 ]
 LAYER = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 HEAVY = {"torch", "diffusers", "transformers", "accelerate"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,9 +21,13 @@ from typing import Any
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay, wait_exponential_jitter
 
+from webapp.images import FORMATS
 from webapp.params import FIELDS
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+DEFAULT_URL = "http://127.0.0.1:8080"
+URL_VARIABLE = "HONEST_DIFFUSION_URL"
+KEY_VARIABLE = "HONEST_DIFFUSION_API_KEY"
 
 
 class RetryableStatus(Exception):
@@ -61,6 +66,7 @@ class Client:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     session: requests.Session | None = None
+    api_key: str | None = None  # sent as Authorization: Bearer when set
 
     def generate(self, payload: dict[str, Any], accept: str = "application/json") -> requests.Response:
         session = self.session or requests.Session()
@@ -90,7 +96,7 @@ class Client:
                     response = session.post(
                         self.base_url.rstrip("/") + "/generate",
                         json=payload,
-                        headers={"Accept": accept},
+                        headers=self._headers(accept),
                         timeout=min(self.per_try_timeout, remaining),
                     )
                     if response.status_code in RETRY_STATUSES:
@@ -104,32 +110,53 @@ class Client:
             raise GenerationError(f"gave up within {self.deadline:g} s: {exc}") from exc
         raise AssertionError("unreachable: the retry loop returns or raises")
 
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate one image, waiting for the server if it is not ready.")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generate command's arguments: the request's flags come from its field declarations."""
     parser.add_argument("prompt")
-    parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default out.png)")
-    parser.add_argument("--url", default="http://127.0.0.1:8080")
-    flagged = [field for field in FIELDS if field.flag]  # the request's own declaration: one place
-    for field in flagged:
-        kind = {"text": str, "integer": int, "number": float}[field.kind]
-        parser.add_argument(f"--{field.flag}", type=kind, dest=field.name, help=field.meaning)
+    parser.add_argument("-o", "--output", help="file to write (default out.<format>)")
+    parser.add_argument("--url", default=os.environ.get(URL_VARIABLE, DEFAULT_URL), help=f"(${URL_VARIABLE})")
+    parser.add_argument("--api-key", default=os.environ.get(KEY_VARIABLE), help=f"(${KEY_VARIABLE})")
+    for field in FIELDS:
+        if not field.flag:
+            continue
+        kind = {"text": str, "choice": str, "integer": int, "number": float}[field.kind]
+        choices = field.choices or None
+        parser.add_argument(f"--{field.flag}", type=kind, choices=choices, dest=field.name, help=field.meaning)
     parser.add_argument("--deadline", type=float, default=300.0, help="overall seconds to keep trying")
     parser.add_argument("--try-timeout", type=float, default=60.0, help="seconds for one try")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate one image as ``args`` ask and write it; 0 on success, 1 on failure."""
+    flagged = [field for field in FIELDS if field.flag]
     given = {field.name: getattr(args, field.name) for field in flagged if getattr(args, field.name) is not None}
     payload = {"prompt": args.prompt} | given
-    client = Client(args.url, per_try_timeout=args.try_timeout, deadline=args.deadline)
+    output_format = payload.get("output_format", "png")
+    output = args.output or f"out.{output_format}"
+    client = Client(args.url, per_try_timeout=args.try_timeout, deadline=args.deadline, api_key=args.api_key)
     try:
-        response = client.generate(payload, accept="image/png")
+        response = client.generate(payload, accept=FORMATS[output_format])
     except GenerationError as exc:
         detail = exc.response.json().get("error") if exc.response is not None and _is_json(exc.response) else None
         print(f"error: {json.dumps(detail) if detail else exc}", file=sys.stderr)
         return 1
-    with open(args.output, "wb") as out:
+    with open(output, "wb") as out:
         out.write(response.content)
-    print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
+    print(f"wrote {output} (seed {response.headers.get('X-Seed')})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate one image, waiting for the server if it is not ready.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def _is_json(response: requests.Response) -> bool:

@@ -28,7 +28,7 @@ from webapp.app import create_app
 from webapp.board import BOARD_FILE, DIR_PREFIX, Board
 from webapp.readiness import pid_alive
 from webapp.runtime import Runtime
-from webapp.settings import Settings, SettingsError
+from webapp.settings import Settings, SettingsError, refusal
 
 log = logs.get(__name__)
 
@@ -85,7 +85,7 @@ class Supervisor:
         try:
             self.settings = settings = self.settings.for_workers(workers)
         except SettingsError as exc:
-            sys.exit(f"configuration error: {exc}")
+            sys.exit(refusal(exc))
         logs.configure(settings.log_format)
         logs.route_app_logs(server.log, settings.log_level)
         settings.board_dir.mkdir(parents=True, exist_ok=True)

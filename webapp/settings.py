@@ -398,6 +398,36 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+def refusal(exc: SettingsError) -> str:
+    """The line the server stops with on a bad setting (and ``honest-diffusion config`` prints)."""
+    return f"configuration error: {exc}"
+
+
+@dataclass(frozen=True)
+class Effective:
+    """One setting as ``honest-diffusion config`` shows it: its value and where the value came from."""
+
+    variable: str
+    value: str
+    source: str  # "environment" or "default"
+
+
+def effective(settings: Settings, environ: Mapping[str, str]) -> list[Effective]:
+    """Every declared setting's validated value and its source; secrets are shown only as set or not."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        variable = info.validation_alias
+        if not isinstance(variable, str):
+            continue
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            text = "(set, redacted)" if value.get_secret_value() else ""
+        else:
+            text = "" if value is None else _text(value)
+        rows.append(Effective(variable, text, "environment" if variable in environ else "default"))
+    return rows
+
+
 def resolve_callable(spec: str) -> Callable[..., object]:
     """Import ``module:function`` and return the function (raises ImportError or AttributeError)."""
     import importlib
