@@ -27,6 +27,14 @@ from webapp.settings import SIZE_MULTIPLE, Settings
 
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
 TIMEOUT_HEADER = "X-Request-Timeout"
+# JSON Schema patterns for text: no NUL, and (when required) at least one character that is not blank.
+TEXT_PATTERN = {False: "^[^\\u0000]*$", True: "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"}
+
+# The document's form of ``validate``'s rule that a quality comes with a lossy format.
+LOSSY_ONLY: dict[str, Any] = {
+    "if": {"required": ["output_compression"], "properties": {"output_compression": {"type": "integer"}}},
+    "then": {"required": ["output_format"], "properties": {"output_format": {"enum": ["jpeg", "webp"]}}},
+}
 
 Bound = Callable[[Settings], float] | float | None
 
@@ -222,6 +230,8 @@ def _annotation(field: RequestField, settings: Settings) -> Any:
         checks.append(AfterValidator(_clean_text))
         if field.required:
             checks.append(AfterValidator(_not_blank))
+        if not field.pattern:  # the document says what _clean_text and _not_blank check
+            checks.append(Field(json_schema_extra={"pattern": TEXT_PATTERN[field.required]}))
         text = Annotated[str, *checks]
         return text if field.required else text | None
     constraints: dict[str, Any] = {"le": high, "multiple_of": field.multiple_of}
@@ -241,7 +251,9 @@ def model_of(title: str, fields: tuple[RequestField, ...], settings: Settings) -
     for field in fields:
         default = ... if field.required else field.default_for(settings)
         definitions[field.name] = (_annotation(field, settings), Field(default, description=field.meaning))
-    config = ConfigDict(strict=True, extra="forbid", title=title)
+    names = {field.name for field in fields}
+    extra = LOSSY_ONLY if {"output_format", "output_compression"} <= names else None
+    config = ConfigDict(strict=True, extra="forbid", title=title, json_schema_extra=extra)
     return create_model(title, __config__=config, **definitions)
 
 
