@@ -37,3 +37,12 @@ def test_the_slow_client_bench_prints_its_rows_and_no_probe_fails():
         ("10 of each kind", "/readyz"),
     ], done.stdout
     assert all(int(row[3]) > 0 and row[4] == "0" for row in rows), done.stdout  # probes sent, none failed
+
+
+def test_the_encoding_bench_prints_a_row_per_picture_size_and_format():
+    command = [sys.executable, "bench/encoding.py", "--repeats", "1", "--sizes", "64"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| scene") or line.startswith("| noise")]
+    assert len(rows) == 2 * 3
+    assert all(float(row.split("|")[4]) > 0 for row in rows)
