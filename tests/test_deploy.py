@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -34,8 +34,9 @@ def load_json(name: str) -> dict:
 
 
 def env_settings(pairs: list[dict]) -> Settings:
-    """The settings a manifest's environment gives, validated exactly as the server would at start."""
-    env = {item["name"]: item["value"] for item in pairs}
+    """The settings a manifest's environment gives, validated exactly as the server would at start (but
+    for API_KEYS_FILE, which only exists inside the pod: its mount is checked on its own)."""
+    env = {item["name"]: item["value"] for item in pairs if item["name"] != "API_KEYS_FILE"}
     return Settings.from_env(env).for_workers(int(env.get("WEB_CONCURRENCY", "1")))  # gunicorn reads that one
 
 
@@ -92,6 +93,10 @@ def test_kubernetes_probes_ports_and_grace_agree_with_the_app(routes):
         assert container["resources"][section]["nvidia.com/gpu"] == str(settings.workers)
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    keys_file = PurePosixPath(next(item["value"] for item in container["env"] if item["name"] == "API_KEYS_FILE"))
+    secrets = {volume["name"] for volume in pod["volumes"] if "secret" in volume}
+    mounts = {PurePosixPath(m["mountPath"]): m for m in container["volumeMounts"] if m["name"] in secrets}
+    assert keys_file.parent in mounts and mounts[keys_file.parent].get("readOnly"), "keys come from a Secret"
     scrape = deployment["spec"]["template"]["metadata"]["annotations"]
     assert scrape["prometheus.io/path"] == "/metrics" and "/metrics" in routes
     assert int(scrape["prometheus.io/port"]) == settings.port

@@ -33,3 +33,9 @@ def test_requirements_pin_torch_to_the_local_cpu_wheel():
 
 def test_the_request_table_is_the_one_derived_from_the_field_declarations():
     assert request_table(Settings.from_env({})) in README
+
+
+def test_the_openai_request_table_is_the_one_derived_from_its_declarations():
+    from webapp.openai_params import IMAGE_FIELDS
+
+    assert request_table(Settings.from_env({}), IMAGE_FIELDS) in README

@@ -86,6 +86,15 @@ def test_a_request_that_does_not_arrive_in_time_gets_a_408_and_an_idle_one_is_cl
     assert server.metrics().value("honest_diffusion_client_timeouts_total") >= 2
 
 
+def test_a_408_under_v1_is_in_openais_error_shape(server):
+    sock = connect(server, b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Length: 50\r\n\r\n{")
+    head, _, body = answer(sock).partition(b"\r\n\r\n")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+    error = json.loads(body)["error"]
+    assert (error["code"], error["type"], error["param"]) == ("request_timeout", "invalid_request_error", None)
+
+
 def test_a_request_sent_a_byte_at_a_time_is_answered(server):
     sock = connect(server)
     for byte in b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n":

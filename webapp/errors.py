@@ -78,9 +78,11 @@ def openai_error_body(status: int, code: str, message: str, field: str | None = 
     return {"error": {"message": message, "type": openai_type(status), "param": field, "code": code}}
 
 
-def speaks_openai() -> bool:
-    """Whether the request being answered is one of the OpenAI-compatible API's."""
-    return has_request_context() and request.path.startswith(OPENAI_PREFIX)
+def shaped_body(path: str, status: int, code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """The error body for a request to ``path``: OpenAI's shape under /v1/, ours elsewhere."""
+    if path.startswith(OPENAI_PREFIX):
+        return openai_error_body(status, code, message, field)
+    return error_body(code, message, field)
 
 
 def error_response(
@@ -92,12 +94,10 @@ def error_response(
 ) -> Response:
     """The error answer in the shape of the route being answered."""
     headers = dict(headers or {})
-    if speaks_openai():
-        response = jsonify(openai_error_body(status, code, message, field))
-        if "Retry-After" in headers:
-            headers["Retry-After"] = str(min(int(headers["Retry-After"]), OPENAI_MAX_RETRY_AFTER_S))
-    else:
-        response = jsonify(error_body(code, message, field))
+    path = request.path if has_request_context() else ""
+    response = jsonify(shaped_body(path, status, code, message, field))
+    if path.startswith(OPENAI_PREFIX) and "Retry-After" in headers:
+        headers["Retry-After"] = str(min(int(headers["Retry-After"]), OPENAI_MAX_RETRY_AFTER_S))
     response.status_code = status
     for name, value in headers.items():
         response.headers[name] = value

@@ -57,9 +57,16 @@ class _Arrival:
     polled: bool = False  # registered with the worker's poller
 
 
-def _answer(status: int, code: str, message: str, extra: str = "") -> bytes:
-    """A complete HTTP/1.1 answer with the app's JSON error body, for the few refused before the app."""
-    body = json.dumps(errors.error_body(code, message)).encode()
+def _target(data: bytes) -> str:
+    """The path of a request line that has arrived (``POST /v1/images/generations HTTP/1.1``), else ''."""
+    line = bytes(data[:8192]).split(b"\r\n", 1)[0].split(b" ")
+    return line[1].decode("latin-1") if len(line) >= 2 else ""
+
+
+def _answer(status: int, code: str, message: str, extra: str = "", path: str = "") -> bytes:
+    """A complete HTTP/1.1 answer with the app's JSON error body (in the shape of the route ``path``
+    names), for the few refused before the app."""
+    body = json.dumps(errors.shaped_body(path, status, code, message)).encode()
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra}\r\n"
@@ -182,7 +189,7 @@ class BufferedThreadWorker(ThreadWorker):
             conn.sock.send(data)
 
     def _refuse(self, arrival: _Arrival, status: int, code: str, message: str, extra: str = "") -> None:
-        self._send(arrival.conn, _answer(status, code, message, extra))
+        self._send(arrival.conn, _answer(status, code, message, extra, _target(arrival.data)))
         self._drop(arrival)
 
     def _drop(self, arrival: _Arrival) -> None:
