@@ -8,21 +8,19 @@ not READY or already full, then 422 for a field outside its limits.
 from __future__ import annotations
 
 import json
-import queue
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from webapp import auth, errors, images, jobs, logs
+from webapp import auth, errors, images, jobs
 from webapp.errors import ApiError
 from webapp.jobs import JSON
 from webapp.params import TIMEOUT_HEADER, InvalidRequest
 from webapp.runtime import Runtime
 
 bp = Blueprint("generate", __name__)
-log = logs.get(__name__)
 
 
 IMAGE_TYPES = list(images.BY_MEDIA_TYPE)
@@ -96,30 +94,17 @@ def generate_stream() -> Response:
     total = admitted.params.num_inference_steps
 
     def events() -> Iterator[str]:
-        job = admitted.job
+        yield _event("queued", {"total": total})
+        for step in jobs.steps(admitted):
+            yield _event("progress", {"step": step, "total": total})
         try:
-            yield _event("queued", {"total": total})
-            while True:
-                try:  # a step number as soon as the engine finishes the step; None once the job is settled
-                    step = job.updates.get(timeout=max(0.0, job.deadline - time.monotonic()))
-                except queue.Empty:
-                    step = None  # the deadline passed: jobs.wait answers the 504
-                if step is not None:
-                    yield _event("progress", {"step": step, "total": total})
-                    continue
-                try:
-                    finished = jobs.wait(admitted)
-                except ApiError as exc:
-                    yield _event("error", exc.as_dict())
-                    return
-                assert finished is not None
-                yield _event("done", jobs.answer(admitted, finished)[0])
-                return
-        finally:
-            if not job.future.done():  # the client went away (gunicorn closes the stream): nobody to answer
-                job.abandon()
-                log.info("stream_abandoned", slot=runtime.slot, steps_done=job.steps_done, total=total)
+            finished = jobs.wait(admitted)
+        except ApiError as exc:
+            yield _event("error", exc.as_dict())
+            return
+        assert finished is not None
+        yield _event("done", jobs.answer(admitted, finished)[0])
 
-    response = Response(events(), mimetype="text/event-stream")
+    response = Response(jobs.streamed(admitted, events()), mimetype="text/event-stream")
     response.headers["X-Accel-Buffering"] = "no"  # proxies must pass each event on at once
     return response

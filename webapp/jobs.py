@@ -15,8 +15,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,32 @@ def wait(admitted: Admitted, wait_s: float | None = None) -> list[Any] | None:
         log.exception("generate_error", slot=admitted.runtime.slot)
         message = f"generation failed; quote request id {g.request_id} to the operator"
         raise ApiError(500, errors.INTERNAL, message) from None
+
+
+def steps(admitted: Admitted) -> Iterator[int]:
+    """Each denoising step's number the moment the engine finishes it, until the job is settled or its
+    deadline passes; then ``wait`` gives the images or the error."""
+    job = admitted.job
+    while True:
+        try:
+            step = job.updates.get(timeout=max(0.0, job.deadline - time.monotonic()))
+        except queue.Empty:
+            return  # the deadline passed: wait answers the 504
+        if step is None:
+            return
+        yield step
+
+
+def streamed(admitted: Admitted, events: Iterator[str]) -> Iterator[str]:
+    """``events`` of a streamed answer; when the client goes away first (gunicorn closes the iterator on a
+    failed write), the job is abandoned: nobody is left to answer."""
+    job = admitted.job
+    try:
+        yield from events
+    finally:
+        if not job.future.done():
+            job.abandon()
+            log.info("stream_abandoned", slot=admitted.runtime.slot, steps_done=job.steps_done)
 
 
 def encoded(admitted: Admitted, images: list[Any]) -> list[bytes]:

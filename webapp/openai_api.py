@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import queue
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -100,46 +99,33 @@ def _sse(data: dict[str, Any], event: str | None = None) -> str:
 
 
 def _stream(admitted: jobs.Admitted) -> Response:
-    job, params = admitted.job, admitted.params
-    runtime = admitted.runtime
+    total = admitted.params.num_inference_steps
 
     def events() -> Iterator[str]:
+        for step in jobs.steps(admitted):
+            yield f": step {step} of {total}\n\n"
         try:
-            while True:
-                try:  # a step number as the engine finishes it; None once the job is settled
-                    step = job.updates.get(timeout=max(0.0, job.deadline - time.monotonic()))
-                except queue.Empty:
-                    step = None  # the deadline passed: jobs.wait answers the 504
-                if step is not None:
-                    yield f": step {step} of {params.num_inference_steps}\n\n"
-                    continue
-                try:
-                    finished = jobs.wait(admitted)
-                except ApiError as exc:
-                    yield _sse(errors.openai_error_body(exc.status, exc.code, exc.message, exc.field), "error")
-                    return
-                assert finished is not None
-                answer = _answer(admitted, finished)
-                for item in answer["data"]:
-                    completed = {
-                        "type": "image_generation.completed",
-                        "b64_json": item["b64_json"],
-                        "seed": item["seed"],
-                        "background": "opaque",
-                        "created_at": answer["created"],
-                        "output_format": answer["output_format"],
-                        "quality": "auto",
-                        "size": answer["size"],
-                        "timings": answer["timings"],
-                    }
-                    yield _sse(completed, "image_generation.completed")
-                return
-        finally:
-            if not job.future.done():  # the client went away: nobody to answer
-                job.abandon()
-                log.info("stream_abandoned", slot=runtime.slot, steps_done=job.steps_done)
+            finished = jobs.wait(admitted)
+        except ApiError as exc:
+            yield _sse(errors.openai_error_body(exc.status, exc.code, exc.message, exc.field), "error")
+            return
+        assert finished is not None
+        answer = _answer(admitted, finished)
+        for item in answer["data"]:
+            completed = {
+                "type": "image_generation.completed",
+                "b64_json": item["b64_json"],
+                "seed": item["seed"],
+                "background": "opaque",
+                "created_at": answer["created"],
+                "output_format": answer["output_format"],
+                "quality": "auto",
+                "size": answer["size"],
+                "timings": answer["timings"],
+            }
+            yield _sse(completed, "image_generation.completed")
 
-    response = Response(events(), mimetype="text/event-stream")
+    response = Response(jobs.streamed(admitted, events()), mimetype="text/event-stream")
     response.headers["X-Accel-Buffering"] = "no"
     return response
 
