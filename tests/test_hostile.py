@@ -177,3 +177,16 @@ def test_the_stream_reports_every_step(server):
     assert events[0] == ("queued", {"total": 7})
     assert [data["step"] for name, data in events if name == "progress"] == [1, 2, 3, 4, 5, 6, 7]
     assert events[-1][0] == "done"
+
+
+def test_a_size_the_embedded_model_cannot_draw_in_time_is_refused_not_run(server):
+    """512x512 was allowed (MAX_IMAGE_SIZE 1024): one step of two such images took 41 s on this machine,
+    the next one passed STALL_TIMEOUT, and a client's request turned the worker UNHEALTHY. The tiny model's
+    limit is now 256 (docs/architecture.md §7)."""
+    before = pids(server)
+    body = {"prompt": "a boat", "width": 512, "height": 512, "num_images": 2}
+    response = server.post("/generate", json=body, timeout=120)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "width" and "from 64 to 256" in response.json()["error"]["message"]
+    assert server.get("/readyz").status_code == 200
+    assert pids(server) == before

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import subprocess
+import sys
 import threading
 
 import openai
@@ -11,7 +14,7 @@ import pytest
 from flask import Flask
 from PIL import Image
 
-from tests.conftest import API_KEY, wait_for
+from tests.conftest import API_KEY, ROOT, wait_for
 from webapp import errors
 
 
@@ -70,6 +73,7 @@ def test_output_format_and_compression(keyed_server, output_format, pil_format):
     [
         ({"size": "65x64"}, "size"),
         ({"size": "2048x2048"}, "size"),
+        ({"size": "1024x1024"}, "size"),  # OpenAI's usual size: past the tiny model's MAX_IMAGE_SIZE of 256
         ({"size": "large"}, "size"),
         ({"n": 50}, "n"),
         ({"quality": "hd"}, "quality"),
@@ -180,3 +184,12 @@ def test_retry_after_under_v1_is_capped_where_the_sdk_still_honours_it():
 def test_probes_and_metrics_need_no_key(keyed_server):
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         assert keyed_server.get(path).status_code == 200, path
+
+
+def test_the_readme_example_runs_as_written(keyed_server, tmp_path):
+    (example,) = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    code = example.replace("http://localhost:8080", keyed_server.url).replace('"your-key"', repr(API_KEY))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "lighthouse.jpg") as image:
+        assert (image.format, image.size) == ("JPEG", (64, 64))  # auto: the tiny model's native size

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, free_port
-from webapp.settings import BUILTIN_TINY_MODEL, VARIABLES, Settings, SettingsError
+from webapp.settings import BUILTIN_TINY_MODEL, TINY_MODEL_MAX_SIZE, VARIABLES, Settings, SettingsError
 
 
 def test_defaults_validate():
@@ -86,3 +86,10 @@ def test_gunicorn_refuses_to_start_on_a_bad_value_and_names_it(env, args, says):
     assert result.returncode != 0
     assert says in result.stderr
     assert "Listening at" not in result.stderr + result.stdout
+
+
+def test_the_embedded_model_has_its_own_size_limit_unless_one_is_set():
+    assert Settings.from_env({}).max_image_size == TINY_MODEL_MAX_SIZE
+    assert Settings.from_env({"MODEL_ID": "stabilityai/sd-turbo"}).max_image_size == 1024
+    assert Settings.from_env({"MAX_IMAGE_SIZE": "512"}).max_image_size == 512
+    assert Settings.from_env({}).for_workers(2).max_image_size == TINY_MODEL_MAX_SIZE

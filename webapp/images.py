@@ -12,6 +12,7 @@ from typing import Any
 
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}  # output_format -> media type
 BY_MEDIA_TYPE = {media: name for name, media in FORMATS.items()}
+LOSSY = ("jpeg", "webp")  # the formats output_compression applies to
 DEFAULT_QUALITY = 100
 
 

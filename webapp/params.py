@@ -33,7 +33,7 @@ TEXT_PATTERN = {False: "^[^\\u0000]*$", True: "^[^\\u0000]*[^\\s\\u0000][^\\u000
 # The document's form of ``validate``'s rule that a quality comes with a lossy format.
 LOSSY_ONLY: dict[str, Any] = {
     "if": {"required": ["output_compression"], "properties": {"output_compression": {"type": "integer"}}},
-    "then": {"required": ["output_format"], "properties": {"output_format": {"enum": ["jpeg", "webp"]}}},
+    "then": {"required": ["output_format"], "properties": {"output_format": {"enum": list(images.LOSSY)}}},
 }
 
 Bound = Callable[[Settings], float] | float | None
@@ -342,8 +342,9 @@ def validate(title: str, fields: tuple[RequestField, ...], payload: object, sett
         if values[field.name] is None and field.default is not None:
             values[field.name] = field.default_for(settings)
     given = {name for name in request.model_fields_set if payload.get(name) is not None}
-    if "output_compression" in given and values.get("output_format") == "png":
-        raise _invalid("output_compression", "applies to jpeg and webp only; png is lossless")
+    if "output_compression" in given and values.get("output_format") not in images.LOSSY:
+        lossy = " and ".join(images.LOSSY)
+        raise _invalid("output_compression", f"applies to {lossy} only; {values.get('output_format')} is lossless")
     return values
 
 

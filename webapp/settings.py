@@ -34,6 +34,10 @@ from pydantic.fields import FieldInfo
 
 BUILTIN_TINY_MODEL = "builtin:tiny-sd"
 SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines require sides divisible by 8
+# The embedded tiny model's VAE only halves each side, so its UNet attends over (side / 4)^2 positions: at
+# 512x512 one step of two images took 41 s on 2 CPUs (STALL_TIMEOUT is 60 s) and 1024x1024 needs tens of
+# GiB. Its MAX_IMAGE_SIZE defaults to this instead of 1024, where a step of MAX_IMAGES images takes seconds.
+TINY_MODEL_MAX_SIZE = 256
 STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
 
 
@@ -214,7 +218,13 @@ class Settings(BaseModel):
         "MIN_IMAGE_SIZE", 64, "Smallest width or height (a multiple of 8).", ge=8, le=8192, multiple_of=SIZE_MULTIPLE
     )
     max_image_size: int = _setting(
-        "MAX_IMAGE_SIZE", 1024, "Largest width or height (a multiple of 8).", ge=8, le=8192, multiple_of=SIZE_MULTIPLE
+        "MAX_IMAGE_SIZE",
+        1024,
+        f"Largest width or height (a multiple of 8); {TINY_MODEL_MAX_SIZE} when unset and MODEL_ID is the embedded "
+        "tiny model, whose steps take minutes past it.",
+        ge=8,
+        le=8192,
+        multiple_of=SIZE_MULTIPLE,
     )
     max_images: int = _setting("MAX_IMAGES", 4, "Largest num_images per request.", ge=1, le=64)
     graceful_timeout: Number = _setting(
@@ -252,6 +262,15 @@ class Settings(BaseModel):
     # Not read from the environment: gunicorn's own count (WEB_CONCURRENCY or -w), given by ``for_workers``
     # once the master knows it; None until then.
     workers: int | None = Field(None, ge=1, le=64, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny_model_size(cls, data: Any) -> Any:
+        """An unset MAX_IMAGE_SIZE for the embedded tiny model is TINY_MODEL_MAX_SIZE (see there)."""
+        if not isinstance(data, dict) or {"MAX_IMAGE_SIZE", "max_image_size"} & set(data):
+            return data
+        tiny = data.get("MODEL_ID", data.get("model_id", BUILTIN_TINY_MODEL)) == BUILTIN_TINY_MODEL
+        return {**data, "MAX_IMAGE_SIZE": TINY_MODEL_MAX_SIZE} if tiny else data
 
     @model_validator(mode="after")
     def _relations(self) -> Settings:
