@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "webapp"
 # Lowest first. A module may import only modules of a lower layer.
 LAYERS: list[set[str]] = [
-    {"errors", "logs", "settings", "recorder", "faults", "board", "tiny_model", "images"},
+    {"errors", "logs", "settings", "recorder", "faults", "board", "tiny_model", "images", "scenes"},
     {"params", "readiness"},
     {"openai_params", "auth"},
     {"lifecycle", "scheduler", "client", "metric_files"},

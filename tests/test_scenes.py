@@ -1,0 +1,38 @@
+"""The scene vocabulary, renderer and analyzer (webapp/scenes.py): the analyzer must read the renderer's
+own scenes right before it may judge a model's."""
+
+from __future__ import annotations
+
+import random
+
+from webapp import scenes
+from webapp.scenes import Scene, Verdict
+
+
+def test_captions_say_an_before_orange_and_parse_back():
+    scene = Scene("triangle", "orange", "yellow")
+    assert scene.caption == "an orange triangle on a yellow background"
+    assert Scene("circle", "red", "orange").caption == "a red circle on an orange background"
+    assert scenes.parse(scene.caption) == scene.verdict
+
+
+def test_the_analyzer_reads_the_renderers_own_scenes():
+    rng = random.Random(20261202)
+    drawn = [scenes.random_scene(rng) for _ in range(600)]
+    right = sum(scenes.analyze(scenes.render(scene)) == scene.verdict for scene in drawn)
+    assert right >= 0.99 * len(drawn), f"{right} of {len(drawn)}"
+
+
+def test_every_colour_pair_and_shape_is_told_apart_at_the_smallest_size():
+    for shape in scenes.SHAPES:
+        for colour in scenes.COLOURS:
+            for background in scenes.COLOURS:
+                if colour == background:
+                    continue
+                scene = Scene(shape, colour, background, scenes.MIN_FRACTION)
+                assert scenes.analyze(scenes.render(scene)) == scene.verdict, scene
+
+
+def test_a_plain_image_has_no_shape():
+    image = scenes.render(Scene("circle", "red", "blue", fraction=0.01))
+    assert scenes.analyze(image) == Verdict("blue", None, None)
