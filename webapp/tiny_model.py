@@ -41,7 +41,7 @@ def _byte_vocabulary() -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def _build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(
         vocab=_byte_vocabulary(),
         merges=[],
@@ -56,7 +56,7 @@ def _build_tokenizer() -> CLIPTokenizer:
 def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """Return a fresh tiny pipeline (~1.7 M parameters, 64x64 images); the same seed gives the same weights."""
     torch.manual_seed(seed)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),

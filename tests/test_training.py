@@ -1,0 +1,57 @@
+"""training/train.py on a tiny budget: it writes a diffusers folder the server's own loader serves, and a
+run resumed from its checkpoint ends with the weights of one that was never interrupted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+
+def train(out: Path, checkpoint: Path, unet_steps: int) -> str:
+    command = [
+        sys.executable, "training/train.py", "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "4",
+        "--vae-steps", "2", "--unet-steps", str(unet_steps), "--eval-every", "2", "--checkpoint-every", "1",
+        "--threads", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("straight")
+    output = train(folder / "model", folder / "checkpoint", unet_steps=4)
+    assert "vae done: 2 steps" in output and "wrote " in output
+    return folder / "model"
+
+
+def test_the_folder_is_served_by_the_servers_own_loader(straight):
+    from webapp import pipeline
+    from webapp.params import GenerationParams
+    from webapp.settings import Settings
+
+    model = pipeline.load(Settings.from_env({"MODEL_ID": str(straight)}), 0)
+    assert model.default_size == (64, 64)
+    (images,) = model.generate(
+        [GenerationParams("a red circle on a white background", None, 2, 7.5, 64, 64, (1,))], print
+    )
+    assert images[0].size == (64, 64)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(straight, tmp_path):
+    first = train(tmp_path / "model", tmp_path / "checkpoint", unet_steps=2)
+    assert not any(line.startswith("resumed:") for line in first.splitlines())
+    second = train(tmp_path / "model", tmp_path / "checkpoint", unet_steps=4)
+    assert second.splitlines()[0].startswith("resumed: phase unet, step 2")
+    for part in ("unet", "text_encoder", "vae"):
+        (weights,) = (straight / part).glob("*.safetensors")
+        expected, resumed = load_file(weights), load_file(tmp_path / "model" / part / weights.name)
+        assert expected.keys() == resumed.keys()
+        assert all((expected[key] == resumed[key]).all() for key in expected), part

@@ -1,0 +1,270 @@
+"""Train the embedded model on generated scenes (webapp/scenes.py) and write a standard diffusers folder.
+
+    .venv/bin/python training/train.py --out models/scenes-64 [--checkpoint training/checkpoint]
+
+The same kinds of components the server loads: an AutoencoderKL, a CLIP text encoder with the byte-level
+tokenizer of webapp/tiny_model.py, a UNet2DConditionModel and a DDIM scheduler, all for 64x64 images.
+Two phases, in order:
+1. the VAE, until the analyzer reads at least ``--vae-target`` of held-out reconstructions right (or
+   ``--vae-steps`` pass): a VAE that smears shapes caps everything after it;
+2. the UNet and the text encoder together, the VAE frozen, v-prediction, captions dropped 10 % of the
+   time so classifier-free guidance has an unconditional branch to push against.
+
+Deterministic from ``--seed``: the batch of step k is drawn from a generator seeded with (seed, phase, k),
+so a resumed run sees the batches an uninterrupted one would. A checkpoint (models, optimizers, torch's
+RNG state, phase and step) is written every ``--checkpoint-every`` steps, at the end of each phase and on
+SIGINT/SIGTERM, atomically; a run started with an existing checkpoint resumes from it. Losses, the
+analyzer's figures and the time go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from webapp import scenes, tiny_model
+
+BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+PREDICTION = "v_prediction"
+CAPTION_DROPOUT = 0.1
+
+
+def components(seed: int) -> dict[str, torch.nn.Module]:
+    """The untrained models of the recipe (the VAE divides each side by 4: 16x16x4 latents)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_model.build_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tiny_model.MAX_TOKENS,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(48, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    return {"vae": vae, "text_encoder": text_encoder, "unet": unet, "tokenizer": tokenizer}
+
+
+def batch_of(seed: int, phase: str, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Step ``step``'s batch of ``phase``: images in [-1, 1] and their captions."""
+    rng = random.Random(f"{seed}:{phase}:{step}")
+    drawn = [scenes.random_scene(rng) for _ in range(size)]
+    pixels = np.stack([np.asarray(scenes.render(scene), dtype=np.float32) for scene in drawn])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
+    return images, [scene.caption for scene in drawn]
+
+
+def to_image(tensor: torch.Tensor) -> object:
+    from PIL import Image
+
+    array = ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def vae_accuracy(vae: AutoencoderKL, seed: int, count: int) -> float:
+    """The share of held-out scenes whose reconstruction the analyzer reads right."""
+    images, captions = batch_of(seed, "vae-eval", 0, count)
+    with torch.no_grad():
+        reconstructed = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    right = sum(scenes.analyze(to_image(r)) == scenes.parse(c) for r, c in zip(reconstructed, captions, strict=True))
+    return right / count
+
+
+class Checkpoint:
+    def __init__(self, folder: Path | None) -> None:
+        self.path = folder / "state.pt" if folder else None
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
+        return torch.load(self.path, weights_only=False)
+
+    def save(self, state: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_suffix(".tmp")
+        torch.save(state, staging)
+        os.replace(staging, self.path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
+    parser.add_argument("--checkpoint", type=Path, help="folder for the resumable checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--vae-steps", type=int, default=3000, help="at most this many VAE steps")
+    parser.add_argument("--vae-target", type=float, default=0.97, help="analyzer accuracy that ends phase 1")
+    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    parts = components(args.seed)
+    vae, text_encoder, unet, tokenizer = parts["vae"], parts["text_encoder"], parts["unet"], parts["tokenizer"]
+    vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    unet_optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=5e-4)
+    noise = DDPMScheduler(num_train_timesteps=1000, prediction_type=PREDICTION, **BETAS)
+    state = {"phase": "vae", "step": 0, "scaling_factor": None, "seconds": 0.0}
+    checkpoint = Checkpoint(args.checkpoint)
+    saved = checkpoint.load()
+    if saved:
+        for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+            module.load_state_dict(saved[name])
+        vae_optimizer.load_state_dict(saved["vae_optimizer"])
+        unet_optimizer.load_state_dict(saved["unet_optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+        print(f"resumed: phase {state['phase']}, step {state['step']}, {state['seconds']:.0f} s so far", flush=True)
+
+    def snapshot() -> None:
+        checkpoint.save(
+            {
+                "vae": vae.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "unet": unet.state_dict(),
+                "vae_optimizer": vae_optimizer.state_dict(),
+                "unet_optimizer": unet_optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "state": state,
+            }
+        )
+
+    stop = {"asked": False}
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), lambda *_: stop.update(asked=True))
+    started = time.monotonic() - state["seconds"]
+
+    def clock() -> float:
+        state["seconds"] = time.monotonic() - started
+        return state["seconds"]
+
+    if state["phase"] == "vae":
+        vae.train()
+        while state["step"] < args.vae_steps and not stop["asked"]:
+            images, _ = batch_of(args.seed, "vae", state["step"], args.batch)
+            posterior = vae.encode(images).latent_dist
+            reconstructed = vae.decode(posterior.sample()).sample
+            loss = F.mse_loss(reconstructed, images) + 1e-6 * posterior.kl().mean()
+            vae_optimizer.zero_grad()
+            loss.backward()
+            vae_optimizer.step()
+            state["step"] += 1
+            done = state["step"] % args.eval_every == 0 or state["step"] == args.vae_steps
+            if done:
+                vae.eval()
+                accuracy = vae_accuracy(vae, args.seed, 64)
+                vae.train()
+                print(
+                    f"vae step {state['step']} loss {loss.item():.5f} analyzer {accuracy:.1%} {clock():.0f} s",
+                    flush=True,
+                )
+                if accuracy >= args.vae_target:
+                    break
+            if state["step"] % args.checkpoint_every == 0:
+                snapshot()
+        if stop["asked"]:
+            snapshot()
+            return
+        vae.eval()
+        with torch.no_grad():
+            images, _ = batch_of(args.seed, "scale", 0, 64)
+            state["scaling_factor"] = float(1 / vae.encode(images).latent_dist.mode().std())
+        print(f"vae done: {state['step']} steps, latent scaling factor {state['scaling_factor']:.4f}, {clock():.0f} s")
+        state["phase"], state["step"] = "unet", 0
+        snapshot()
+
+    vae.requires_grad_(False)
+    vae.eval()
+    scale = state["scaling_factor"]
+    unet.train()
+    text_encoder.train()
+    while state["step"] < args.unet_steps and not stop["asked"]:
+        images, captions = batch_of(args.seed, "unet", state["step"], args.batch)
+        rng = random.Random(f"{args.seed}:dropout:{state['step']}")
+        captions = ["" if rng.random() < CAPTION_DROPOUT else caption for caption in captions]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample() * scale
+        tokens = tokenizer(captions, padding="max_length", max_length=tiny_model.MAX_TOKENS, return_tensors="pt")
+        hidden = text_encoder(tokens.input_ids)[0]
+        timesteps = torch.randint(0, noise.config.num_train_timesteps, (len(captions),))
+        eps = torch.randn_like(latents)
+        noisy = noise.add_noise(latents, eps, timesteps)
+        target = noise.get_velocity(latents, eps, timesteps)
+        loss = F.mse_loss(unet(noisy, timesteps, hidden).sample, target)
+        unet_optimizer.zero_grad()
+        loss.backward()
+        unet_optimizer.step()
+        state["step"] += 1
+        if state["step"] % args.eval_every == 0 or state["step"] == args.unet_steps:
+            print(f"unet step {state['step']} loss {loss.item():.5f} {clock():.0f} s", flush=True)
+        if state["step"] % args.checkpoint_every == 0:
+            snapshot()
+    snapshot()
+    if stop["asked"]:
+        return
+
+    vae.register_to_config(scaling_factor=scale)
+    scheduler = DDIMScheduler(
+        prediction_type=PREDICTION, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **BETAS
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(args.out)
+    count = sum(p.numel() for module in (vae, text_encoder, unet) for p in module.parameters())
+    print(f"wrote {args.out}: {count / 1e6:.2f} M parameters, {clock():.0f} s in all", flush=True)
+
+
+if __name__ == "__main__":
+    main()
