@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -46,3 +47,12 @@ def test_the_encoding_bench_prints_a_row_per_picture_size_and_format():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| scene") or line.startswith("| noise")]
     assert len(rows) == 2 * 3
     assert all(float(row.split("|")[4]) > 0 for row in rows)
+
+
+def test_the_quality_bench_checks_its_analyzer_and_prints_a_row_per_model(tmp_path):
+    command = [sys.executable, "bench/quality.py", "--images", "2", "--steps", "1"]
+    env = {**os.environ, "MODEL_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "analyzer on the renderer's own scenes: 100.0% right" in result.stdout
+    assert "| embedded random weights |" in result.stdout
