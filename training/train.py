@@ -2,8 +2,9 @@
 
     .venv/bin/python training/train.py --out models/scenes-64 [--checkpoint training/checkpoint]
 
-The same kinds of components the server loads: an AutoencoderKL, a CLIP text encoder with the byte-level
-tokenizer of webapp/tiny_model.py, a UNet2DConditionModel and a DDIM scheduler, all for 64x64 images.
+The same kinds of components the server loads, built by webapp/tiny_model.py to this script's ``RECIPE``:
+an AutoencoderKL, a CLIP text encoder with the byte-level tokenizer, a UNet2DConditionModel and a DDIM
+scheduler, all for 64x64 images.
 Two phases, in order:
 1. the VAE, until the analyzer reads at least ``--vae-target`` of held-out reconstructions right (or
    ``--vae-steps`` pass): a VAE that smears shapes caps everything after it;
@@ -30,59 +31,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from webapp import scenes, tiny_model
 
-BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-PREDICTION = "v_prediction"
 CAPTION_DROPOUT = 0.1
 
 
-def components(seed: int) -> dict[str, torch.nn.Module]:
-    """The untrained models of the recipe (the VAE divides each side by 4: 16x16x4 latents)."""
-    torch.manual_seed(seed)
-    tokenizer = tiny_model.build_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tiny_model.MAX_TOKENS,
-            projection_dim=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(48, 96),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    return {"vae": vae, "text_encoder": text_encoder, "unet": unet, "tokenizer": tokenizer}
+# 64x64 images; the VAE divides each side by 4 (16x16x4 latents), and both UNet levels attend to the text.
+RECIPE = tiny_model.Recipe(
+    text_hidden=64,
+    text_intermediate=128,
+    unet_sample_size=16,
+    unet_channels=(48, 96),
+    unet_down=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    unet_up=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    unet_groups=16,
+    vae_channels=(32, 64, 64),
+    prediction_type="v_prediction",
+)
 
 
 def batch_of(seed: int, phase: str, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -143,11 +112,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    parts = components(args.seed)
+    parts = tiny_model.build_components(RECIPE, args.seed)
     vae, text_encoder, unet, tokenizer = parts["vae"], parts["text_encoder"], parts["unet"], parts["tokenizer"]
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     unet_optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=5e-4)
-    noise = DDPMScheduler(num_train_timesteps=1000, prediction_type=PREDICTION, **BETAS)
+    noise = DDPMScheduler(num_train_timesteps=1000, prediction_type=RECIPE.prediction_type, **tiny_model.SCHEDULE)
     state = {"phase": "vae", "step": 0, "scaling_factor": None, "seconds": 0.0}
     checkpoint = Checkpoint(args.checkpoint)
     saved = checkpoint.load()
@@ -248,19 +217,7 @@ def main() -> None:
         return
 
     vae.register_to_config(scaling_factor=scale)
-    scheduler = DDIMScheduler(
-        prediction_type=PREDICTION, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **BETAS
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_model.assemble(parts, RECIPE)
     pipe.save_pretrained(args.out)
     count = sum(p.numel() for module in (vae, text_encoder, unet) for p in module.parameters())
     print(f"wrote {args.out}: {count / 1e6:.2f} M parameters, {clock():.0f} s in all", flush=True)

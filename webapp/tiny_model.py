@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -53,64 +55,81 @@ def build_tokenizer() -> CLIPTokenizer:
     )
 
 
-def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """Return a fresh tiny pipeline (~1.7 M parameters, 64x64 images); the same seed gives the same weights."""
+@dataclass(frozen=True)
+class Recipe:
+    """The dimensions of a small Stable Diffusion pipeline. The defaults are the embedded random-weight
+    model's; training/train.py passes its own."""
+
+    text_hidden: int = 32
+    text_intermediate: int = 37
+    unet_sample_size: int = 32
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_down: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    unet_up: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    unet_groups: int = 32
+    vae_channels: tuple[int, ...] = (32, 64)
+    prediction_type: str = "epsilon"
+
+
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def build_components(recipe: Recipe = Recipe(), seed: int = 0) -> dict[str, Any]:
+    """Fresh tokenizer, text encoder, UNet and VAE of ``recipe``; the same seed gives the same weights."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
+            hidden_size=recipe.text_hidden,
+            intermediate_size=recipe.text_intermediate,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=MAX_TOKENS,
-            projection_dim=32,
+            projection_dim=recipe.text_hidden,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=recipe.unet_sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        block_out_channels=recipe.unet_channels,
+        down_block_types=recipe.unet_down,
+        up_block_types=recipe.unet_up,
+        cross_attention_dim=recipe.text_hidden,
         attention_head_dim=8,
-        norm_num_groups=32,
+        norm_num_groups=recipe.unet_groups,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
+        block_out_channels=recipe.vae_channels,
         layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels),
         latent_channels=4,
         norm_num_groups=32,
     )
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
+
+
+def assemble(parts: dict[str, Any], recipe: Recipe = Recipe()) -> StableDiffusionPipeline:
+    """The pipeline of ``parts`` with the DDIM scheduler every build of this recipe serves with."""
     scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=recipe.prediction_type, **SCHEDULE
     )
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **parts, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+
+
+def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Return a fresh tiny pipeline (~1.7 M parameters, 64x64 images); the same seed gives the same weights."""
+    return assemble(build_components(Recipe(), seed))
 
 
 def ensure_built(cache_dir: str | os.PathLike[str]) -> Path:
