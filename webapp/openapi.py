@@ -81,7 +81,18 @@ OPENAI = {
 UNAUTHORIZED = {401: "An API key is needed (API_KEYS or API_KEYS_FILE is set) and none or a wrong one was sent"}
 
 
-def _component_schemas(settings: Settings) -> dict[str, Any]:
+def _request_schemas(settings: Settings) -> dict[str, Any]:
+    """The request bodies: the JSON Schemas of the models that validate them."""
+    return {
+        "GenerateRequest": params.model_of("GenerateRequest", params.FIELDS, settings).model_json_schema(),
+        "CreateImageRequest": params.model_of(
+            openai_params.TITLE, openai_params.IMAGE_FIELDS, settings
+        ).model_json_schema(),
+    }
+
+
+def _error_schemas() -> dict[str, Any]:
+    """The two error shapes: ours and, under /v1/, OpenAI's (webapp.errors)."""
     error_fields = {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": ["string", "null"]}}
     openai_fields = {
         "message": {"type": "string"},
@@ -89,14 +100,7 @@ def _component_schemas(settings: Settings) -> dict[str, Any]:
         "param": {"type": ["string", "null"]},
         "code": {"type": ["string", "null"]},
     }
-    timings = {"type": "object", "additionalProperties": {"type": "number"}}
-    worker = {"type": "object", "properties": {"state": {"type": "string"}, "slot": {"type": "integer"}}}
-    image_keys = {f"{name}_base64": {"type": "string", "contentEncoding": "base64"} for name in images.FORMATS}
     return {
-        "GenerateRequest": params.model_of("GenerateRequest", params.FIELDS, settings).model_json_schema(),
-        "CreateImageRequest": params.model_of(
-            openai_params.TITLE, openai_params.IMAGE_FIELDS, settings
-        ).model_json_schema(),
         "ErrorBody": {
             "type": "object",
             "required": ["error"],
@@ -107,6 +111,15 @@ def _component_schemas(settings: Settings) -> dict[str, Any]:
             "required": ["error"],
             "properties": {"error": {"type": "object", "required": list(openai_fields), "properties": openai_fields}},
         },
+    }
+
+
+def _answer_schemas(settings: Settings) -> dict[str, Any]:
+    """The answers that are not errors."""
+    timings = {"type": "object", "additionalProperties": {"type": "number"}}
+    worker = {"type": "object", "properties": {"state": {"type": "string"}, "slot": {"type": "integer"}}}
+    image_keys = {f"{name}_base64": {"type": "string", "contentEncoding": "base64"} for name in images.FORMATS}
+    return {
         "Health": {
             "type": "object",
             "required": ["status", "reason", "policy", "required_ready", "workers"],
@@ -177,6 +190,10 @@ def _component_schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _component_schemas(settings: Settings) -> dict[str, Any]:
+    return {**_request_schemas(settings), **_error_schemas(), **_answer_schemas(settings)}
+
+
 def _timeout_header(settings: Settings) -> dict[str, Any]:
     return {
         "name": params.TIMEOUT_HEADER,
@@ -187,14 +204,10 @@ def _timeout_header(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
-    """Every operation: (OpenAPI path, method) -> its description."""
+def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
+    """The probes, metrics, the demo, this document and the static files."""
     health = {"200": {"description": "Yes", "content": _json("Health")}}
     health["503"] = {"description": "No: reason says why", "content": _json("Health")}
-    image_media = {media: {"schema": {"type": "string", "format": "binary"}} for media in images.BY_MEDIA_TYPE}
-    generate_errors = _answers(
-        {**TRANSPORT, 406: "Accept allows none of the answer's types", **GENERATING}, "ErrorBody"
-    )
     form_schema = {
         "type": "object",
         "properties": {field.name: {"type": "string"} for field in params.FIELDS if field.demo or field.kind == "text"}
@@ -235,6 +248,28 @@ def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
                 if status != 415
             },
         },
+        ("/openapi.json", "get"): {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}},
+        },
+        ("/static/{filename}", "get"): {
+            "summary": "The demo's script and style sheet",
+            "parameters": [{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The file", "content": {"*/*": {"schema": {"type": "string"}}}},
+                "404": {"description": "No such file", "content": _json("ErrorBody")},
+            },
+        },
+    }
+
+
+def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+    """The routes that generate: /generate, its stream, and the OpenAI API."""
+    image_media = {media: {"schema": {"type": "string", "format": "binary"}} for media in images.BY_MEDIA_TYPE}
+    generate_errors = _answers(
+        {**TRANSPORT, 406: "Accept allows none of the answer's types", **GENERATING}, "ErrorBody"
+    )
+    return {
         ("/generate", "post"): {
             "summary": "Generate images: JSON with base64 images, or one image's bytes (Accept image/png, jpeg, webp)",
             "parameters": [_timeout_header(settings)],
@@ -282,19 +317,12 @@ def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
                 **_answers({404: OPENAI[404], **UNAUTHORIZED}, "OpenAIError"),
             },
         },
-        ("/openapi.json", "get"): {
-            "summary": "This document",
-            "responses": {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}},
-        },
-        ("/static/{filename}", "get"): {
-            "summary": "The demo's script and style sheet",
-            "parameters": [{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {
-                "200": {"description": "The file", "content": {"*/*": {"schema": {"type": "string"}}}},
-                "404": {"description": "No such file", "content": _json("ErrorBody")},
-            },
-        },
     }
+
+
+def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every operation: (OpenAPI path, method) -> its description."""
+    return {**_page_operations(), **_generation_operations(settings)}
 
 
 def openapi_path(rule: str) -> str:
