@@ -37,9 +37,11 @@ def _runtime() -> Runtime:
     return current_app.extensions["runtime"]
 
 
-def _created(runtime: Runtime) -> int:
+def _entry(runtime: Runtime) -> dict[str, Any]:
+    """The served model as OpenAI's model object; ``created`` is when this worker's model finished loading."""
     loaded = runtime.engine.loaded_at if runtime.engine is not None else None
-    return int(loaded if loaded is not None else time.time())
+    created = int(loaded if loaded is not None else time.time())
+    return {"id": runtime.settings.model_name, "object": "model", "created": created, "owned_by": OWNED_BY}
 
 
 def _check_model(asked: str | None, settings: Settings) -> None:
@@ -53,9 +55,7 @@ def _check_model(asked: str | None, settings: Settings) -> None:
 @auth.required
 def models() -> Response:
     """The served model, as OpenAI's model list."""
-    runtime = _runtime()
-    entry = {"id": runtime.settings.model_name, "object": "model", "created": _created(runtime), "owned_by": OWNED_BY}
-    return jsonify({"object": "list", "data": [entry]})
+    return jsonify({"object": "list", "data": [_entry(_runtime())]})
 
 
 @bp.get("/models/<path:model>")
@@ -67,8 +67,7 @@ def model(model: str) -> Response:
         _check_model(model, runtime.settings)
     except ApiError as exc:
         return exc.response()
-    entry = {"id": runtime.settings.model_name, "object": "model", "created": _created(runtime), "owned_by": OWNED_BY}
-    return jsonify(entry)
+    return jsonify(_entry(runtime))
 
 
 def _size(params: GenerationParams) -> str:
