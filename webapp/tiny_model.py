@@ -68,6 +68,7 @@ class Recipe:
     unet_up: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
     unet_groups: int = 32
     vae_channels: tuple[int, ...] = (32, 64)
+    vae_groups: int = 32
     prediction_type: str = "epsilon"
 
 
@@ -112,7 +113,7 @@ def build_components(recipe: Recipe = Recipe(), seed: int = 0) -> dict[str, Any]
         down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels),
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=recipe.vae_groups,
     )
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
 
