@@ -15,6 +15,7 @@ from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.conftest import API_KEY, ROOT, wait_for
+from webapp import scenes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -84,6 +85,36 @@ def test_a_person_generates_an_image_and_watches_the_progress(browser, ready_ser
         assert image.size == (96, 64)
     page.screenshot(path=str(ARTIFACTS / "demo-generated.png"), full_page=True)
     assert console_errors == []
+
+
+def test_a_person_clicks_an_example_and_gets_the_scene_it_names_drawn_large_and_sharp(browser, ready_server):
+    page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
+    expect(page.locator("#workers li.state-ready")).to_have_count(2, timeout=30_000)
+    examples = page.locator("a.example")
+    expect(examples).to_have_count(len(scenes.EXAMPLES))
+    examples.first.click()
+    expect(page.locator("#prompt")).to_have_value(scenes.EXAMPLES[0])
+    assert page.url == ready_server.url + "/", "the click filled the prompt instead of following the link"
+    page.uncheck("#random_seed")
+    page.fill("#seed", "7")
+    page.click("#generate-button")
+    expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
+
+    shown = page.eval_on_selector(
+        "#results img",
+        "img => [img.naturalWidth, img.getBoundingClientRect().width, getComputedStyle(img).imageRendering]",
+    )
+    assert shown == [64, 256, "pixelated"]
+    with Image.open(io.BytesIO(downloaded_png(page))) as image:
+        assert scenes.analyze(image) == scenes.parse(scenes.EXAMPLES[0])
+    # The README shows this one (docs/demo-example.png is a copy of it).
+    page.locator("main").screenshot(path=str(ARTIFACTS / "demo-example.png"))
+
+
+def test_without_javascript_an_example_link_fills_the_prompt(ready_server):
+    response = ready_server.get("/", params={"prompt": scenes.EXAMPLES[1]})
+    assert response.status_code == 200
+    assert f">{scenes.EXAMPLES[1]}</textarea>" in response.text
 
 
 def test_a_bad_value_shows_its_error_next_to_the_field(browser, ready_server):

@@ -104,9 +104,9 @@ def test_another_model_is_not_found(keyed_server):
 
 def test_models_list_names_the_served_model_and_generate_takes_it(keyed_server):
     models = client(keyed_server).models.list()
-    assert [model.id for model in models.data] == ["builtin:tiny-sd"]
+    assert [model.id for model in models.data] == ["builtin:scenes-64"]
     assert models.data[0].object == "model" and models.data[0].created > 0
-    assert client(keyed_server).models.retrieve("builtin:tiny-sd").id == "builtin:tiny-sd"
+    assert client(keyed_server).models.retrieve("builtin:scenes-64").id == "builtin:scenes-64"
     result = client(keyed_server).images.generate(
         prompt="a boat", model=models.data[0].id, extra_body={"num_inference_steps": 1}
     )

@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, free_port
-from webapp.settings import BUILTIN_TINY_MODEL, TINY_MODEL_MAX_SIZE, VARIABLES, Settings, SettingsError
+from webapp.settings import BUILTIN_TINY_MODEL, SCENES_MODEL, TINY_MODEL_MAX_SIZE, VARIABLES, Settings, SettingsError
 
 
 def test_defaults_validate():
     s = Settings.from_env({})
     assert (s.host, s.port, s.threads) == ("0.0.0.0", 8080, 16)
     assert s.workers is None  # gunicorn's count, known once the master starts
-    assert s.model_id == BUILTIN_TINY_MODEL
+    assert s.model_id == SCENES_MODEL
     assert s.bind == "0.0.0.0:8080"
     assert s.required_ready(3) == 3
 
@@ -88,8 +88,9 @@ def test_gunicorn_refuses_to_start_on_a_bad_value_and_names_it(env, args, says):
     assert "Listening at" not in result.stderr + result.stdout
 
 
-def test_the_embedded_model_has_its_own_size_limit_unless_one_is_set():
+def test_the_embedded_models_have_their_own_size_limit_unless_one_is_set():
     assert Settings.from_env({}).max_image_size == TINY_MODEL_MAX_SIZE
+    assert Settings.from_env({"MODEL_ID": BUILTIN_TINY_MODEL}).max_image_size == TINY_MODEL_MAX_SIZE
     assert Settings.from_env({"MODEL_ID": "stabilityai/sd-turbo"}).max_image_size == 1024
     assert Settings.from_env({"MAX_IMAGE_SIZE": "512"}).max_image_size == 512
     assert Settings.from_env({}).for_workers(2).max_image_size == TINY_MODEL_MAX_SIZE

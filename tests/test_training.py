@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 def train(out: Path, checkpoint: Path, unet_steps: int) -> str:
     command = [
         sys.executable, "training/train.py", "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "4",
-        "--vae-steps", "2", "--unet-steps", str(unet_steps), "--eval-every", "2", "--checkpoint-every", "1",
+        "--vae-batch", "4", "--vae-steps", "2", "--vae-eval-every", "2", "--unet-steps", str(unet_steps), "--eval-every", "2", "--checkpoint-every", "1",
         "--threads", "1",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -55,3 +55,16 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(straight, tmp_path):
         expected, resumed = load_file(weights), load_file(tmp_path / "model" / part / weights.name)
         assert expected.keys() == resumed.keys()
         assert all((expected[key] == resumed[key]).all() for key in expected), part
+
+
+def test_the_shipped_model_is_safetensors_within_25_mb_with_its_model_card():
+    from webapp.pipeline import SCENES_MODEL_DIR
+
+    files = [path for path in SCENES_MODEL_DIR.rglob("*") if path.is_file()]
+    weights = [path for path in files if path.suffix == ".safetensors"]
+    assert {path.parent.name for path in weights} == {"unet", "vae", "text_encoder"}
+    assert not [path for path in files if path.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert sum(path.stat().st_size for path in files) <= 25 * 2**20
+    card = (SCENES_MODEL_DIR / "README.md").read_text(encoding="utf-8")
+    for needed in ("license", "training/train.py", "bench/quality.py", "cannot"):
+        assert needed in card, needed

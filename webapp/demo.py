@@ -11,10 +11,11 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 
-from webapp import auth, errors, jobs, readiness
+from webapp import auth, errors, jobs, readiness, scenes
 from webapp.errors import ApiError
 from webapp.params import FIELDS, InvalidRequest, form_fields
 from webapp.runtime import Runtime
+from webapp.settings import SCENES_MODEL
 
 bp = Blueprint("demo", __name__)
 KEY_FIELD = "api_key"  # the no-JavaScript form's key field
@@ -69,6 +70,7 @@ def _page(status: int = 200, **context: Any) -> tuple[str, int]:
             workers=[worker.as_row(now) for worker in verdict.workers],
             any_ready=any(worker.ready for worker in verdict.workers),
             needs_key=current_app.extensions["keys"].enabled,
+            examples=scenes.EXAMPLES if runtime.settings.model_id == SCENES_MODEL else (),
             **context,
         ),
         status,
@@ -77,8 +79,10 @@ def _page(status: int = 200, **context: Any) -> tuple[str, int]:
 
 @bp.get("/")
 def index() -> tuple[str, int]:
-    """The demo page, with a snapshot of every worker's state (JavaScript keeps it live)."""
-    return _page()
+    """The demo page, with a snapshot of every worker's state (JavaScript keeps it live); ``?prompt=``
+    fills the prompt (the example links, for a browser without JavaScript)."""
+    prompt = request.args.get("prompt", "")
+    return _page(values={"prompt": prompt} if prompt else {})
 
 
 def _values() -> dict[str, str]:

@@ -22,9 +22,11 @@ from transformers.utils import logging as transformers_logging
 
 from webapp import logs
 from webapp.params import GenerationParams
-from webapp.settings import BUILTIN_TINY_MODEL, Settings
+from webapp.settings import BUILTIN_TINY_MODEL, EMBEDDED_MODELS, SCENES_MODEL, Settings
 
 log = logs.get(__name__)
+# The trained embedded model: weights, configs and model card (README.md), shipped as package data.
+SCENES_MODEL_DIR = Path(__file__).resolve().parent / "models" / "scenes-64"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 diffusers_logging.set_verbosity_error()
@@ -49,13 +51,16 @@ def choose_dtype(setting: str, device: str) -> torch.dtype:
 
 
 def model_location(settings: Settings) -> str:
-    """The folder or hub id to load; the embedded tiny model is built into the cache on first use."""
+    """The folder or hub id to load: the trained embedded model ships inside the package, the random one is
+    built into the cache on first use."""
+    if settings.model_id == SCENES_MODEL:
+        return str(SCENES_MODEL_DIR)
     if settings.model_id == BUILTIN_TINY_MODEL:
         from webapp.tiny_model import ensure_built
 
         return str(ensure_built(settings.model_cache_dir))
     if settings.model_id.startswith("builtin:"):
-        raise ValueError(f"unknown built-in model {settings.model_id!r} (known: {BUILTIN_TINY_MODEL})")
+        raise ValueError(f"unknown built-in model {settings.model_id!r} (known: {', '.join(EMBEDDED_MODELS)})")
     if settings.model_id.startswith(("/", "./", "../", "~")):
         folder = Path(settings.model_id).expanduser()
         if not folder.is_dir():

@@ -35,6 +35,17 @@ MIN_FRACTION, MAX_FRACTION = 0.3, 0.6  # the shape's width as a fraction of the 
 MIN_SHAPE_PIXELS = 40
 
 
+# Prompts the demo offers for the trained model: one per shape, in colours it draws well.
+EXAMPLES = (
+    "a red circle on a white background",
+    "a blue square on a yellow background",
+    "a yellow triangle on a black background",
+    "an orange circle on a purple background",
+    "a white square on a green background",
+    "a green triangle on an orange background",
+)
+
+
 def article(colour: str) -> str:
     return "an" if colour[0] in "aeiou" else "a"
 

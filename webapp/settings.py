@@ -32,11 +32,16 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+# The embedded models, served by name (webapp/pipeline.py resolves them to folders, then from_pretrained):
+# the default, trained on generated scenes (webapp/models/scenes-64, training/train.py), and the random-weight
+# pipeline it was grown from, kept as the floor bench/quality.py compares against.
+SCENES_MODEL = "builtin:scenes-64"
 BUILTIN_TINY_MODEL = "builtin:tiny-sd"
+EMBEDDED_MODELS = (SCENES_MODEL, BUILTIN_TINY_MODEL)
 SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines require sides divisible by 8
-# The embedded tiny model's VAE only halves each side, so its UNet attends over (side / 4)^2 positions: at
-# 512x512 one step of two images took 41 s on 2 CPUs (STALL_TIMEOUT is 60 s) and 1024x1024 needs tens of
-# GiB. Its MAX_IMAGE_SIZE defaults to this instead of 1024, where a step of MAX_IMAGES images takes seconds.
+# The embedded models are made for 64x64 and their UNets attend over every latent position at the top level:
+# the random one at 512x512 took 41 s for one step of two images on 2 CPUs (STALL_TIMEOUT is 60 s), and
+# 1024x1024 needs tens of GiB. Their MAX_IMAGE_SIZE defaults to this instead of 1024.
 TINY_MODEL_MAX_SIZE = 256
 STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
 
@@ -96,12 +101,13 @@ class Settings(BaseModel):
     )
     model_id: str = _setting(
         "MODEL_ID",
-        BUILTIN_TINY_MODEL,
-        "Model to serve: a local folder, a hub id, or the embedded tiny model.",
+        SCENES_MODEL,
+        f"Model to serve: a local folder, a hub id, or an embedded one ({SCENES_MODEL}: trained on generated "
+        f"scenes, draws what is asked; {BUILTIN_TINY_MODEL}: random weights, noise).",
         min_length=1,
     )
     model_cache_dir: Annotated[Path, AfterValidator(Path.expanduser)] = _setting(
-        "MODEL_CACHE_DIR", "~/.cache/honest-diffusion", "Where the embedded tiny model is built."
+        "MODEL_CACHE_DIR", "~/.cache/honest-diffusion", f"Where {BUILTIN_TINY_MODEL} is built."
     )
     model_loader: str = _setting(
         "MODEL_LOADER",
@@ -220,8 +226,8 @@ class Settings(BaseModel):
     max_image_size: int = _setting(
         "MAX_IMAGE_SIZE",
         1024,
-        f"Largest width or height (a multiple of 8); {TINY_MODEL_MAX_SIZE} when unset and MODEL_ID is the embedded "
-        "tiny model, whose steps take minutes past it.",
+        f"Largest width or height (a multiple of 8); {TINY_MODEL_MAX_SIZE} when unset and MODEL_ID is an embedded "
+        "model, whose steps take minutes past it.",
         ge=8,
         le=8192,
         multiple_of=SIZE_MULTIPLE,
@@ -266,10 +272,10 @@ class Settings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _tiny_model_size(cls, data: Any) -> Any:
-        """An unset MAX_IMAGE_SIZE for the embedded tiny model is TINY_MODEL_MAX_SIZE (see there)."""
+        """An unset MAX_IMAGE_SIZE for an embedded model is TINY_MODEL_MAX_SIZE (see there)."""
         if not isinstance(data, dict) or {"MAX_IMAGE_SIZE", "max_image_size"} & set(data):
             return data
-        tiny = data.get("MODEL_ID", data.get("model_id", BUILTIN_TINY_MODEL)) == BUILTIN_TINY_MODEL
+        tiny = data.get("MODEL_ID", data.get("model_id", SCENES_MODEL)) in EMBEDDED_MODELS
         return {**data, "MAX_IMAGE_SIZE": TINY_MODEL_MAX_SIZE} if tiny else data
 
     @model_validator(mode="after")

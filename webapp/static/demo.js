@@ -171,6 +171,13 @@ function syncSeed() {
 document.addEventListener("DOMContentLoaded", () => {
   $("generate-form").addEventListener("submit", generate);
   $("random_seed").addEventListener("change", syncSeed);
+  for (const example of document.querySelectorAll("a.example")) {
+    example.addEventListener("click", (event) => {
+      event.preventDefault();
+      $("prompt").value = example.dataset.prompt;
+      $("prompt").focus();
+    });
+  }
   if ($("api_key")) $("api_key").value = sessionStorage.getItem("api_key") || "";
   syncSeed();
   refreshHealth();
