@@ -16,8 +16,8 @@ from tests.conftest import ROOT
 def train(out: Path, checkpoint: Path, unet_steps: int) -> str:
     command = [
         sys.executable, "training/train.py", "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "4",
-        "--vae-batch", "4", "--vae-steps", "2", "--vae-eval-every", "2", "--unet-steps", str(unet_steps), "--eval-every", "2", "--checkpoint-every", "1",
-        "--threads", "1",
+        "--vae-batch", "4", "--vae-steps", "2", "--vae-eval-every", "2", "--unet-steps", str(unet_steps),
+        "--eval-every", "2", "--checkpoint-every", "1", "--threads", "1",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
