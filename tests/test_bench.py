@@ -55,4 +55,7 @@ def test_the_quality_bench_checks_its_analyzer_and_prints_a_row_per_model(tmp_pa
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "analyzer on the renderer's own scenes: 100.0% right" in result.stdout
-    assert "| embedded random weights |" in result.stdout
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| builtin:")]
+    assert [row[0] for row in rows] == ["| builtin:scenes-64", "| builtin:scenes-64, guidance 1.0 (no CFG)",
+                                        "| builtin:tiny-sd (random weights)"]  # fmt: skip
+    assert all(row[4].endswith("%") and float(row[5].rstrip(" |")) > 0 for row in rows)

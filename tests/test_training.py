@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 def train(out: Path, checkpoint: Path, unet_steps: int) -> str:
     command = [
         sys.executable, "training/train.py", "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "4",
-        "--vae-batch", "4", "--vae-steps", "2", "--vae-eval-every", "2", "--unet-steps", str(unet_steps),
+        "--vae-batch", "4", "--vae-whole-batch", "4", "--vae-steps", "2", "--vae-crop-steps", "1",
+        "--vae-eval-every", "2", "--vae-target", "0", "--unet-steps", str(unet_steps),
         "--eval-every", "2", "--checkpoint-every", "1", "--threads", "1",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -43,6 +44,17 @@ def test_the_folder_is_served_by_the_servers_own_loader(straight):
         [GenerationParams("a red circle on a white background", None, 2, 7.5, 64, 64, (1,))], print
     )
     assert images[0].size == (64, 64)
+
+
+def test_the_unet_never_starts_on_a_vae_the_analyzer_fails(tmp_path):
+    command = [
+        sys.executable, "training/train.py", "--out", str(tmp_path / "model"), "--vae-batch", "2", "--vae-steps", "1",
+        "--vae-target", "0.5", "--threads", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "the VAE is below --vae-target 50%" in result.stderr
+    assert "unet step" not in result.stdout and not (tmp_path / "model").exists()
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(straight, tmp_path):

@@ -11,7 +11,6 @@ checked first on the renderer's own scenes (tests/test_scenes.py).
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -124,21 +123,31 @@ def _nearest_indices(pixels: np.ndarray) -> np.ndarray:
     return np.argmin(((pixels[..., None, :] - PALETTE) ** 2).sum(axis=-1), axis=-1)
 
 
+def _outlines(height: int, width: int) -> dict[str, np.ndarray]:
+    """Each shape drawn to fill a ``height`` x ``width`` box, as boolean masks."""
+    rows = (np.arange(height)[:, None] + 0.5) / height  # 0 at the top, 1 at the bottom
+    cols = (np.arange(width)[None, :] + 0.5) / width
+    return {
+        "square": np.ones((height, width), dtype=bool),
+        "circle": (rows - 0.5) ** 2 + (cols - 0.5) ** 2 <= 0.25,
+        "triangle": np.abs(cols - 0.5) <= rows / 2,  # apex up: as wide as the box at the bottom row
+    }
+
+
 def _shape_of(mask: np.ndarray) -> str | None:
-    """circle, square or triangle from the shape's pixels: how much of its bounding box it fills (square
-    1, circle pi/4, triangle 1/2), and whether its top is narrower than its bottom."""
+    """circle, square or triangle: the outline, drawn to fill the shape's bounding box, that overlaps its
+    pixels best (intersection over union). A soft edge or a rounded corner costs every outline alike, so
+    the best one still wins where a threshold on one figure would flip."""
     rows, cols = np.nonzero(mask)
     if len(rows) < MIN_SHAPE_PIXELS:
         return None
     top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
-    height, width = bottom - top + 1, right - left + 1
-    fill = len(rows) / (height * width)
-    third = max(1, height // 3)
-    upper = mask[top : top + third].sum(axis=1).mean()
-    lower = mask[bottom - third + 1 : bottom + 1].sum(axis=1).mean()
-    if fill < (0.5 + math.pi / 4) / 2 and upper < 0.6 * lower:
-        return "triangle"
-    return "square" if fill > (1 + math.pi / 4) / 2 else "circle"
+    box = mask[top : bottom + 1, left : right + 1]
+    overlaps = {
+        name: (box & outline).sum() / (box | outline).sum()
+        for name, outline in _outlines(*box.shape).items()
+    }
+    return max(overlaps, key=overlaps.get)
 
 
 def analyze(image: Image.Image) -> Verdict:
