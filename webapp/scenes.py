@@ -143,10 +143,7 @@ def _shape_of(mask: np.ndarray) -> str | None:
         return None
     top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
     box = mask[top : bottom + 1, left : right + 1]
-    overlaps = {
-        name: (box & outline).sum() / (box | outline).sum()
-        for name, outline in _outlines(*box.shape).items()
-    }
+    overlaps = {name: (box & outline).sum() / (box | outline).sum() for name, outline in _outlines(*box.shape).items()}
     return max(overlaps, key=overlaps.get)
 
 
