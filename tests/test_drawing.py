@@ -3,7 +3,9 @@ model, its images judged by webapp.scenes.analyze. These are the tests that fail
 classifier-free guidance breaks, a batch mixes up its seeds or prompts, or the VAE's scaling is wrong.
 
 Every image here uses the server's defaults (steps, guidance, size) and seed 7, which training never saw
-(its batches come from seeded scene generators, not from image seeds).
+(its batches come from seeded scene generators, not from image seeds). The model draws 63.5 % of
+bench/quality.py's scenes right on all three counts, so these prompts are ones it draws right at seed 7:
+the tests then fail on what the server does wrong (ignoring the prompt, mixing a batch), deterministically.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from webapp import scenes
 SEED = 7
 FOUR = (
     "a red circle on a white background",
-    "a blue square on a yellow background",
+    "a white square on a green background",
     "a yellow triangle on a black background",
     "an orange circle on a purple background",
 )
@@ -52,8 +54,8 @@ def test_the_server_draws_a_red_circle_on_a_white_background(server):
 
 
 def test_a_different_prompt_draws_a_different_scene(server):
-    verdict, _, _ = drawn(server, "a blue square on a yellow background")
-    assert verdict == scenes.Verdict(background="yellow", colour="blue", shape="square")
+    verdict, _, _ = drawn(server, "a white square on a green background")
+    assert verdict == scenes.Verdict(background="green", colour="white", shape="square")
     assert verdict != drawn(server, "a red circle on a white background")[0]
 
 

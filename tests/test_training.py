@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT
 
 
-def train(out: Path, checkpoint: Path, unet_steps: int) -> str:
+def train(out: Path, checkpoint: Path, unet_steps: int, *extra: str) -> str:
     command = [
         sys.executable, "training/train.py", "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "4",
         "--vae-batch", "4", "--vae-whole-batch", "4", "--vae-steps", "2", "--vae-crop-steps", "1",
         "--vae-eval-every", "2", "--vae-target", "0", "--unet-steps", str(unet_steps),
-        "--eval-every", "2", "--checkpoint-every", "1", "--threads", "1",
+        "--eval-every", "2", "--checkpoint-every", "1", "--threads", "1", *extra,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,6 +44,12 @@ def test_the_folder_is_served_by_the_servers_own_loader(straight):
         [GenerationParams("a red circle on a white background", None, 2, 7.5, 64, 64, (1,))], print
     )
     assert images[0].size == (64, 64)
+
+
+def test_stop_at_ends_the_unet_phase_early_on_the_longer_schedule_and_writes_the_folder(tmp_path):
+    output = train(tmp_path / "model", tmp_path / "checkpoint", 4, "--stop-at", "2")
+    assert "unet step 2 " in output and "unet step 4 " not in output
+    assert (tmp_path / "model" / "model_index.json").is_file()
 
 
 def test_the_unet_never_starts_on_a_vae_the_analyzer_fails(tmp_path):

@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--vae-crop", type=int, default=32, help="side of the windows the VAE trains on first")
     parser.add_argument("--vae-crop-steps", type=int, default=1500, help="VAE steps on windows; then whole images")
     parser.add_argument("--vae-whole-batch", type=int, default=16, help="whole images per later VAE step")
-    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=2000, help="UNet steps, the learning rate's schedule")
+    parser.add_argument("--stop-at", type=int, help="end the UNet phase at this step of that schedule")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--preview-every", type=int, default=400, help="write the diffusers folder this often")
     parser.add_argument("--checkpoint-every", type=int, default=100)
@@ -259,7 +260,8 @@ def main() -> None:
     scale = state["scaling_factor"]
     unet.train()
     text_encoder.train()
-    while state["step"] < args.unet_steps and not stop["asked"]:
+    last = min(args.unet_steps, args.stop_at or args.unet_steps)
+    while state["step"] < last and not stop["asked"]:
         images, captions = batch_of(args.seed, "unet", state["step"], args.batch)
         for group in unet_optimizer.param_groups:
             group["lr"] = learning_rate(unet_lr, state["step"], args.unet_steps)
@@ -278,11 +280,11 @@ def main() -> None:
         loss.backward()
         unet_optimizer.step()
         state["step"] += 1
-        if state["step"] % args.eval_every == 0 or state["step"] == args.unet_steps:
+        if state["step"] % args.eval_every == 0 or state["step"] == last:
             print(f"unet step {state['step']} loss {loss.item():.5f} {clock():.0f} s", flush=True)
         if state["step"] % args.checkpoint_every == 0:
             snapshot()
-        if state["step"] % args.preview_every == 0 and state["step"] < args.unet_steps:
+        if state["step"] % args.preview_every == 0 and state["step"] < last:
             write_pipeline(parts, scale, args.out)
             print(f"preview written to {args.out} at unet step {state['step']}", flush=True)
     snapshot()

@@ -37,7 +37,6 @@ MIN_SHAPE_PIXELS = 40
 # Prompts the demo offers for the trained model: one per shape, in colours it draws well.
 EXAMPLES = (
     "a red circle on a white background",
-    "a blue square on a yellow background",
     "a yellow triangle on a black background",
     "an orange circle on a purple background",
     "a white square on a green background",

@@ -1,8 +1,10 @@
-"""The embedded default model: a tiny Stable Diffusion pipeline built from real diffusers classes.
+"""Small Stable Diffusion pipelines built from real diffusers classes: the builder of both embedded models.
 
-Nothing can be downloaded here, so the default MODEL_ID names this pipeline. It is built once,
-deterministically (fixed seed), into a cache folder and then loaded with ``from_pretrained`` exactly like
-a real model, so the serving code path is the real one. Its weights are random: its images are noise.
+``build_components`` makes fresh components to a ``Recipe`` of dimensions; training/train.py grows the
+default model (builtin:scenes-64, shipped in webapp/models) from them. With the default recipe and seed
+they are ``builtin:tiny-sd``: built once, deterministically, into a cache folder and then loaded with
+``from_pretrained`` exactly like a real model. Its weights are random, its images noise: the floor
+bench/quality.py compares against, and the model the loading tests break copies of.
 Importing this module imports torch, diffusers and transformers; only the engine thread does that.
 """
 
