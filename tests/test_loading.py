@@ -201,6 +201,7 @@ def test_an_engine_on_the_real_tiny_model_becomes_ready_and_serves(tiny_folder, 
     engine.start()
     try:
         wait_for(lambda: engine_board.read(0).state is State.READY, 120, "the engine to report READY")
+        assert engine.state is State.READY, "the board said READY before the engine's own state did"
         job = engine.submit(GenerationParams("a tree", None, 2, 5.0, 64, 64, (1, 2)))
         images = job.future.result(timeout=60)
     finally:

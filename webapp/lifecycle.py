@@ -48,14 +48,20 @@ ALLOWED: dict[State, frozenset[State]] = {
 _SHOWN = ("attempt", "error", "device")  # the fields a state line carries when they change
 
 
-def _transition(board: Board, slot: int, was: SlotRecord, to: State, **fields: object) -> SlotRecord | None:
-    """Write one transition and announce it, or refuse it (None) when the table does not allow it."""
+def _write(board: Board, slot: int, was: SlotRecord, to: State, **fields: object) -> SlotRecord | None:
+    """Write one transition, or refuse it (None) when the table does not allow it."""
     if to not in ALLOWED[was.state]:
         if to is not was.state:  # asking twice (two signals both drain) is no news
             log.info("state_refused", slot=slot, pid=was.pid, state=was.state.name, refused=to.name)
         return None
-    record = board.write(slot, state=to, **fields)
-    _announce(slot, was.state, record, fields)
+    return board.write(slot, state=to, **fields)
+
+
+def _transition(board: Board, slot: int, was: SlotRecord, to: State, **fields: object) -> SlotRecord | None:
+    """Write one transition and announce it, or refuse it (None)."""
+    record = _write(board, slot, was, to, **fields)
+    if record is not None:
+        _announce(slot, was.state, record, fields)
     return record
 
 
@@ -127,10 +133,14 @@ class Lifecycle:
 
     def _move(self, to: State, **fields: object) -> bool:
         with self._lock:
-            record = _transition(self.board, self.slot, self.board.read(self.slot), to, **fields)
+            was = self.board.read(self.slot)
+            record = _write(self.board, self.slot, was, to, **fields)
             if record is None:
                 return False
+            # The worker's own view follows the board at once, before the log line: a board that says READY
+            # while submit still sees WARMING refuses a request the probes sent here.
             self.state, self.attempt, self.next_retry_mono = record.state, record.attempt, record.next_retry_mono
+            _announce(self.slot, was.state, record, fields)
             return True
 
     def loading(self, attempt: int, max_attempts: int, error: str = "", retry_in_s: float = 0.0) -> bool:
