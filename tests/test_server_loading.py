@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import wait_for
+from tests.conftest import Server, wait_for
+
+OIP_FALSE = 400  # the Open Inference Protocol: 200 is true, a 4xx false (Triton answers 400)
+
+
+def oip(server: Server) -> dict[str, int]:
+    """The Open Inference Protocol health routes' statuses, for the served model under both its names."""
+    name = server.get("/v1/models").json()["data"][0]["id"]
+    return {
+        "live": server.get("/v2/health/live").status_code,
+        "ready": server.get("/v2/health/ready").status_code,
+        "model": server.get(f"/v2/models/{name}/ready").status_code,
+        "other model": server.get("/v2/models/not-this-one/ready").status_code,
+    }
 
 
 def test_probes_answer_while_loading_and_readyz_turns_200_only_when_every_worker_is_ready(start_server, tmp_path):
@@ -31,16 +44,21 @@ def test_probes_answer_while_loading_and_readyz_turns_200_only_when_every_worker
     assert refused.json()["error"]["code"] == "not_ready"
     assert int(refused.headers["Retry-After"]) >= 1
 
-    # Still loading: every probe stays 503; nothing flips early.
+    # Still loading: every probe stays 503; nothing flips early. KServe's aliases say the same.
     for _ in range(5):
         assert server.get("/readyz").status_code == 503
         assert server.get("/healthz").status_code == 200
+    assert oip(server) == {"live": 200, "ready": OIP_FALSE, "model": OIP_FALSE, "other model": 404}
+    answer = server.get("/v2/health/ready").json()
+    assert answer["ready"] is False and "0 of 2 required workers ready" in answer["reason"]
 
     gate.touch()
     body = server.wait_ready()
     assert [w["state"] for w in body["workers"]] == ["READY", "READY"]
     assert all(w["device"] == "cpu" for w in body["workers"])
     assert server.get("/healthz").status_code == 200
+    assert oip(server) == {"live": 200, "ready": 200, "model": 200, "other model": 404}
+    assert server.get("/v2/health/ready").json() == {"ready": True}
 
 
 def test_transient_failures_are_retried_and_the_attempts_stay_visible(start_server):
@@ -60,7 +78,7 @@ def test_transient_failures_are_retried_and_the_attempts_stay_visible(start_serv
 
 def test_a_permanent_failure_ends_failed_without_retrying_and_the_master_stays_up(start_server, tmp_path):
     missing = Path(tmp_path) / "no-such-model"
-    server = start_server(WEB_CONCURRENCY="1", MODEL_ID=str(missing))
+    server = start_server(WEB_CONCURRENCY="1", MODEL_ID=str(missing), SERVED_MODEL_NAME="the-missing-one")
 
     def failed():
         server.check_running()
@@ -77,6 +95,8 @@ def test_a_permanent_failure_ends_failed_without_retrying_and_the_master_stays_u
     assert health.status_code == 503
     assert health.json()["status"] == "dead"
     assert "FAILED" in health.json()["reason"]
+    assert oip(server) == {"live": OIP_FALSE, "ready": OIP_FALSE, "model": OIP_FALSE, "other model": 404}
+    assert "FAILED" in server.get("/v2/health/live").json()["reason"]
     failed_lines = [line for line in server.log_lines() if "event=state" in line and "state=FAILED" in line]
     assert failed_lines and all("level=error" in line for line in failed_lines), failed_lines
     metrics = server.metrics()  # a FAILED worker still answers the scrape, and says so

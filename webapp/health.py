@@ -1,7 +1,9 @@
-"""/healthz (liveness) and /readyz (readiness): judged from the board alone, in microseconds.
+"""/healthz (liveness) and /readyz (readiness): judged from the board alone, in microseconds. The Open
+Inference Protocol's health routes (``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}/ready``,
+for KServe and its clients) are aliases that give the same verdicts in that protocol's shape.
 
-Neither route calls the model, takes the engine's lock or does I/O beyond reading the shared board and
-checking pids, so both answer while every request thread of the engine is busy generating.
+None of these routes calls the model, takes the engine's lock or does I/O beyond reading the shared board and
+checking pids, so they answer while every request thread of the engine is busy generating.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from webapp import readiness
+from webapp import errors, readiness
 from webapp.readiness import Verdict
 from webapp.runtime import Runtime
 
@@ -49,3 +51,42 @@ def readyz() -> tuple[Response, int]:
     verdict = current_verdict()
     body = _body(verdict, "ready" if verdict.ready else "not_ready", verdict.ready_reason)
     return jsonify(body), 200 if verdict.ready else 503
+
+
+# -- the Open Inference Protocol (KServe v2) ------------------------------------------------------------
+# The protocol answers a health question with the status alone: 200 for true, a 4xx for false. 400 is what
+# Triton, the protocol's reference server, answers; KServe's own client counts any non-2xx as false. The
+# body is small JSON, as KServe's servers send, with the reason /readyz would give.
+OIP_FALSE = 400
+
+
+def _oip(field: str, value: bool, reason: str, **extra: object) -> tuple[Response, int]:
+    body: dict[str, object] = {**extra, field: value}
+    if not value:
+        body["reason"] = reason
+    return jsonify(body), 200 if value else OIP_FALSE
+
+
+@bp.get("/v2/health/live")
+def oip_live() -> tuple[Response, int]:
+    """The /healthz verdict."""
+    verdict = current_verdict()
+    return _oip("live", verdict.alive, verdict.alive_reason)
+
+
+@bp.get("/v2/health/ready")
+def oip_ready() -> tuple[Response, int]:
+    """The /readyz verdict."""
+    verdict = current_verdict()
+    return _oip("ready", verdict.ready, verdict.ready_reason)
+
+
+@bp.get("/v2/models/<path:name>/ready")
+def oip_model_ready(name: str) -> tuple[Response, int]:
+    """The /readyz verdict for the one model served here (SERVED_MODEL_NAME or MODEL_ID); 404 for another."""
+    settings = current_app.extensions["runtime"].settings
+    if name not in {settings.model_name, settings.model_id}:
+        message = f"model {name!r} is not served here; this server serves {settings.model_name!r}"
+        return errors.error_response(404, errors.MODEL_NOT_FOUND, message, "name"), 404
+    verdict = current_verdict()
+    return _oip("ready", verdict.ready, verdict.ready_reason, name=settings.model_name)

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from gunicorn.glogging import Logger
 
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})  # webapp.health
 FORMATS = ("kv", "json")
 _FIRST_KEYS = ["ts", "level", "event", "logger", "pid"]
 

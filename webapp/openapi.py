@@ -16,6 +16,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from webapp import images, openai_params, params
+from webapp.health import OIP_FALSE
 from webapp.jobs import JSON
 from webapp.runtime import Runtime
 from webapp.settings import Settings
@@ -204,6 +205,19 @@ def _timeout_header(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _oip_answers(field: str) -> dict[str, Any]:
+    """The Open Inference Protocol's health answers: the status is the boolean (webapp.health)."""
+    schema = {
+        "type": "object",
+        "required": [field],
+        "properties": {field: {"type": "boolean"}, "name": {"type": "string"}, "reason": {"type": "string"}},
+    }
+    return {
+        "200": {"description": "True", "content": {JSON: {"schema": schema}}},
+        str(OIP_FALSE): {"description": "False: reason says why", "content": {JSON: {"schema": schema}}},
+    }
+
+
 def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
     """The probes, metrics, the demo, this document and the static files."""
     health = {"200": {"description": "Yes", "content": _json("Health")}}
@@ -223,6 +237,22 @@ def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("/readyz", "get"): {
             "summary": "Readiness: does READY_POLICY hold over the live workers?",
             "responses": health,
+        },
+        ("/v2/health/live", "get"): {
+            "summary": "Open Inference Protocol liveness: the /healthz verdict",
+            "responses": _oip_answers("live"),
+        },
+        ("/v2/health/ready", "get"): {
+            "summary": "Open Inference Protocol readiness: the /readyz verdict",
+            "responses": _oip_answers("ready"),
+        },
+        ("/v2/models/{name}/ready", "get"): {
+            "summary": "Open Inference Protocol model readiness: the /readyz verdict for the served model",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                **_oip_answers("ready"),
+                "404": {"description": "name is not the served model", "content": _json("ErrorBody")},
+            },
         },
         ("/metrics", "get"): {
             "summary": "Prometheus metrics of every worker",

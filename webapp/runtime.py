@@ -53,12 +53,13 @@ def start_worker(
     worker = Lifecycle(board, slot)
     try:
         engine = Engine(settings, worker, on_unhealthy)
+        # Said before the threads start: once they run, the loader may already have moved the state on.
+        log.info("worker_started", slot=slot, pid=os.getpid(), state=worker.state.name)
         engine.start()
     except Exception as exc:
         log.exception("worker_start_failed", slot=slot, pid=os.getpid())
         worker.failed(f"worker start failed: {exc!r}")
         return Runtime(settings, board, worker, None)
-    log.info("worker_started", slot=slot, pid=os.getpid(), state=worker.state.name)
     return Runtime(settings, board, worker, engine)
 
 
