@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +84,17 @@ class Prometheus:
         except requests.ConnectionError:
             return False
 
-    def query(self, text: str) -> list[dict[str, Any]]:
-        """An instant query through the HTTP API: the result vector."""
-        answer = requests.get(self.url + "/api/v1/query", params={"query": text}, timeout=10).json()
+    def query(self, text: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query through the HTTP API, now or ``at`` (Unix time): the result vector."""
+        params = {"query": text} if at is None else {"query": text, "time": f"{at:.3f}"}
+        answer = requests.get(self.url + "/api/v1/query", params=params, timeout=10).json()
         assert answer["status"] == "success", answer
         assert answer["data"]["resultType"] == "vector", answer
         return answer["data"]["result"]
 
-    def value(self, text: str, **labels: str) -> float | None:
+    def value(self, text: str, at: float | None = None, **labels: str) -> float | None:
         """The value of the one sample of ``text`` whose labels include ``labels``; None when there is none."""
-        samples = [s for s in self.query(text) if all(s["metric"].get(k) == v for k, v in labels.items())]
+        samples = [s for s in self.query(text, at) if all(s["metric"].get(k) == v for k, v in labels.items())]
         assert len(samples) <= 1, samples
         return float(samples[0]["value"][1]) if samples else None
 
@@ -108,6 +110,16 @@ class Prometheus:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self._log.close()
+
+
+QUEUES = ("queued", "running")
+
+
+def at_least(prometheus: Prometheus, text: str, floor: float) -> float | None:
+    """The Unix time of an evaluation at which ``text`` was at least ``floor``, or None."""
+    now = time.time()
+    value = prometheus.value(text, at=now)
+    return now if value is not None and value >= floor else None
 
 
 def load(url: str, clients: int, stop: threading.Event, answers: list[int | str]) -> list[threading.Thread]:
@@ -154,10 +166,12 @@ def test_the_scaling_queries_of_the_manifests_follow_the_load_in_a_real_promethe
         stop, answers = threading.Event(), list[int | str]()
         threads = load(server.url, 12, stop, answers)
         try:
-            wait_for(lambda: (prometheus.value(keda) or 0) >= 8, 120, "the KEDA query to rise with the load")
-            wait_for(
-                lambda: (prometheus.value(hpa, pod=POD_LABELS["pod"]) or 0) >= 8, 60, "the adapter's query to rise"
-            )
+            # Above the 8 that can queue (12 clients less 2 x 2 running): the running jobs count too.
+            peak = wait_for(lambda: at_least(prometheus, keda, 10), 120, "the KEDA query to rise with the load")
+            # At that instant both autoscalers' queries say the same, and it is queued + running.
+            assert prometheus.value(hpa, at=peak, pod=POD_LABELS["pod"]) == prometheus.value(keda, at=peak)
+            parts = [prometheus.value(f"sum(honest_diffusion_worker_{part}_jobs)", at=peak) for part in QUEUES]
+            assert prometheus.value(keda, at=peak) == sum(value or 0 for value in parts)
             queued = "sum(honest_diffusion_worker_queued_jobs)"
             wait_for(lambda: (prometheus.value(queued) or 0) > 0, 60, "jobs to queue behind the running batches")
         finally:
