@@ -33,8 +33,11 @@ def ms_text(value: float) -> str:
     return "none" if value != value else f"{value:.1f}"  # NaN: nothing was shed
 
 
-def drive(url: str, clients: int, seconds: float, stop: threading.Event | None = None) -> dict[str, float]:
-    """``clients`` closed-loop clients for ``seconds`` (or until ``stop`` is set)."""
+def drive(
+    url: str, clients: int, seconds: float, stop: threading.Event | None = None, job: dict | None = None
+) -> dict[str, float]:
+    """``clients`` closed-loop clients sending ``job`` (JOB unless given) for ``seconds`` (or until ``stop``)."""
+    job = JOB if job is None else job
     accepted: list[float] = []
     rejected: list[float] = []
     errors: list[str] = []
@@ -49,7 +52,7 @@ def drive(url: str, clients: int, seconds: float, stop: threading.Event | None =
             seed += 1
             sent = time.monotonic()
             try:
-                response = session.post(url + "/generate", json={**JOB, "seed": seed}, timeout=120)
+                response = session.post(url + "/generate", json={**job, "seed": seed}, timeout=120)
             except requests.RequestException as exc:
                 with lock:
                     errors.append(repr(exc))
