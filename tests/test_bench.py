@@ -59,3 +59,14 @@ def test_the_quality_bench_checks_its_analyzer_and_prints_a_row_per_model(tmp_pa
     assert [row[0] for row in rows] == ["| builtin:scenes-64", "| builtin:scenes-64, guidance 1.0 (no CFG)",
                                         "| builtin:tiny-sd (random weights)"]  # fmt: skip
     assert all(row[4].endswith("%") and float(row[5].rstrip(" |")) > 0 for row in rows)
+
+
+def test_the_scaling_bench_prints_a_row_per_load_and_sets_the_policy_beside_them():
+    command = [sys.executable, "bench/scaling.py", "--seconds", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0].lstrip("| ") for row in rows[1:]] == ["one client", "target", "capacity"], done.stdout
+    assert [int(row[1]) for row in rows[1:]] == [1, 8, 24]  # from the task definition: 2 x 4, 2 x (4 + 8)
+    assert all(int(row[2]) > 0 and row[5].rstrip(" |") == "0" for row in rows[1:]), done.stdout  # served, no errors
+    assert "ALBRequestCountPerTarget TargetValue 250 requests/min per task" in done.stdout

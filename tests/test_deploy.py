@@ -74,7 +74,7 @@ def probe_seconds(probe: dict) -> int:
 
 
 def test_kubernetes_probes_ports_and_grace_agree_with_the_app(routes):
-    deployment, service = load_yaml("kubernetes.yaml")
+    deployment, service, _budget = load_yaml("kubernetes.yaml")
     assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -139,3 +139,171 @@ def test_fargate_health_checks_and_draining_agree_with_the_app(routes):
     delay = int(dict((a["Key"], a["Value"]) for a in group["Attributes"])["deregistration_delay.timeout_seconds"])
     assert delay >= settings.request_timeout
     assert container["stopTimeout"] >= settings.graceful_timeout + 5
+
+
+# -- scaling out (README "Scaling out") ------------------------------------------------------------------
+SCHEMA_VERSIONS = ("1.31.0", "1.37.0")  # the oldest Kubernetes these manifests claim, and the newest bundled
+
+
+def validate_offline(document: dict) -> None:
+    """Kubernetes' own OpenAPI schemas, bundled by kubernetes-validate, strict: no unknown field passes."""
+    import kubernetes_validate
+
+    for version in SCHEMA_VERSIONS:
+        kubernetes_validate.validate(document, version, strict=True)
+
+
+def as_pod(containers: list[dict]) -> dict:
+    """A CRD's containers inside a Pod, so the core Container schema checks them."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": {"containers": containers}}
+
+
+def as_hpa(behavior: dict) -> dict:
+    """KEDA's HPA behaviour inside an HPA, so the autoscaling/v2 schema checks it."""
+    spec = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "check"},
+        "maxReplicas": 2,
+        "behavior": behavior,
+    }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "check"},
+        "spec": spec,
+    }
+
+
+def test_the_kubernetes_manifests_pass_the_kubernetes_schemas_offline():
+    import kubernetes_validate
+
+    for name in ("kubernetes.yaml", "kubernetes-hpa.yaml"):
+        for document in load_yaml(name):
+            validate_offline(document)
+    (scaled,) = load_yaml("kubernetes-keda.yaml")
+    validate_offline(as_hpa(scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]))
+    (inference,) = load_yaml("kserve-inferenceservice.yaml")
+    validate_offline(as_pod(inference["spec"]["predictor"]["containers"]))
+    # The schemas can say no: a misspelt probe and a replica count as text are both refused.
+    deployment = load_yaml("kubernetes.yaml")[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    for broken in ({**container, "readinessprobe": container["readinessProbe"]}, {**container, "ports": "8080"}):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            validate_offline(as_pod([broken]))
+
+
+def deployment_settings() -> tuple[dict, Settings]:
+    deployment = load_yaml("kubernetes.yaml")[0]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment, env_settings(container["env"])
+
+
+def test_a_scale_down_or_a_node_drain_never_cuts_off_a_job_nor_takes_every_ready_pod():
+    deployment, settings = deployment_settings()
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    # Every job a draining pod holds ends (done, or 504 at its deadline) inside gunicorn's drain, which ends
+    # inside the kubelet's grace period.
+    assert settings.request_timeout <= settings.graceful_timeout
+    assert pod["terminationGracePeriodSeconds"] >= K8S_PRESTOP_S + settings.graceful_timeout
+    (budget,) = [d for d in load_yaml("kubernetes.yaml") if d["kind"] == "PodDisruptionBudget"]
+    assert budget["spec"]["selector"]["matchLabels"] == labels
+    (scaled,) = load_yaml("kubernetes-keda.yaml")
+    assert budget["spec"]["maxUnavailable"] < scaled["spec"]["minReplicaCount"], "a drain leaves a ready pod"
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "a pod that never got ready blocks none"
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    assert all(c["labelSelector"]["matchLabels"] == labels and c["maxSkew"] == 1 for c in spread.values())
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_keda_and_the_hpa_scale_on_the_same_per_pod_load_with_the_same_arithmetic():
+    deployment, settings = deployment_settings()
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    per_pod_target = settings.workers * settings.max_ongoing  # full batches, nothing waiting
+    per_pod_capacity = settings.workers * (settings.max_ongoing + settings.max_queued)
+
+    (scaled,) = load_yaml("kubernetes-keda.yaml")
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    (trigger,) = spec["triggers"]
+    assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")  # divided by replicas
+    metadata = trigger["metadata"]
+    assert all(isinstance(value, str) for value in metadata.values()), "KEDA's trigger metadata is strings"
+    assert metadata["serverAddress"].startswith("http")
+    assert float(metadata["threshold"]) == per_pod_target < per_pod_capacity
+    assert metadata["ignoreNullValues"] == "false", "no series means Prometheus lost the pods, not zero load"
+    for key, value in pod_labels.items():
+        assert f'{key}="{value}"' in metadata["query"]
+    assert spec["minReplicaCount"] <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+    assert spec["cooldownPeriod"] >= settings.startup_budget_needed()
+    assert spec["pollingInterval"] * 4 <= settings.startup_budget_needed()
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+    # Scale down only after a quiet spell longer than a cold start, one pod per drain.
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= settings.startup_budget_needed()
+    assert [p["value"] for p in behavior["scaleDown"]["policies"] if p["type"] == "Pods"] == [1]
+    assert all(p["periodSeconds"] >= grace for p in behavior["scaleDown"]["policies"])
+
+    hpa, adapter = load_yaml("kubernetes-hpa.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (
+        spec["minReplicaCount"],
+        spec["maxReplicaCount"],
+    )
+    assert hpa["spec"]["behavior"] == behavior
+    (metric,) = hpa["spec"]["metrics"]
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert float(metric["pods"]["target"]["averageValue"]) == per_pod_target
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def test_the_kserve_inference_service_probes_over_http_and_scales_on_the_same_target(routes):
+    (service,) = load_yaml("kserve-inferenceservice.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = service["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    settings = env_settings(container["env"])
+    assert container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}] and settings.port == 8080
+    for kind, route in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[kind]["httpGet"] == {"path": route, "port": settings.port}, "not KServe's TCP default"
+        assert route in routes
+    assert probe_seconds(container["startupProbe"]) >= settings.startup_budget_needed()
+    assert settings.model_name == service["metadata"]["name"], "the name KServe's clients ask /v2/models about"
+    assert {"/v2/health/live", "/v2/health/ready", "/v2/models/<path:name>/ready"} <= routes
+    assert predictor["scaleMetric"] == "concurrency"  # in-flight requests per pod; one request is one job
+    assert predictor["scaleTarget"] == settings.workers * settings.max_ongoing
+    assert predictor["containerConcurrency"] == settings.workers * (settings.max_ongoing + settings.max_queued)
+    assert predictor["timeout"] >= settings.request_timeout <= settings.graceful_timeout
+    assert predictor["minReplicas"] >= 2
+    delay = service["metadata"]["annotations"]["autoscaling.knative.dev/scale-down-delay"]
+    assert int(delay.removesuffix("s")) >= settings.startup_budget_needed()
+
+
+def test_cloud_run_and_fargate_autoscaling_agree_with_the_admission_limits():
+    (service,) = load_yaml("cloudrun-service.yaml")
+    annotations = service["spec"]["template"]["metadata"]["annotations"]
+    assert (
+        1
+        <= int(annotations["autoscaling.knative.dev/minScale"])
+        <= int(annotations["autoscaling.knative.dev/maxScale"])
+    )
+
+    scaling = load_json("fargate-autoscaling.json")
+    ecs = load_json("fargate-service.json")
+    group = load_json("fargate-target-group.json")
+    target, policy = scaling["scalableTarget"], scaling["scalingPolicy"]
+    assert target["ResourceId"] == policy["ResourceId"] == f"service/CLUSTER/{ecs['serviceName']}"
+    assert target["ScalableDimension"] == policy["ScalableDimension"] == "ecs:service:DesiredCount"
+    assert 2 <= target["MinCapacity"] == ecs["desiredCount"] <= target["MaxCapacity"]
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    metric = tracking["PredefinedMetricSpecification"]
+    assert metric["PredefinedMetricType"] == "ALBRequestCountPerTarget"
+    assert f"/targetgroup/{group['Name']}/" in metric["ResourceLabel"]
+    assert tracking["TargetValue"] > 0
+    (container,) = load_json("fargate-task-definition.json")["containerDefinitions"]
+    settings = env_settings(container["environment"])
+    assert tracking["ScaleInCooldown"] >= settings.startup_budget_needed()
