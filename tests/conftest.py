@@ -50,6 +50,17 @@ def process_state(pid: int) -> str:
     return data[data.rindex(b")") + 2 : data.rindex(b")") + 3].decode()
 
 
+def terminate(proc: subprocess.Popen, deadline_s: float) -> None:
+    """SIGTERM ``proc`` if it still runs, and SIGKILL it if it has not exited within ``deadline_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=deadline_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 class Metrics:
     """One /metrics scrape, parsed with prometheus_client's own text parser."""
 
@@ -134,13 +145,7 @@ class Server:
     def stop(self) -> None:
         """SIGTERM the master, SIGKILL it after a deadline, then kill by pid any worker still running."""
         self.seen_pids |= self.children()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        terminate(self.proc, 60)
         for pid in self.seen_pids:
             if process_state(pid) not in ("", "Z"):
                 with contextlib.suppress(ProcessLookupError):

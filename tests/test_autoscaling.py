@@ -24,7 +24,7 @@ from typing import Any
 import requests
 import yaml
 
-from tests.conftest import ROOT, free_port, process_state, wait_for
+from tests.conftest import ROOT, free_port, process_state, terminate, wait_for
 
 DOCKER = ROOT / "docker"
 # What a cluster's scrape job gives every series of the pod (see the comment at the top of the module).
@@ -102,13 +102,7 @@ class Prometheus:
         return set(requests.get(self.url + "/api/v1/label/__name__/values", timeout=10).json()["data"])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc, 30)
         self._log.close()
 
 

@@ -218,6 +218,28 @@ def _oip_answers(field: str) -> dict[str, Any]:
     }
 
 
+def _oip_operations() -> dict[tuple[str, str], dict[str, Any]]:
+    """The Open Inference Protocol's health routes (KServe): aliases of the probes."""
+    return {
+        ("/v2/health/live", "get"): {
+            "summary": "Open Inference Protocol liveness: the /healthz verdict",
+            "responses": _oip_answers("live"),
+        },
+        ("/v2/health/ready", "get"): {
+            "summary": "Open Inference Protocol readiness: the /readyz verdict",
+            "responses": _oip_answers("ready"),
+        },
+        ("/v2/models/{name}/ready", "get"): {
+            "summary": "Open Inference Protocol model readiness: the /readyz verdict for the served model",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                **_oip_answers("ready"),
+                "404": {"description": "name is not the served model", "content": _json("ErrorBody")},
+            },
+        },
+    }
+
+
 def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
     """The probes, metrics, the demo, this document and the static files."""
     health = {"200": {"description": "Yes", "content": _json("Health")}}
@@ -237,22 +259,6 @@ def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("/readyz", "get"): {
             "summary": "Readiness: does READY_POLICY hold over the live workers?",
             "responses": health,
-        },
-        ("/v2/health/live", "get"): {
-            "summary": "Open Inference Protocol liveness: the /healthz verdict",
-            "responses": _oip_answers("live"),
-        },
-        ("/v2/health/ready", "get"): {
-            "summary": "Open Inference Protocol readiness: the /readyz verdict",
-            "responses": _oip_answers("ready"),
-        },
-        ("/v2/models/{name}/ready", "get"): {
-            "summary": "Open Inference Protocol model readiness: the /readyz verdict for the served model",
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {
-                **_oip_answers("ready"),
-                "404": {"description": "name is not the served model", "content": _json("ErrorBody")},
-            },
         },
         ("/metrics", "get"): {
             "summary": "Prometheus metrics of every worker",
@@ -352,7 +358,7 @@ def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str
 
 def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
     """Every operation: (OpenAPI path, method) -> its description."""
-    return {**_page_operations(), **_generation_operations(settings)}
+    return {**_page_operations(), **_oip_operations(), **_generation_operations(settings)}
 
 
 def openapi_path(rule: str) -> str:
