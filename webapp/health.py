@@ -85,7 +85,7 @@ def oip_ready() -> tuple[Response, int]:
 def oip_model_ready(name: str) -> tuple[Response, int]:
     """The /readyz verdict for the one model served here (SERVED_MODEL_NAME or MODEL_ID); 404 for another."""
     settings = current_app.extensions["runtime"].settings
-    if name not in {settings.model_name, settings.model_id}:
+    if not settings.serves(name):
         message = f"model {name!r} is not served here; this server serves {settings.model_name!r}"
         return errors.error_response(404, errors.MODEL_NOT_FOUND, message, "name"), 404
     verdict = current_verdict()

@@ -45,8 +45,7 @@ def _entry(runtime: Runtime) -> dict[str, Any]:
 
 
 def _check_model(asked: str | None, settings: Settings) -> None:
-    known = {settings.model_name, settings.model_id}
-    if asked is not None and asked not in known:
+    if asked is not None and not settings.serves(asked):
         message = f"model {asked!r} is not served here; this server serves {settings.model_name!r} (see /v1/models)"
         raise InvalidRequest(404, errors.MODEL_NOT_FOUND, message, "model")
 

@@ -318,6 +318,10 @@ class Settings(BaseModel):
         """The served model's id for OpenAI clients."""
         return self.served_model_name or self.model_id
 
+    def serves(self, name: str) -> bool:
+        """Whether a client asking for model ``name`` means the one served here: its served name or its id."""
+        return name in {self.model_name, self.model_id}
+
     @property
     def bind(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
