@@ -27,8 +27,9 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from webapp import logs, pipeline
+    from webapp import loader, logs, pipeline
     from webapp.params import GenerationParams
+    from webapp.profile import request_limits
     from webapp.settings import Settings
 
     imported = time.perf_counter()
@@ -36,15 +37,15 @@ def main() -> None:
     settings = Settings.from_env()
     model = pipeline.load(settings, 0)
     loaded = time.perf_counter()
-    width, height = model.default_size
-    warm = GenerationParams("warm-up", None, 1, settings.default_guidance, width, height, (0,))
-    model.generate([warm], lambda step: None)
+    limits = request_limits(settings, model.profile)
+    width, height = limits.default_size
+    model.generate([loader.warm_up_params(limits)], lambda step: None)
     warmed = time.perf_counter()
 
     result = {"import_s": imported - started, "load_s": loaded - imported, "warmup_s": warmed - loaded}
     print(json.dumps({**result, "total_s": warmed - started, "size": [width, height]}), flush=True)
     for line in sys.stdin:
-        job = GenerationParams(args.prompt, None, args.steps, settings.default_guidance, width, height, (int(line),))
+        job = GenerationParams(args.prompt, None, args.steps, limits.default_guidance, width, height, (int(line),))
         sent = time.perf_counter()
         model.generate([job], lambda step: None)
         print(time.perf_counter() - sent, flush=True)

@@ -42,16 +42,18 @@ def captions(count: int) -> list[str]:
 def judge(model_id: str, guidance: float | None, asked: list[str], steps: int | None) -> dict[str, float]:
     from webapp import pipeline
     from webapp.params import GenerationParams
+    from webapp.profile import request_limits
 
     settings = Settings.from_env({**os.environ, "MODEL_ID": model_id})
     model = pipeline.load(settings, 0)
-    width, height = model.default_size
-    scale = settings.default_guidance if guidance is None else guidance
+    limits = request_limits(settings, model.profile)  # the server's defaults for this model
+    width, height = limits.default_size
+    scale = limits.default_guidance if guidance is None else guidance
     right = {"background": 0, "colour": 0, "shape": 0, "all three": 0}
     started = time.perf_counter()
     for index, caption in enumerate(asked):
         params = GenerationParams(
-            caption, None, steps or settings.default_steps, scale, width, height, (FIRST_SEED + index,)
+            caption, None, steps or limits.default_steps, scale, width, height, (FIRST_SEED + index,)
         )
         ((image,),) = model.generate([params], lambda step: None)
         seen, wanted = scenes.analyze(image), scenes.parse(caption)

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from webapp import pipeline
 from webapp.settings import Settings
 
@@ -43,7 +45,7 @@ class FaultyModel:
         self.inner = inner
         self.sick = False  # set by the prompt "sick": the next call fails too, whatever it is
         self.device = inner.device
-        self.default_size = inner.default_size
+        self.profile = inner.profile
 
     def generate(self, batch, on_step):
         prompts = {params.prompt for params in batch}
@@ -55,6 +57,20 @@ class FaultyModel:
             # No CUDA device runs here, so the error a poisoned CUDA context raises is simulated: this is
             # the message torch gives for an illegal memory access.
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if "nan" in prompts:
+            # A model that overflows on some inputs (float16 does, for FLUX): the real pipeline runs with its
+            # VAE's last layer turned NaN for this call alone, so the real check of the pixels sees NaN.
+            layer = self.inner.pipe.vae.decoder.conv_out
+            saved = {name: value.detach().clone() for name, value in layer.named_parameters()}
+            with torch.no_grad():
+                for value in layer.parameters():
+                    value.fill_(float("nan"))
+            try:
+                return self.inner.generate(batch, on_step)
+            finally:
+                with torch.no_grad():
+                    for name, value in layer.named_parameters():
+                        value.copy_(saved[name])
         if "ordinary" in prompts:
             raise ValueError("this prompt broke the text encoder")
         if "stall" in prompts:
@@ -69,7 +85,7 @@ class FaultyModel:
 
 
 def faulty(settings: Settings, slot: int) -> FaultyModel:
-    """The real model, whose generations fail on the prompts "fatal" (a device error), "ordinary" (an
-    error in the pipeline caused by that request alone), "sick" (an error of the worker: the call after
-    it, the engine's canary, fails too) and "stall" (a denoising step that never ends)."""
+    """The real model, whose generations fail on the prompts "fatal" (a device error), "nan" (NaN pixels),
+    "ordinary" (an error in the pipeline caused by that request alone), "sick" (an error of the worker: the
+    call after it, the engine's canary, fails too) and "stall" (a denoising step that never ends)."""
     return FaultyModel(pipeline.load(settings, slot))

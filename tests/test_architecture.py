@@ -11,7 +11,7 @@ PACKAGE = ROOT / "webapp"
 # Lowest first. A module may import only modules of a lower layer.
 LAYERS: list[set[str]] = [
     {"errors", "logs", "settings", "recorder", "faults", "board", "tiny_model", "images", "scenes"},
-    {"params", "readiness"},
+    {"params", "readiness", "profile"},
     {"openai_params", "auth"},
     {"lifecycle", "scheduler", "client", "metric_files"},
     {"loader", "pipeline"},

@@ -70,3 +70,17 @@ def test_the_scaling_bench_prints_a_row_per_load_and_sets_the_policy_beside_them
     assert [int(row[1]) for row in rows[1:]] == [1, 8, 24]  # from the task definition: 2 x 4, 2 x (4 + 8)
     assert all(int(row[2]) > 0 and row[5].rstrip(" |") == "0" for row in rows[1:]), done.stdout  # served, no errors
     assert "ALBRequestCountPerTarget TargetValue 250 requests/min per task" in done.stdout
+
+
+def test_the_gpu_bench_measures_each_family_through_the_servers_own_path():
+    # No GPU here: the harness runs on the CPU with the tiny builds, so the command in the README works.
+    command = [sys.executable, "bench/gpu.py", "--tiny", "--repeats", "1", "--batch", "2", "--steps", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| tiny-")]
+    assert [(row[1], row[3], row[4]) for row in rows] == [
+        ("sdxl", "float32", "64x64"),
+        ("sd3", "float32", "64x64"),
+        ("flux", "float32", "256x256"),
+    ], done.stdout
+    assert all(float(row[8]) > 0 for row in rows), done.stdout

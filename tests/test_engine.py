@@ -11,6 +11,7 @@ from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import wait_for
 from webapp import lifecycle
@@ -18,6 +19,7 @@ from webapp.board import Board, State
 from webapp.engine import Engine, Overloaded, RejectedByModel, WorkerUnhealthy
 from webapp.lifecycle import Lifecycle
 from webapp.params import GenerationParams
+from webapp.profile import profile
 from webapp.runner import Runner
 from webapp.settings import Settings
 
@@ -32,7 +34,7 @@ class FakeModel:
     image; "gate" waits for the gate."""
 
     device = "cpu"
-    default_size = (64, 64)
+    profile = profile("StableDiffusionPipeline", (64, 64), 8, None, "float32")
     SLOW_S = 0.5
 
     def __init__(self) -> None:
@@ -46,6 +48,8 @@ class FakeModel:
         if self.sick or "sick" in prompts:
             self.sick = not self.sick
             raise RuntimeError("the device failed this call")
+        if prompts == ["warm-up"]:  # the load's warm-up and the canary: its image is checked
+            return [[Image.effect_noise((64, 64), 64)]]
         if "fatal-alone" in prompts:  # breaks the device only when it runs on its own
             if len(prompts) == 1:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")

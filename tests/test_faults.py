@@ -176,8 +176,24 @@ def test_ordinary_errors_change_nothing_but_fatal_ones_and_failure_streaks_repla
         60,
         "the failing worker to be replaced",
     )
-    server.wait_ready()
+    after_sick = server.wait_ready()["workers"][0]["pid"]
     assert "3 generations failed in a row" in server.log_tail(400)
+
+    # NaN pixels are never sent as a (black) picture: a 500 non_finite_output, counted like the worker's own
+    # failures, so MAX_CONSECUTIVE_FAILURES of them make it UNHEALTHY.
+    for _ in range(3):
+        nan = server.post(
+            "/generate", json={"prompt": "nan", "num_inference_steps": 1}, headers={"Accept": "image/png"}
+        )
+        assert nan.status_code == 500 and nan.headers["Content-Type"] == "application/json"
+        assert nan.json()["error"]["code"] == "non_finite_output" and "NaN" in nan.json()["error"]["message"]
+    wait_for(
+        lambda: (lambda b: b if b["workers"][0]["pid"] not in (after_sick, 0) else None)(server.readyz()[1]),
+        60,
+        "the worker drawing NaN to be replaced",
+    )
+    server.wait_ready()
+    assert "3 generations failed in a row; last: the model drew 1 of 1 image(s) with non-finite" in server.log_tail(400)
 
 
 def test_a_slot_that_crashes_while_loading_backs_off_and_then_fails_liveness(start_server):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 
 from webapp.params import FIELDS, InvalidRequest, form_fields, parse, request_schema, timeout_from_header
+from webapp.profile import profile, request_limits
 from webapp.settings import Settings
 
 SETTINGS = Settings.from_env({"MAX_STEPS": "30", "DEFAULT_STEPS": "10", "MAX_IMAGES": "2"})
+# The limits a request meets once an SD 1.x model of native size 64x64 is loaded.
+LIMITS = request_limits(SETTINGS, profile("StableDiffusionPipeline", (64, 64), 8, None, "float32"))
 
 
 def test_the_json_schema_has_every_declared_field_with_the_limits_of_the_settings():
@@ -43,13 +46,14 @@ def test_the_demo_form_has_the_declared_number_fields_with_their_limits():
 )
 def test_a_bad_field_is_named_with_its_limit(payload, field, says):
     with pytest.raises(InvalidRequest) as refused:
-        parse(payload, SETTINGS, (64, 64))
+        parse(payload, LIMITS)
     assert refused.value.status == 422 and refused.value.field == field
     assert refused.value.message.startswith(field) and says in refused.value.message
 
 
 def test_defaults_come_from_settings_and_the_model():
-    params = parse({"prompt": "x", "seed": 2**32 - 1, "num_images": 2}, SETTINGS, (96, 128))
+    tall = request_limits(SETTINGS, profile("StableDiffusionPipeline", (96, 128), 8, None, "float32"))
+    params = parse({"prompt": "x", "seed": 2**32 - 1, "num_images": 2}, tall)
     assert (params.num_inference_steps, params.width, params.height) == (10, 96, 128)
     assert params.seeds == (2**32 - 1, 0)
 

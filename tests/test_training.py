@@ -39,7 +39,7 @@ def test_the_folder_is_served_by_the_servers_own_loader(straight):
     from webapp.settings import Settings
 
     model = pipeline.load(Settings.from_env({"MODEL_ID": str(straight)}), 0)
-    assert model.default_size == (64, 64)
+    assert model.profile.native_size == (64, 64) and model.profile.family == "sd"
     (images,) = model.generate(
         [GenerationParams("a red circle on a white background", None, 2, 7.5, 64, 64, (1,))], print
     )

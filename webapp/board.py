@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 MAGIC = b"HDBOARD1"
-VERSION = 4
+VERSION = 5
 BOARD_FILE = "board"
 DIR_PREFIX = "honest-diffusion-"
 
@@ -42,11 +42,12 @@ _READINESS = struct.Struct("<BxxxIId")
 _READINESS_AT = 32
 _HEADER_SIZE = 64
 _SEQ = struct.Struct("<Q")
-ERROR_BYTES = 396
+ERROR_BYTES = 332
 DEVICE_BYTES = 16
-# state, crashes, pid, attempt, max attempts, device, started, state since, ready, heartbeat, next retry,
-# last step (monotonic), started (wall), in flight, queued, served, failed, shed, error
-_BODY = struct.Struct(f"<BxHiHH{DEVICE_BYTES}s7d5I{ERROR_BYTES}s")
+MODEL_BYTES = 64  # the loaded model's profile in one line (webapp.profile.ModelProfile.summary)
+# state, crashes, pid, attempt, max attempts, device, model, started, state since, ready, heartbeat, next
+# retry, last step (monotonic), started (wall), in flight, queued, served, failed, shed, error
+_BODY = struct.Struct(f"<BxHiHH{DEVICE_BYTES}s{MODEL_BYTES}s7d5I{ERROR_BYTES}s")
 _CRC = struct.Struct("<I")  # zlib.crc32 of the body, right after it
 RECORD_SIZE = 512
 assert _SEQ.size + _BODY.size + _CRC.size <= RECORD_SIZE
@@ -80,6 +81,7 @@ class SlotRecord:
     attempt: int = 0
     max_attempts: int = 0
     device: str = ""
+    model: str = ""  # the profile's summary, once the model is loaded
     started_mono: float = 0.0
     state_since_mono: float = 0.0
     ready_mono: float = 0.0
@@ -113,6 +115,7 @@ def _pack(record: SlotRecord) -> bytes:
     values = [getattr(record, name) for name in _FIELD_NAMES]
     values[0] = int(record.state)
     values[5] = record.device.encode()[:DEVICE_BYTES]
+    values[6] = _clip_utf8(record.model, MODEL_BYTES)
     values[-1] = _clip_utf8(record.error, ERROR_BYTES)
     return _BODY.pack(*values)
 
@@ -121,6 +124,7 @@ def _unpack(body: bytes) -> SlotRecord:
     values = list(_BODY.unpack_from(body))
     values[0] = State(values[0]) if values[0] in State._value2member_map_ else State.EMPTY
     values[5] = values[5].rstrip(b"\0").decode(errors="replace")
+    values[6] = values[6].rstrip(b"\0").decode(errors="replace")
     values[-1] = values[-1].rstrip(b"\0").decode(errors="replace")
     return SlotRecord(**dict(zip(_FIELD_NAMES, values, strict=True)))
 

@@ -65,7 +65,7 @@ def _page(status: int = 200, **context: Any) -> tuple[str, int]:
         render_template(
             "index.html",
             settings=runtime.settings,
-            number_fields=form_fields(runtime.settings),
+            number_fields=form_fields(runtime.limits),
             verdict=verdict,
             workers=[worker.as_row(now) for worker in verdict.workers],
             any_ready=any(worker.ready for worker in verdict.workers),

@@ -25,6 +25,7 @@ from webapp.board import State
 from webapp.lifecycle import Lifecycle
 from webapp.loader import Model
 from webapp.params import GenerationParams
+from webapp.profile import request_limits
 from webapp.recorder import recorder
 from webapp.runner import RejectedByModel, Runner, WorkerUnhealthy
 from webapp.scheduler import DeadlineExceeded, Job, Overloaded, Scheduler, settle
@@ -60,6 +61,7 @@ class Engine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.loaded_at: float | None = None  # Unix time the model finished loading (/v1/models' created)
+        self.request_limits: Settings | None = None  # the settings with the loaded model's profile folded in
 
     @property
     def state(self) -> State:
@@ -92,12 +94,14 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            self.model = loader.load(self.settings, self.lifecycle, self._stop)
-            self.loaded_at = time.time()
-            if self.model is not None and self.lifecycle.ready():
+            model = loader.load(self.settings, self.lifecycle, self._stop)
+            if model is not None:  # the loader checked that these limits can be built
+                self.request_limits = request_limits(self.settings, model.profile)
+                self.model, self.loaded_at = model, time.time()
+            if self.model is not None and self.request_limits is not None and self.lifecycle.ready():
                 self._serve(
                     Runner(
-                        self.settings,
+                        self.request_limits,
                         self.lifecycle,
                         self.model,
                         self.scheduler,
@@ -137,14 +141,15 @@ class Engine:
 
     # -- admission ----------------------------------------------------------------------------------
 
-    def native_size(self) -> tuple[int, int]:
-        """The model's own (width, height), a request's default; NotReady unless READY."""
+    def limits(self) -> Settings:
+        """What a request is checked against: the settings with the loaded model's profile folded in
+        (``profile.request_limits``: its sizes, multiple and defaults); NotReady unless READY."""
         self._check_ready()
-        assert self.model is not None
-        return self.model.default_size
+        assert self.request_limits is not None
+        return self.request_limits
 
     def submit(self, params: GenerationParams, deadline: float = math.inf) -> Job:
-        """Queue a job; raise NotReady unless READY (it may have changed since ``native_size``), Overloaded
+        """Queue a job; raise NotReady unless READY (it may have changed since ``limits``), Overloaded
         when MAX_ONGOING + MAX_QUEUED jobs are already here. Never waits."""
         self._check_ready()
         job = Job(params, deadline)
@@ -162,7 +167,7 @@ class Engine:
     def _check_ready(self) -> None:
         """NotReady unless READY, with a Retry-After: the next load attempt's start when one is waiting."""
         state = self.state
-        if state is State.READY and self.model is not None:
+        if state is State.READY and self.model is not None and self.request_limits is not None:
             return
         retry_at = self.lifecycle.next_retry_mono
         if state in (State.STARTING, State.LOADING) and retry_at:

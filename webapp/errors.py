@@ -27,6 +27,7 @@ OVERLOADED = "overloaded"
 TIMEOUT = "timeout"
 REJECTED_BY_MODEL = "rejected_by_model"
 INTERNAL = "internal_error"
+NON_FINITE_OUTPUT = "non_finite_output"  # the model drew NaN or inf pixels: never sent as a (black) picture
 BAD_REQUEST = "bad_request"  # headers that cannot be parsed, refused before the app (webapp.worker)
 REQUEST_TIMEOUT = "request_timeout"  # the request did not arrive within CLIENT_TIMEOUT
 MISSING_API_KEY = "missing_api_key"

@@ -168,3 +168,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """True when the device ran out of memory for this call (torch's OutOfMemoryError, anywhere in the chain):
     the request asked for more than the device holds, and the device itself is fine."""
     return any("OutOfMemoryError" in _names(link) for link in causes(exc))
+
+
+class NonFiniteOutput(Exception):
+    """The model drew non-finite pixels (NaN or inf) for the requests at ``bad`` (indexes into the batch);
+    ``results`` holds every request's images, the others' sound. Raised by the model adapter, which sees the
+    float pixels before they become a picture (PIL turns NaN into black)."""
+
+    def __init__(self, message: str, bad: set[int], results: list[list[object]]) -> None:
+        super().__init__(message)
+        self.bad = bad
+        self.results = results
+
+
+class BadWarmUp(ValueError):
+    """The warm-up image was not a picture (non-finite, or one flat colour): permanent, never retried."""

@@ -35,6 +35,7 @@ from webapp.engine import (
     WorkerUnhealthy,
 )
 from webapp.errors import ApiError
+from webapp.faults import NonFiniteOutput
 from webapp.images import encode
 from webapp.params import GenerationParams, InvalidRequest, parse, timeout_from_header
 from webapp.recorder import recorder
@@ -92,19 +93,20 @@ def _not_ready(state_name: str, retry_after_s: int) -> ApiError:
     return ApiError(503, errors.NOT_READY, message, headers={"Retry-After": str(retry_after_s)})
 
 
-Parser = Callable[[object, Settings, tuple[int, int]], GenerationParams]
+Parser = Callable[[object, Settings], GenerationParams]
 
 
 def admit(
     runtime: Runtime, payload: object, header_timeout: str | None, received: float, parser: Parser = parse
 ) -> Admitted:
-    """Validate ``payload`` with ``parser`` (given the model's native size) and queue it on this worker's
-    engine, or raise ApiError (503 + Retry-After while not READY or full, 4xx for a bad field)."""
+    """Validate ``payload`` with ``parser`` against the loaded model's limits (``Engine.limits``: the
+    settings with its sizes, multiple and defaults) and queue it on this worker's engine, or raise ApiError
+    (503 + Retry-After while not READY or full, 4xx for a bad field)."""
     settings, engine = runtime.settings, runtime.engine
     if engine is None:
         raise _not_ready(runtime.lifecycle.state.name, NOT_READY_RETRY_AFTER_S)
     try:
-        params = parser(payload, settings, engine.native_size())
+        params = parser(payload, engine.limits())
         from_header = timeout_from_header(header_timeout, settings)
         timeout = min(t for t in (settings.request_timeout, params.timeout_s, from_header) if t is not None)
         job = engine.submit(params, deadline=received + timeout)
@@ -125,7 +127,8 @@ def _timed_out(admitted: Admitted, ran: bool, detail: str = "") -> ApiError:
 def wait(admitted: Admitted, wait_s: float | None = None) -> list[Any] | None:
     """The job's images; None if ``wait_s`` passed first (the job goes on). Raises ApiError: 422 (the
     pipeline failed on this request alone while the worker stayed sound), 503 (the worker turned
-    UNHEALTHY), 504 (deadline), 500 (the generation failed and the worker's canary too). Errors are logged
+    UNHEALTHY), 504 (deadline), 500 (the generation failed and the worker's canary too, or the model drew
+    non-finite pixels: ``non_finite_output``). Errors are logged
     here, on the request's thread, so they carry its request id."""
     job = admitted.job
     until_deadline = max(0.0, job.deadline - time.monotonic())
@@ -142,6 +145,12 @@ def wait(admitted: Admitted, wait_s: float | None = None) -> list[Any] | None:
         message = f"this worker turned UNHEALTHY before finishing: {exc}"
         headers = {"Retry-After": str(exc.retry_after_s)}
         raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
+    except NonFiniteOutput as exc:  # counted against the worker by the runner
+        message = (
+            f"{exc}; no image is sent for a non-finite result, and the operator should check the model's dtype; "
+            f"quote request id {g.request_id}"
+        )
+        raise ApiError(500, errors.NON_FINITE_OUTPUT, message) from None
     except RejectedByModel as exc:  # the error may hold internals: logged, not shown
         log.warning("request_rejected_by_model", slot=admitted.runtime.slot, error=str(exc), exc_info=exc.__cause__)
         cause = (

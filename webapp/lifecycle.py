@@ -45,7 +45,7 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.UNHEALTHY: frozenset({State.DEAD}),
     State.DRAINING: frozenset({State.UNHEALTHY, State.DEAD}),
 }
-_SHOWN = ("attempt", "error", "device")  # the fields a state line carries when they change
+_SHOWN = ("attempt", "error", "device", "model")  # the fields a state line carries when they change
 
 
 def _write(board: Board, slot: int, was: SlotRecord, to: State, **fields: object) -> SlotRecord | None:
@@ -151,8 +151,9 @@ class Lifecycle:
             fields["error"] = error
         return self._move(State.LOADING, **fields)
 
-    def warming(self, device: str) -> bool:
-        return self._move(State.WARMING, device=device)
+    def warming(self, device: str, model: str = "") -> bool:
+        """The model is loaded on ``device`` (``model``: its profile in one line) and warms up."""
+        return self._move(State.WARMING, device=device, model=model)
 
     def ready(self) -> bool:
         return self._move(State.READY, ready_mono=time.monotonic(), next_retry_mono=0.0, crashes=0)

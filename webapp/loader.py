@@ -2,7 +2,9 @@
 
 1. Respawn backoff: if the slot's workers died before READY, wait (``lifecycle.respawn_delay``) first.
 2. Attempts under a declared tenacity policy: each is ``MODEL_LOADER(settings, slot)`` plus one warm-up
-   generation, because a model can load cleanly and only fail when used (a missing tokenizer does that).
+   generation at the size requests get by default, because a model can load cleanly and only fail when used
+   (a missing tokenizer does that), and whose image must be a picture: finite and not one flat colour
+   (``check_warm_up``), or the worker is FAILED for good with what to try.
    Only errors ``faults.is_transient`` knows are retried, with exponential backoff and jitter, until
    LOAD_MAX_ATTEMPTS or a wait that would end past LOAD_MAX_SECONDS.
 3. The outcome: the warmed-up model, or FAILED with the reason on the board.
@@ -31,6 +33,7 @@ from tenacity import (
 from webapp import faults, logs
 from webapp.lifecycle import Lifecycle, respawn_delay
 from webapp.params import GenerationParams
+from webapp.profile import ModelProfile, request_limits
 from webapp.recorder import recorder
 from webapp.settings import Settings, resolve_callable
 
@@ -41,11 +44,12 @@ class Model(Protocol):
     """What a loader returns and the engine runs (``webapp.pipeline.DiffusersModel`` is the real one)."""
 
     device: str
-    default_size: tuple[int, int]
+    profile: ModelProfile
 
     def generate(self, batch: Sequence[GenerationParams], on_step: Callable[[int], None]) -> list[list[Any]]:
         """One pipeline call for compatible requests (same size, steps, guidance): for each request, its
-        images (PIL), one per seed; call ``on_step(i)`` after each denoising step (it may raise to stop)."""
+        images (PIL), one per seed; call ``on_step(i)`` after each denoising step (it may raise to stop).
+        Raises ``faults.NonFiniteOutput`` rather than return an image with a NaN or infinite pixel."""
         ...
 
 
@@ -71,9 +75,41 @@ def retrying(
     )
 
 
-def warm_up_params(model: Model, guidance: float) -> GenerationParams:
-    """One step at the model's native size: the load's warm-up, and the engine's canary after a failure."""
-    return GenerationParams("warm-up", None, 1, guidance, *model.default_size, (0,))
+def warm_up_params(limits: Settings) -> GenerationParams:
+    """One step at the size a request gets by default (the model's native size within MAX_IMAGE_SIZE), with
+    the default guidance: the load's warm-up, and the engine's canary after a failure."""
+    assert limits.default_size is not None, "limits come from profile.request_limits"
+    return GenerationParams("warm-up", None, 1, limits.default_guidance or 0.0, *limits.default_size, (0,))
+
+
+def flat_colour(image: Any) -> tuple[int, ...] | None:
+    """The one colour every pixel of a PIL ``image`` has, or None when it has more than one."""
+    extrema = image.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    if all(low == high for low, high in bands):
+        return tuple(low for low, _ in bands)
+    return None
+
+
+def check_warm_up(model: Model, limits: Settings) -> None:
+    """Run the warm-up and check what it drew: BadWarmUp (permanent) when it is not finite, or one flat
+    colour, with what to try (docs/architecture.md §12)."""
+    dtype = model.profile.dtype
+    try:
+        images = model.generate([warm_up_params(limits)], lambda step: None)
+    except faults.NonFiniteOutput as exc:
+        hint = (
+            "float16 gives NaN for this model; set DTYPE=bfloat16 (or float32)"
+            if dtype == "float16"
+            else f"the weights may hold NaN or overflow in {dtype}; check the checkpoint, or try DTYPE=float32"
+        )
+        raise faults.BadWarmUp(f"warm-up image is not finite (NaN or inf pixels in {dtype}): {hint}") from exc
+    colour = flat_colour(images[0][0])
+    if colour is not None:
+        raise faults.BadWarmUp(
+            f"warm-up image is one flat colour {colour} at {images[0][0].width}x{images[0][0].height}: the model "
+            f"draws nothing ({dtype}); check the checkpoint, or try DTYPE=float32"
+        )
 
 
 def load(settings: Settings, lifecycle: Lifecycle, stop: threading.Event) -> Model | None:
@@ -136,11 +172,12 @@ def _attempts(settings: Settings, lifecycle: Lifecycle) -> Model:
 
 
 def _attempt(settings: Settings, lifecycle: Lifecycle, number: int) -> Model:
-    """One attempt: the loader, then one warm-up generation."""
+    """One attempt: the loader, then one warm-up generation, checked."""
     if not lifecycle.loading(number, settings.load_max_attempts):
         raise _Refused
     model: Model = resolve_callable(settings.model_loader)(settings, lifecycle.slot)
-    if not lifecycle.warming(model.device):
+    limits = request_limits(settings, model.profile)  # CannotServe (permanent) when no request could fit
+    if not lifecycle.warming(model.device, model.profile.summary()):
         raise _Refused
-    model.generate([warm_up_params(model, settings.default_guidance)], lambda step: None)
+    check_warm_up(model, limits)
     return model

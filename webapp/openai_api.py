@@ -38,10 +38,16 @@ def _runtime() -> Runtime:
 
 
 def _entry(runtime: Runtime) -> dict[str, Any]:
-    """The served model as OpenAI's model object; ``created`` is when this worker's model finished loading."""
-    loaded = runtime.engine.loaded_at if runtime.engine is not None else None
+    """The served model as OpenAI's model object; ``created`` is when this worker's model finished loading.
+    Once it has, ``profile`` says what it draws (webapp.profile.ModelProfile): OpenAI's clients ignore it."""
+    engine = runtime.engine
+    loaded = engine.loaded_at if engine is not None else None
     created = int(loaded if loaded is not None else time.time())
-    return {"id": runtime.settings.model_name, "object": "model", "created": created, "owned_by": OWNED_BY}
+    entry: dict[str, Any] = {"id": runtime.settings.model_name, "object": "model", "created": created}
+    entry["owned_by"] = OWNED_BY
+    if engine is not None and engine.model is not None:
+        entry["profile"] = engine.model.profile.as_dict()
+    return entry
 
 
 def _check_model(asked: str | None, settings: Settings) -> None:
@@ -147,7 +153,7 @@ def generations() -> Response:
             payload,
             request.headers.get(TIMEOUT_HEADER),
             received,
-            parser=lambda _payload, _settings, native: image_request.params(native),
+            parser=lambda body, limits: openai_params.parse(body, limits).params(),
         )
         if image_request.stream:
             return _stream(admitted)

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from webapp import errors
-from webapp.params import BY_NAME, GenerationParams, InvalidRequest, RequestField, seeds_from, validate
+from webapp.params import (
+    BY_NAME,
+    GenerationParams,
+    InvalidRequest,
+    RequestField,
+    generation_values,
+    seeds_from,
+    validate,
+)
 from webapp.settings import Settings
 
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
@@ -35,8 +43,8 @@ IMAGE_FIELDS: tuple[RequestField, ...] = (
         "size",
         "text",
         "Size",
-        "WIDTHxHEIGHT, each side within MIN_IMAGE_SIZE..MAX_IMAGE_SIZE and a multiple of 8, or auto "
-        "(the model's native size).",
+        "WIDTHxHEIGHT, each side within MIN_IMAGE_SIZE..MAX_IMAGE_SIZE and a multiple of the model's side "
+        "multiple, or auto (the model's native size, within MAX_IMAGE_SIZE).",
         default="auto",
         high=11,
         pattern=SIZE_PATTERN,
@@ -96,6 +104,7 @@ class ImageRequest:
 
     values: dict[str, object]
     size: tuple[int, int] | None  # None: the model's native size
+    limits: Settings  # what it was checked against
 
     @property
     def stream(self) -> bool:
@@ -105,16 +114,14 @@ class ImageRequest:
     def model(self) -> str | None:
         return self.values["model"]  # type: ignore[return-value]
 
-    def params(self, native_size: tuple[int, int]) -> GenerationParams:
-        width, height = self.size or native_size
+    def params(self) -> GenerationParams:
+        """What to generate; the limits must be a loaded model's (``Engine.limits``)."""
         values = self.values
+        asked = generation_values(values, self.limits)
+        if self.size is not None:
+            asked["width"], asked["height"] = self.size
         return GenerationParams(
-            prompt=str(values["prompt"]),
-            negative_prompt=values["negative_prompt"],  # type: ignore[arg-type]
-            num_inference_steps=int(values["num_inference_steps"]),  # type: ignore[call-overload]
-            guidance_scale=float(values["guidance_scale"]),  # type: ignore[arg-type]
-            width=width,
-            height=height,
+            **asked,
             seeds=seeds_from(values["seed"], int(values["n"])),  # type: ignore[arg-type, call-overload]
             timeout_s=values["timeout_s"],  # type: ignore[arg-type]
             output_format=str(values["output_format"]),
@@ -129,10 +136,11 @@ def _size(text: str, settings: Settings) -> tuple[int, int] | None:
     sides = tuple(int(side) for side in text.split("x"))
     for side, field in zip(sides, (BY_NAME["width"], BY_NAME["height"]), strict=True):
         low, high = field.bounds(settings)
-        assert low is not None and high is not None and field.multiple_of
-        if not low <= side <= high or side % field.multiple_of:
+        multiple = field.multiple(settings)
+        assert low is not None and high is not None and multiple
+        if not low <= side <= high or side % multiple:
             message = (
-                f"size: each side must be from {low:g} to {high:g} and a multiple of {field.multiple_of} "
+                f"size: each side must be from {low:g} to {high:g} and a multiple of {multiple} "
                 f"(or auto for the model's native size), got {text!r}"
             )
             raise InvalidRequest(400, errors.INVALID_FIELD, message, "size")
@@ -145,4 +153,4 @@ def parse(payload: object, settings: Settings) -> ImageRequest:
         values = validate(TITLE, IMAGE_FIELDS, payload, settings)
     except InvalidRequest as exc:
         raise InvalidRequest(400, exc.code, exc.message, exc.field) from None
-    return ImageRequest(values, _size(str(values["size"]), settings))
+    return ImageRequest(values, _size(str(values["size"]), settings), settings)

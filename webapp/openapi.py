@@ -391,8 +391,14 @@ def document(app: Flask, settings: Settings, keys_required: bool) -> dict[str, A
             "title": "honest-diffusion",
             "version": "0.1.0",
             "description": (
-                f"Serving {settings.model_name}. Limits are this server's configuration. "
-                f"API keys: {'required on the routes marked with security' if keys_required else 'off'}."
+                f"Serving {settings.model_name}. "
+                + (
+                    f"Limits are this server's configuration with the loaded {settings.model_family} model's "
+                    "sizes, side multiple and defaults. "
+                    if settings.model_family
+                    else "Limits are this server's configuration; the model, once loaded, may narrow the sizes. "
+                )
+                + f"API keys: {'required on the routes marked with security' if keys_required else 'off'}."
             ),
         },
         "paths": paths,
@@ -410,4 +416,4 @@ def document(app: Flask, settings: Settings, keys_required: bool) -> dict[str, A
 def openapi_json() -> Response:
     runtime: Runtime = current_app.extensions["runtime"]
     keys_required = current_app.extensions["keys"].enabled
-    return jsonify(document(current_app._get_current_object(), runtime.settings, keys_required))  # type: ignore[attr-defined]
+    return jsonify(document(current_app._get_current_object(), runtime.limits, keys_required))  # type: ignore[attr-defined]

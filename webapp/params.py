@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from webapp import errors, images
 from webapp.errors import ApiError
-from webapp.settings import SIZE_MULTIPLE, Settings
+from webapp.settings import Settings
 
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
 TIMEOUT_HEADER = "X-Request-Timeout"
@@ -51,16 +51,26 @@ class RequestField:
     default: Bound = None
     low: Bound = None
     high: Bound = None
-    multiple_of: int | None = None
+    multiple_of: Bound = None  # sides: the loaded model's multiple (Settings.size_multiple)
     required: bool = False
     low_exclusive: bool = False
     demo: bool = True  # shown as a field of the demo's form
     flag: str | None = None  # the client's command-line option, when it has one
     choices: tuple[str, ...] = ()  # the values a choice takes
     pattern: str | None = None  # a regular expression text must match (checked again by its parser)
+    # Whether the loaded model takes this field, and why not when it does not: a field a model would ignore
+    # is left out of its schema and refused by name, never dropped silently.
+    applies: Callable[[Settings], bool] | None = None
+    not_taken: str = ""
 
     def bounds(self, settings: Settings) -> tuple[float | None, float | None]:
         return _resolve(self.low, settings), _resolve(self.high, settings)
+
+    def multiple(self, settings: Settings) -> int | None:
+        return _resolve(self.multiple_of, settings)
+
+    def taken(self, settings: Settings) -> bool:
+        return self.applies is None or self.applies(settings)
 
     def default_for(self, settings: Settings) -> Any:
         return _resolve(self.default, settings)
@@ -82,6 +92,9 @@ FIELDS: tuple[RequestField, ...] = (
         high=attrgetter("max_prompt_chars"),
         demo=False,
         flag="negative",
+        applies=attrgetter("takes_negative_prompt"),
+        not_taken="FluxPipeline applies a negative prompt only through true classifier-free guidance, which "
+        "this server does not run",
     ),
     RequestField(
         "num_inference_steps",
@@ -102,25 +115,31 @@ FIELDS: tuple[RequestField, ...] = (
         low=0,
         high=attrgetter("max_guidance"),
         flag="guidance",
+        applies=attrgetter("takes_guidance"),
+        not_taken="the model has no guidance input (FLUX.1-schnell is distilled without one)",
     ),
     RequestField(
         "width",
         "integer",
         "Width",
-        "Image width in pixels (the model's native size when absent).",
+        "Image width in pixels, a multiple of the model's side multiple (the model's native size, within "
+        "MAX_IMAGE_SIZE, when absent).",
+        default=lambda settings: settings.default_size[0] if settings.default_size else None,
         low=attrgetter("min_image_size"),
         high=attrgetter("max_image_size"),
-        multiple_of=SIZE_MULTIPLE,
+        multiple_of=attrgetter("size_multiple"),
         flag="width",
     ),
     RequestField(
         "height",
         "integer",
         "Height",
-        "Image height in pixels (the model's native size when absent).",
+        "Image height in pixels, a multiple of the model's side multiple (the model's native size, within "
+        "MAX_IMAGE_SIZE, when absent).",
+        default=lambda settings: settings.default_size[1] if settings.default_size else None,
         low=attrgetter("min_image_size"),
         high=attrgetter("max_image_size"),
-        multiple_of=SIZE_MULTIPLE,
+        multiple_of=attrgetter("size_multiple"),
         flag="height",
     ),
     RequestField(
@@ -234,7 +253,7 @@ def _annotation(field: RequestField, settings: Settings) -> Any:
             checks.append(Field(json_schema_extra={"pattern": TEXT_PATTERN[field.required]}))
         text = Annotated[str, *checks]
         return text if field.required else text | None
-    constraints: dict[str, Any] = {"le": high, "multiple_of": field.multiple_of}
+    constraints: dict[str, Any] = {"le": high, "multiple_of": field.multiple(settings)}
     constraints["gt" if field.low_exclusive else "ge"] = low
     if field.kind == "number":
         constraints["allow_inf_nan"] = False
@@ -248,13 +267,18 @@ def model_of(title: str, fields: tuple[RequestField, ...], settings: Settings) -
     """The pydantic model of a body made of ``fields`` under ``settings`` (strict: a JSON integer for an
     integer, a JSON number for a number; unknown fields refused)."""
     definitions: dict[str, Any] = {}
-    for field in fields:
+    for field in _taken(fields, settings):
         default = ... if field.required else field.default_for(settings)
         definitions[field.name] = (_annotation(field, settings), Field(default, description=field.meaning))
-    names = {field.name for field in fields}
+    names = {field.name for field in _taken(fields, settings)}
     extra = LOSSY_ONLY if {"output_format", "output_compression"} <= names else None
     config = ConfigDict(strict=True, extra="forbid", title=title, json_schema_extra=extra)
     return create_model(title, __config__=config, **definitions)
+
+
+def _taken(fields: tuple[RequestField, ...], settings: Settings) -> tuple[RequestField, ...]:
+    """The ``fields`` the model under ``settings`` takes."""
+    return tuple(field for field in fields if field.taken(settings))
 
 
 def request_model(settings: Settings) -> type[BaseModel]:
@@ -291,8 +315,11 @@ def _invalid(field: str, message: str) -> InvalidRequest:
 def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) -> InvalidRequest:
     """Our 422 for pydantic's first error: the field, what it takes, and what it got."""
     name, kind, value = str(error["loc"][0]), error["type"], error.get("input")
+    if kind == "extra_forbidden" and name in fields:  # declared, but not taken by the loaded model
+        family = settings.model_family or "loaded"
+        return _invalid(name, f"the {family} model served here does not take it: {fields[name].not_taken}")
     if kind == "extra_forbidden":
-        accepted = ", ".join(fields)
+        accepted = ", ".join(name for name, field in fields.items() if field.taken(settings))
         return InvalidRequest(422, errors.UNKNOWN_FIELD, f"{name}: unknown field (accepted: {accepted})", name)
     if kind == "missing" or (value is None and fields[name].required):
         return InvalidRequest(422, errors.MISSING_FIELD, f"{name}: is required", name)
@@ -319,7 +346,8 @@ def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) ->
     integer = isinstance(value, int) and not isinstance(value, bool)
     what = "an integer" if field.kind == "integer" else "a number"
     if kind == "multiple_of":
-        return _invalid(name, f"must be a multiple of {field.multiple_of}, got {value}")
+        family = f" (the {settings.model_family} model's side multiple)" if settings.model_family else ""
+        return _invalid(name, f"must be a multiple of {field.multiple(settings)}{family}, got {value}")
     if (field.kind == "integer" and not integer) or not number:
         return _invalid(name, f"must be {what} {_limits(field, settings)}, got {type(value).__name__}")
     return _invalid(name, f"must be {_limits(field, settings)}, got {_shown(value)}")
@@ -331,6 +359,8 @@ def validate(title: str, fields: tuple[RequestField, ...], payload: object, sett
     if not isinstance(payload, dict):
         message = f"the body must be a JSON object, got {type(payload).__name__}"
         raise InvalidRequest(422, errors.INVALID_BODY, message)
+    refused = {field.name for field in fields if not field.taken(settings)}
+    payload = {key: value for key, value in payload.items() if not (key in refused and value is None)}
     try:
         request = model_of(title, fields, settings).model_validate(payload)
     except ValidationError as exc:
@@ -338,7 +368,7 @@ def validate(title: str, fields: tuple[RequestField, ...], payload: object, sett
         first = next((error for error in found if error["type"] == "extra_forbidden"), found[0])
         raise _explain(first, {field.name: field for field in fields}, settings) from None
     values = request.model_dump()
-    for field in fields:  # null means absent, as for an optional field anywhere in JSON APIs
+    for field in _taken(fields, settings):  # null means absent, as for an optional field anywhere in JSON APIs
         if values[field.name] is None and field.default is not None:
             values[field.name] = field.default_for(settings)
     given = {name for name in request.model_fields_set if payload.get(name) is not None}
@@ -354,16 +384,26 @@ def seeds_from(first: int | None, count: int) -> tuple[int, ...]:
     return tuple((first_seed + i) % SEED_LIMIT for i in range(count))
 
 
-def parse(payload: object, settings: Settings, default_size: tuple[int, int]) -> GenerationParams:
-    """Validate a decoded /generate body; ``default_size`` (width, height) is the model's native size."""
+def generation_values(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """What the model is asked for, from validated ``values`` under a loaded model's ``settings``
+    (``Engine.limits``): a field it does not take is absent (its default: no negative prompt, the model's
+    guidance), and an absent size is the default one."""
+    assert settings.default_size is not None, "requests are parsed against a loaded model's limits"
+    return {
+        "prompt": values["prompt"],
+        "negative_prompt": values.get("negative_prompt"),
+        "num_inference_steps": values["num_inference_steps"],
+        "guidance_scale": float(values.get("guidance_scale", settings.default_guidance) or 0.0),
+        "width": values.get("width") or settings.default_size[0],
+        "height": values.get("height") or settings.default_size[1],
+    }
+
+
+def parse(payload: object, settings: Settings) -> GenerationParams:
+    """Validate a decoded /generate body against a loaded model's ``settings`` (``Engine.limits``)."""
     values = validate("GenerateRequest", FIELDS, payload, settings)
     return GenerationParams(
-        prompt=values["prompt"],
-        negative_prompt=values["negative_prompt"],
-        num_inference_steps=values["num_inference_steps"],
-        guidance_scale=float(values["guidance_scale"]),
-        width=values["width"] or default_size[0],
-        height=values["height"] or default_size[1],
+        **generation_values(values, settings),
         seeds=seeds_from(values["seed"], values["num_images"]),
         timeout_s=values["timeout_s"],
         output_format=values["output_format"],
@@ -390,10 +430,10 @@ def form_fields(settings: Settings) -> list[dict[str, Any]]:
     """The demo form's number inputs, in declaration order."""
     rows = []
     for field in FIELDS:
-        if not field.demo:
+        if not field.demo or not field.taken(settings):
             continue
         low, high = field.bounds(settings)
-        step = field.multiple_of or (0.5 if field.kind == "number" else 1)
+        step = field.multiple(settings) or (0.5 if field.kind == "number" else 1)
         default = field.default_for(settings)
         rows.append(
             {
@@ -429,7 +469,8 @@ def request_table(settings: Settings, fields: tuple[RequestField, ...] = FIELDS)
         elif field.kind == "boolean":
             limits = "`true` or `false`"
         else:
-            limits = _limits(field, settings) + (f", a multiple of {field.multiple_of}" if field.multiple_of else "")
+            multiple = field.multiple(settings)
+            limits = _limits(field, settings) + (f", a multiple of {multiple}" if multiple else "")
         shown = "(required)" if field.required else "-" if default is None else f"`{_default_text(default)}`"
         rows.append(f"| `{field.name}` | {field.kind} | {shown} | {limits} | {field.meaning} |")
     return "\n".join(rows)

@@ -73,6 +73,7 @@ class WorkerView:
             "state": record.state.name,
             "pid": record.pid,
             "device": record.device,
+            "model": record.model,
             "attempt": record.attempt,
             "max_attempts": record.max_attempts,
             "in_state_s": round(now - record.state_since_mono, 3) if record.state_since_mono else None,

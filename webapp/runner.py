@@ -3,6 +3,8 @@
 - a fatal device error (``faults.is_fatal``) fails the whole batch and turns the worker UNHEALTHY;
 - any other error in a batch of several jobs: each job runs again alone (outcome ``split``), so one
   request's bad input cannot fail the others;
+- non-finite pixels (NaN or inf) in some images: their jobs fail (500), the rest are served, and the call
+  counts toward MAX_CONSECUTIVE_FAILURES like any failure of the worker's;
 - an error in a job running alone: a canary (the load's warm-up generation) runs. If it passes, the worker
   is sound and the request is rejected (``RejectedByModel``, 422), counting nothing against the worker; if
   it fails too, the failure is the worker's (500), and MAX_CONSECUTIVE_FAILURES in a row (a served call
@@ -94,6 +96,8 @@ class Runner:
             log.info("batch_interrupted", slot=self.lifecycle.slot, jobs=len(batch), reason=str(stop))
             for job in batch:
                 settle(job.future, exc=DeadlineExceeded(f"interrupted: {stop}", ran=True))
+        except faults.NonFiniteOutput as bad:
+            self._non_finite(batch, bad)
         except Exception as exc:  # noqa: BLE001 - any pipeline error is judged, never lost
             if faults.is_fatal(exc):
                 self._fail(batch, exc)
@@ -106,6 +110,22 @@ class Runner:
             self.failures = 0
             for job, result in zip(batch, results, strict=True):
                 settle(job.future, result=result)
+
+    def _non_finite(self, batch: list[Job], bad: faults.NonFiniteOutput) -> None:
+        """Some images came out NaN or infinite: their jobs fail (500 ``non_finite_output``, never a black
+        picture), the others get their images, and the call counts as the worker's failure."""
+        self._finish("failed")
+        self.failures += 1
+        log.error(
+            "non_finite_output", slot=self.lifecycle.slot, jobs=len(bad.bad), consecutive=self.failures, error=str(bad)
+        )
+        for index, (job, result) in enumerate(zip(batch, bad.results, strict=True)):
+            if index in bad.bad:
+                settle(job.future, exc=bad)
+            else:
+                settle(job.future, result=result)
+        if self.failures >= self.settings.max_consecutive_failures:
+            self.turn_unhealthy(f"{self.failures} generations failed in a row; last: {bad}")
 
     def _split(self, batch: list[Job], exc: Exception) -> None:
         """A batch of several jobs failed: run each again alone, so only the job at fault fails."""
@@ -129,7 +149,7 @@ class Runner:
     def _charge(self, job: Job, exc: Exception) -> None:
         """A job failed alone: the canary says whose fault it was (see the module's docstring)."""
         self._finish("failed")
-        canary = Job(loader.warm_up_params(self.model, self.settings.default_guidance))
+        canary = Job(loader.warm_up_params(self.settings))
         with self.lock:
             self.scheduler.run([canary], time.monotonic())
         try:

@@ -38,6 +38,14 @@ class Runtime:
     def slot(self) -> int:
         return self.lifecycle.slot
 
+    @property
+    def limits(self) -> Settings:
+        """What requests are held to, for the pages that describe them (the OpenAPI document, the demo's
+        form): the loaded model's limits once this worker has loaded it, else the configured settings."""
+        if self.engine is not None and self.engine.request_limits is not None:
+            return self.engine.request_limits
+        return self.settings
+
 
 def exit_gracefully(reason: str) -> None:
     """An UNHEALTHY worker leaves through its own SIGTERM: under gunicorn that is the graceful exit, so

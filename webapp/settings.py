@@ -38,7 +38,7 @@ from pydantic.fields import FieldInfo
 SCENES_MODEL = "builtin:scenes-64"
 BUILTIN_TINY_MODEL = "builtin:tiny-sd"
 EMBEDDED_MODELS = (SCENES_MODEL, BUILTIN_TINY_MODEL)
-SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines require sides divisible by 8
+SIZE_MULTIPLE = 8  # the configured sizes' multiple; a loaded model may ask for more (webapp/profile.py)
 # The embedded models are made for 64x64 and their UNets attend over every latent position at the top level:
 # the random one at 512x512 took 41 s for one step of two images on 2 CPUs (STALL_TIMEOUT is 60 s), and
 # 1024x1024 needs tens of GiB. Their MAX_IMAGE_SIZE defaults to this instead of 1024.
@@ -124,7 +124,10 @@ class Settings(BaseModel):
         pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
     )
     dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"], BeforeValidator(_lower)] = _setting(
-        "DTYPE", "auto", "auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16."
+        "DTYPE",
+        "auto",
+        "auto (on CUDA the model family's: bfloat16 for FLUX and SD3, float16 for SD and SDXL; float32 on CPU), "
+        "float32, float16 or bfloat16.",
     )
     torch_threads: int = _setting(
         "TORCH_THREADS", 0, "CPU threads per worker for torch; 0 = cores / workers.", ge=0, le=1024
@@ -212,13 +215,21 @@ class Settings(BaseModel):
     max_prompt_chars: int = _setting(
         "MAX_PROMPT_CHARS", 2000, "Longest prompt and negative_prompt.", ge=1, le=1_000_000
     )
-    default_steps: int = _setting(
-        "DEFAULT_STEPS", 20, "num_inference_steps when the request gives none.", ge=1, le=10000
+    default_steps: Annotated[int | None, BeforeValidator(_empty_is_none)] = _setting(
+        "DEFAULT_STEPS",
+        "",
+        "num_inference_steps when the request gives none; empty = the model family's (docs/models.md).",
+        ge=1,
+        le=10000,
     )
     max_steps: int = _setting("MAX_STEPS", 100, "Largest num_inference_steps.", ge=1, le=10000)
     max_guidance: Number = _setting("MAX_GUIDANCE", 30, "Largest guidance_scale.", ge=0, le=1000)
-    default_guidance: Number = _setting(
-        "DEFAULT_GUIDANCE", 7.5, "guidance_scale when the request gives none.", ge=0, le=1000
+    default_guidance: Annotated[Number | None, BeforeValidator(_empty_is_none)] = _setting(
+        "DEFAULT_GUIDANCE",
+        "",
+        "guidance_scale when the request gives none; empty = the model family's (docs/models.md).",
+        ge=0,
+        le=1000,
     )
     min_image_size: int = _setting(
         "MIN_IMAGE_SIZE", 64, "Smallest width or height (a multiple of 8).", ge=8, le=8192, multiple_of=SIZE_MULTIPLE
@@ -268,6 +279,14 @@ class Settings(BaseModel):
     # Not read from the environment: gunicorn's own count (WEB_CONCURRENCY or -w), given by ``for_workers``
     # once the master knows it; None until then.
     workers: int | None = Field(None, ge=1, le=64, exclude=True)
+    # Not read from the environment either: what the loaded model adds to the limits above, set only by
+    # ``webapp.profile.request_limits`` once a worker's model is loaded (docs/architecture.md §12). Before
+    # that, requests are refused (503), and the document and the form show the configured limits.
+    size_multiple: int = Field(SIZE_MULTIPLE, exclude=True)
+    default_size: tuple[int, int] | None = Field(None, exclude=True)
+    takes_negative_prompt: bool = Field(True, exclude=True)
+    takes_guidance: bool = Field(True, exclude=True)
+    model_family: str = Field("", exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -287,8 +306,14 @@ class Settings(BaseModel):
                 f"MAX_ONGOING + MAX_QUEUED + 2 = {self.max_ongoing + self.max_queued + 2} are needed for probes "
                 "to always find a free one",
             ),
-            (self.default_steps <= self.max_steps, "DEFAULT_STEPS must not exceed MAX_STEPS"),
-            (self.default_guidance <= self.max_guidance, "DEFAULT_GUIDANCE must not exceed MAX_GUIDANCE"),
+            (
+                self.default_steps is None or self.default_steps <= self.max_steps,
+                "DEFAULT_STEPS must not exceed MAX_STEPS",
+            ),
+            (
+                self.default_guidance is None or self.default_guidance <= self.max_guidance,
+                "DEFAULT_GUIDANCE must not exceed MAX_GUIDANCE",
+            ),
             (self.min_image_size <= self.max_image_size, "MIN_IMAGE_SIZE must not exceed MAX_IMAGE_SIZE"),
             (
                 self.load_backoff_initial <= self.load_backoff_max,
@@ -382,7 +407,9 @@ def _expected(name: str, error: Any) -> str:
         f for f in Settings.model_fields.values() if f.validation_alias == name
     )
     bounds = {type(item).__name__: item for item in info.metadata}
-    kind = {int: "an integer", float: "a number", int | None: "an integer"}.get(info.annotation, "")
+    kind = {int: "an integer", float: "a number", int | None: "an integer", float | None: "a number"}.get(
+        info.annotation, ""
+    )
     if "Ge" in bounds and "Le" in bounds:
         low, high = bounds["Ge"].ge, bounds["Le"].le
         text = f"expected {kind or 'a value'} from {low:g} to {high:g}"

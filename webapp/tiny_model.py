@@ -156,3 +156,144 @@ def ensure_built(cache_dir: str | os.PathLike[str]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# -- tiny pipelines of the other families the server serves (random weights, for tests and the GPU bench's
+# harness check): the same real classes as SDXL, SD3 and FLUX, at a few hundred thousand parameters.
+
+FAMILY_BUILDS = ("sdxl", "sd3", "flux")
+
+
+def _t5_parts(hidden: int) -> tuple[Any, Any]:
+    """A T5 tokenizer over printable ASCII (a Unigram vocabulary, no hub) and a small T5 encoder."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocabulary = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocabulary += [(chr(code), -1.0) for code in range(32, 127)] + [("\u2581", -1.0)]
+    tokenizer = T5TokenizerFast(vocab=vocabulary, extra_ids=0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    return tokenizer, T5EncoderModel(config)
+
+
+def _clip_encoder(hidden: int, projection: bool) -> Any:
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _small_vae(shift_factor: float | None = None) -> AutoencoderKL:
+    """A VAE of scale factor 2 (two blocks), 4 latent channels."""
+    return AutoencoderKL(
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        shift_factor=shift_factor,
+        scaling_factor=0.3611 if shift_factor is not None else 0.18215,
+    )
+
+
+def build_family(family: str, seed: int = 0) -> Any:
+    """A tiny random-weight pipeline of ``family`` (sdxl, sd3 or flux); the same seed gives the same weights.
+    Native sizes: sdxl 64x64 (multiple 2), sd3 64x64 (multiple 4, at most 128), flux 256x256 (multiple 4)."""
+    from diffusers import (
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    torch.manual_seed(seed)
+    if family == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,  # the second encoder's projection (32) + 6 time ids x 8
+            cross_attention_dim=64,  # the two encoders' hidden states side by side
+            norm_num_groups=32,
+        )
+        return StableDiffusionXLPipeline(
+            vae=_small_vae(),
+            text_encoder=_clip_encoder(32, projection=False),
+            text_encoder_2=_clip_encoder(32, projection=True),
+            tokenizer=build_tokenizer(),
+            tokenizer_2=build_tokenizer(),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="leading", steps_offset=1),
+        )
+    if family == "sd3":
+        tokenizer_3, text_encoder_3 = _t5_parts(32)
+        transformer = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,  # the two CLIP projections side by side
+            pos_embed_max_size=32,  # latent sides up to 64: images up to 128 px
+        )
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            vae=_small_vae(shift_factor=0.0609),
+            text_encoder=_clip_encoder(32, projection=True),
+            text_encoder_2=_clip_encoder(32, projection=True),
+            text_encoder_3=text_encoder_3,
+            tokenizer=build_tokenizer(),
+            tokenizer_2=build_tokenizer(),
+            tokenizer_3=tokenizer_3,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+        )
+    if family == "flux":
+        tokenizer_2, text_encoder_2 = _t5_parts(32)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels packed 2x2
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=[4, 4, 8],
+        )
+        return FluxPipeline(
+            transformer=transformer,
+            vae=_small_vae(shift_factor=0.1159),
+            text_encoder=_clip_encoder(32, projection=False),
+            tokenizer=build_tokenizer(),
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+        )
+    raise ValueError(f"unknown family {family!r} (known: {', '.join(FAMILY_BUILDS)})")

@@ -1,0 +1,157 @@
+"""Every family an operator deploys, served end to end: tiny random-weight SDXL, SD3 and FLUX pipelines
+built offline from the real diffusers and transformers classes (a T5 tokenizer from a vocabulary list, no
+hub), saved with ``save_pretrained`` and served with ``MODEL_ID=<folder>`` through real gunicorn, as an
+operator would. Each server reads the model's profile: its native size, its side multiple, the fields it
+takes. And a checkpoint whose output is NaN never turns ready."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import Server, running_server, wait_for
+from webapp.tiny_model import FAMILY_BUILDS, build_family, build_pipeline
+
+MAX_IMAGE_SIZE = 128
+# What each tiny build is (see webapp.tiny_model.build_family): its pipeline class, native side, multiple.
+# FLUX's native 256 is above MAX_IMAGE_SIZE, so a request without a size gets the largest square within it.
+EXPECTED = {
+    "sdxl": ("StableDiffusionXLPipeline", 64, 8, 64),
+    "sd3": ("StableDiffusion3Pipeline", 64, 4, 64),
+    "flux": ("FluxPipeline", 256, 4, 128),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+    for family in FAMILY_BUILDS:
+        build_family(family).save_pretrained(root / family)
+        built[family] = root / family
+    return built
+
+
+@pytest.fixture(scope="module", params=FAMILY_BUILDS)
+def served(request, folders, model_cache, tmp_path_factory) -> Iterator[tuple[str, Server]]:
+    family = request.param
+    workdir = tmp_path_factory.mktemp(f"serve-{family}")
+    with running_server(
+        model_cache,
+        workdir,
+        WEB_CONCURRENCY="1",
+        MODEL_ID=str(folders[family]),
+        MAX_IMAGE_SIZE=str(MAX_IMAGE_SIZE),
+        MAX_ONGOING="4",
+        MAX_BATCH_SIZE="4",
+    ) as server:
+        yield family, server
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def test_ready_with_the_profile_read_from_the_model(served):
+    family, server = served
+    pipeline, native, multiple, _ = EXPECTED[family]
+    (worker,) = server.workers()
+    assert worker["model"] == f"{family} {pipeline} {native}x{native}/{multiple} float32"
+    (entry,) = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
+    assert entry["profile"]["native_size"] == f"{native}x{native}" and entry["profile"]["size_multiple"] == multiple
+
+
+def test_a_request_without_a_size_gets_the_native_size_within_max_image_size(served):
+    family, server = served
+    side = EXPECTED[family][3]
+    response = server.post("/generate", json={"prompt": "a red circle", "num_inference_steps": 2, "seed": 1})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"]) == (side, side)
+    assert pixels(body["images"][0]["png_base64"]).shape == (side, side, 3)
+
+
+def test_a_side_off_the_models_multiple_or_past_the_limit_is_refused_naming_it(served):
+    family, server = served
+    multiple = EXPECTED[family][2]
+    off = server.post("/generate", json={"prompt": "x", "width": 64 + multiple // 2, "height": 64})
+    assert off.status_code == 422 and off.json()["error"]["field"] == "width"
+    assert f"multiple of {multiple} (the {family} model's side multiple)" in off.json()["error"]["message"]
+    big = server.post("/generate", json={"prompt": "x", "width": 64, "height": MAX_IMAGE_SIZE + multiple})
+    assert big.status_code == 422 and big.json()["error"]["field"] == "height"
+    schema = server.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"type": "integer", "minimum": 64, "maximum": MAX_IMAGE_SIZE, "multipleOf": multiple} in schema["width"][
+        "anyOf"
+    ]
+    assert ("negative_prompt" in schema) is (family != "flux")
+
+
+def test_a_seed_draws_the_same_image_in_a_batch_and_alone(served):
+    _, server = served
+    asked = {"prompt": "a blue square", "num_inference_steps": 2, "width": 64, "height": 64}
+    together = server.post("/generate", json={**asked, "seed": 11, "num_images": 3}).json()
+    assert together["batch"]["images"] == 3
+    alone = server.post("/generate", json={**asked, "seed": 12}).json()
+    assert alone["batch"]["images"] == 1
+    difference = np.abs(pixels(together["images"][1]["png_base64"]) - pixels(alone["images"][0]["png_base64"]))
+    assert difference.max() <= 1, "one torch.Generator per image: at most a level of float rounding"
+    assert np.abs(pixels(together["images"][0]["png_base64"]) - pixels(alone["images"][0]["png_base64"])).max() > 8
+
+
+def test_progress_events_and_a_deadline_that_interrupts_the_run(served):
+    _, server = served
+    with requests.post(
+        server.url + "/generate/stream", json={"prompt": "x", "num_inference_steps": 3, "width": 64}, stream=True
+    ) as response:
+        events = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("event:")]
+    assert events == ["event: queued"] + ["event: progress"] * 3 + ["event: done"]
+    before = server.metrics().value("honest_diffusion_generation_duration_seconds_count", outcome="interrupted")
+    late = server.post("/generate", json={"prompt": "x", "num_inference_steps": 100, "timeout_s": 0.3})
+    assert late.status_code == 504, late.text
+    wait_for(
+        lambda: (
+            server.metrics().value("honest_diffusion_generation_duration_seconds_count", outcome="interrupted") > before
+        ),
+        60,
+        "the late job's run to be interrupted between two steps",
+    )
+
+
+def test_the_openai_route_answers_through_the_official_client(served):
+    family, server = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    result = client.images.generate(prompt="a green triangle", n=2, extra_body={"num_inference_steps": 2})
+    side = EXPECTED[family][3]
+    assert result.size == f"{side}x{side}" and len(result.data) == 2
+    if family == "flux":
+        with pytest.raises(openai.BadRequestError, match="negative_prompt"):
+            client.images.generate(prompt="x", extra_body={"negative_prompt": "blur"})
+
+
+def test_a_checkpoint_that_draws_nan_never_turns_ready_and_says_why(start_server, tmp_path):
+    folder = tmp_path / "nan-model"
+    pipe = build_pipeline()
+    for value in pipe.vae.decoder.parameters():
+        value.data.fill_(float("nan"))
+    pipe.save_pretrained(folder)
+    server = start_server(WEB_CONCURRENCY="1", MODEL_ID=str(folder))
+
+    def failed() -> dict | None:
+        server.check_running()
+        status, body = server.readyz()
+        assert status == 503, "a model that draws NaN was declared ready"
+        return body if body["workers"][0]["state"] == "FAILED" else None
+
+    body = wait_for(failed, 240, "the worker to be FAILED")
+    error = body["workers"][0]["error"]
+    assert "warm-up image is not finite" in error and "NaN" in error, error
+    assert body["workers"][0]["attempt"] == 1, "a model that draws NaN is not retried"
+    assert server.get("/healthz").status_code == 503
