@@ -25,7 +25,7 @@ from webapp import client
 from webapp.settings import Settings, SettingsError, effective, refusal
 
 READY, NOT_READY, UNREACHABLE = 0, 1, 2
-COLUMNS = ("slot", "state", "pid", "attempt", "heartbeat_age_s", "in_flight", "queued", "error")
+COLUMNS = ("slot", "state", "pid", "attempt", "heartbeat_age_s", "in_flight", "queued", "model", "error")
 
 
 def _readyz(url: str, timeout: float) -> tuple[int, dict[str, Any] | str]:

@@ -64,7 +64,7 @@ def _page(status: int = 200, **context: Any) -> tuple[str, int]:
     return (
         render_template(
             "index.html",
-            settings=runtime.settings,
+            settings=runtime.limits,
             number_fields=form_fields(runtime.limits),
             verdict=verdict,
             workers=[worker.as_row(now) for worker in verdict.workers],
