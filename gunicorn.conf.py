@@ -5,24 +5,25 @@ Run: gunicorn -c gunicorn.conf.py    (every setting is an environment variable; 
 
 import sys
 
-from webapp import hooks, logs, worker
+from webapp.server import gthread, hooks
 from webapp.settings import Settings, SettingsError, refusal
+from webapp.telemetry import logs
 
 try:
     settings = Settings.from_env()
 except SettingsError as exc:
     sys.exit(refusal(exc))
 
-supervisor = hooks.supervisor(settings)  # what the hooks share: the board, the workers' slots
+server_hooks = hooks.server_hooks(settings)  # what the hooks share: the board, the workers' slots
 
 # gunicorn asks for an app path, but the worker class below builds each worker's app with that worker's
-# runtime (supervisor.app) and never imports this one.
+# runtime (server_hooks.app) and never imports this one.
 wsgi_app = "webapp:create_app()"
 bind = [settings.bind]
 # workers: gunicorn's own, from WEB_CONCURRENCY (or -w); the master reads the count it really runs.
 # gthread (request threads keep answering probes while the engine thread generates), handing a thread only
 # requests that have fully arrived, so slow or idle clients cannot take the threads probes need.
-worker_class = worker.buffered_worker(settings.client_timeout, settings.max_body_bytes, supervisor.app)
+worker_class = gthread.buffered_worker(settings.client_timeout, settings.max_body_bytes, server_hooks.app)
 threads = settings.threads
 timeout = int(settings.worker_timeout)
 graceful_timeout = int(settings.graceful_timeout)
@@ -37,36 +38,36 @@ logger_class = logs.server_logger(settings.log_format, settings.log_probes)
 
 
 def on_starting(server):
-    supervisor.on_starting(server)
+    server_hooks.on_starting(server)
 
 
 def pre_fork(server, worker):
-    supervisor.pre_fork(server, worker)
+    server_hooks.pre_fork(server, worker)
 
 
 def post_fork(server, worker):
-    supervisor.post_fork(server, worker)
+    server_hooks.post_fork(server, worker)
 
 
 def post_worker_init(worker):
-    supervisor.post_worker_init(worker)
+    server_hooks.post_worker_init(worker)
 
 
 def worker_int(worker):
-    supervisor.worker_int(worker)
+    server_hooks.worker_int(worker)
 
 
 def worker_exit(server, worker):
-    supervisor.worker_exit(server, worker)
+    server_hooks.worker_exit(server, worker)
 
 
 def child_exit(server, worker):
-    supervisor.child_exit(server, worker)
+    server_hooks.child_exit(server, worker)
 
 
 def nworkers_changed(server, new_value, old_value):
-    supervisor.nworkers_changed(server, new_value, old_value)
+    server_hooks.nworkers_changed(server, new_value, old_value)
 
 
 def on_exit(server):
-    supervisor.on_exit(server)
+    server_hooks.on_exit(server)

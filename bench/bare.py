@@ -1,7 +1,7 @@
 """The baseline without the server: the bare pipeline in a fresh process, as a worker would run it.
 
 Prints one JSON line: seconds to import the pipeline code (torch + diffusers), to load the model
-(``webapp.pipeline.load``, the server's own loader, so the same ``from_pretrained`` and device choice),
+(``webapp.model.pipeline.load``, the server's own loader, so the same ``from_pretrained`` and device choice),
 and to run the same one-step warm-up the engine runs. Then, for each seed read from stdin (one per
 line), it generates one image with the arguments the suite also sends through the server and prints the
 seconds the call took, so the suite can alternate bare and HTTP calls under the same host conditions.
@@ -27,10 +27,12 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from webapp import loader, logs, pipeline
-    from webapp.params import GenerationParams
-    from webapp.profile import request_limits
+    from webapp.engine import loader
+    from webapp.model import pipeline
+    from webapp.model.profile import request_limits
+    from webapp.model.request import GenerationParams
     from webapp.settings import Settings
+    from webapp.telemetry import logs
 
     imported = time.perf_counter()
     logs.configure("kv")  # stdout carries only the JSON result

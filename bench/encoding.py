@@ -1,4 +1,4 @@
-"""What encoding a finished image costs, per format and size: the server's own ``webapp.images.encode``.
+"""What encoding a finished image costs, per format and size: the server's own ``webapp.api.images.encode``.
 
     .venv/bin/python bench/encoding.py [--repeats 7] [--sizes 512 1024]
 
@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from webapp.images import DEFAULT_QUALITY, FORMATS, encode
+from webapp.api.images import DEFAULT_QUALITY, FORMATS, encode
 
 
 def picture(kind: str, side: int) -> Image.Image:

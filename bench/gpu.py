@@ -3,9 +3,9 @@
     .venv/bin/python bench/gpu.py --tiny                      # the tiny SDXL, SD3 and FLUX builds (offline)
     .venv/bin/python bench/gpu.py --model stabilityai/stable-diffusion-xl-base-1.0 --model /models/flux-dev
 
-Each model goes through the server's own path: ``webapp.pipeline.load`` (the dtype DTYPE=auto picks for its
-family on this device), ``webapp.profile.request_limits`` (the size a request gets by default), and the
-checked warm-up (``webapp.loader.check_warm_up``). Then, at the default size and steps: seconds per image
+Each model goes through the server's own path: ``webapp.model.pipeline.load`` (the dtype DTYPE=auto picks for its
+family on this device), ``webapp.model.profile.request_limits`` (the size a request gets by default), and the
+checked warm-up (``webapp.engine.loader.check_warm_up``). Then, at the default size and steps: seconds per image
 alone (median of --repeats), and images per second for --batch images in one pipeline call against the
 same images one call each. Peak device memory is torch's own count (CUDA only). One row per model, printed
 as a table; nothing is asserted about speed.
@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def measure(model_id: str, repeats: int, batch: int, steps: int | None) -> dict[str, object]:
     import torch
 
-    from webapp import loader, pipeline
-    from webapp.params import GenerationParams
-    from webapp.profile import request_limits
+    from webapp.engine import loader
+    from webapp.model import pipeline
+    from webapp.model.profile import request_limits
+    from webapp.model.request import GenerationParams
     from webapp.settings import Settings
 
     cuda = torch.cuda.is_available()
@@ -101,7 +102,7 @@ def main() -> None:
     models = list(args.model)
     scratch = tempfile.TemporaryDirectory(prefix="gpu-bench-")
     if args.tiny:
-        from webapp.tiny_model import FAMILY_BUILDS, build_family
+        from webapp.model.tiny_model import FAMILY_BUILDS, build_family
 
         for family in FAMILY_BUILDS:
             folder = Path(scratch.name) / f"tiny-{family}"

@@ -1,11 +1,11 @@
-"""Does the model draw what it is asked? A fixed set of captions and seeds, judged by webapp.scenes.analyze.
+"""Does the model draw what it is asked? A fixed set of captions and seeds, judged by webapp.model.scenes.analyze.
 
     .venv/bin/python bench/quality.py [--model MODEL_ID] [--images 96]
 
 First the analyzer is checked on the renderer's own scenes (it must read at least 99 % right, so its
 misses below are the model's). Then each model row generates one image per caption (seeds from 10**6 up,
 never used in training) at the default steps and guidance, through the server's own loader
-(webapp.pipeline.load), and prints the share with the right background, colour, shape, and all three.
+(webapp.model.pipeline.load), and prints the share with the right background, colour, shape, and all three.
 Rows: the model asked for (``--model``, by default the embedded trained one), the same without
 classifier-free guidance (guidance 1.0), and the embedded random-weight model as the floor; each with its
 seconds per image at those steps.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from webapp import scenes
+from webapp.model import scenes
 from webapp.settings import BUILTIN_TINY_MODEL, SCENES_MODEL, Settings
 
 FIRST_SEED = 10**6
@@ -40,9 +40,9 @@ def captions(count: int) -> list[str]:
 
 
 def judge(model_id: str, guidance: float | None, asked: list[str], steps: int | None) -> dict[str, float]:
-    from webapp import pipeline
-    from webapp.params import GenerationParams
-    from webapp.profile import request_limits
+    from webapp.model import pipeline
+    from webapp.model.profile import request_limits
+    from webapp.model.request import GenerationParams
 
     settings = Settings.from_env({**os.environ, "MODEL_ID": model_id})
     model = pipeline.load(settings, 0)

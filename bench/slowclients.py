@@ -9,7 +9,7 @@ A two-worker server on the tiny model (THREADS=16 each). For ``--seconds``, one 
 - slow body: whole headers with Content-Length: 64, then 5 bytes of the body and a byte every 2 s;
 - idle: connected, nothing sent.
 Rows: no held connections (the baseline); the held connections against this server's worker
-(webapp/worker.py); the same against gunicorn's stock gthread worker (`-k gthread`), the design before.
+(webapp/server/gthread.py); the same against gunicorn's stock gthread worker (`-k gthread`), the design before.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def main() -> None:
     cache = os.environ.get("MODEL_CACHE_DIR") or tempfile.mkdtemp(prefix="bench-cache-")
     print("| worker | held connections | probe | sent | failed | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")
-    print(run(cache, "this server's (webapp/worker.py)", options.seconds, 0), flush=True)
-    print(run(cache, "this server's (webapp/worker.py)", options.seconds, options.connections), flush=True)
+    print(run(cache, "this server's (webapp/server/gthread.py)", options.seconds, 0), flush=True)
+    print(run(cache, "this server's (webapp/server/gthread.py)", options.seconds, options.connections), flush=True)
     if not options.skip_stock:
         print(run(cache, "gunicorn's stock gthread", options.seconds, options.connections, "-k", "gthread"), flush=True)
 

@@ -17,6 +17,9 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+# No hub here: in-process loads (test_loading) must see offline mode whichever test module imports
+# huggingface_hub first, since it reads the variable once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 READY_DEADLINE_S = 240  # this host is noisy: a cold `import diffusers` has taken 38 s here
 
 

@@ -1,6 +1,6 @@
 """Test loaders, named by MODEL_LOADER, that shape a load without patching the server's code.
 
-Each wraps the real loader (``webapp.pipeline.load``), so what finally serves is the real tiny pipeline.
+Each wraps the real loader (``webapp.model.pipeline.load``), so what finally serves is the real tiny pipeline.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from webapp import pipeline
+from webapp.model import pipeline
 from webapp.settings import Settings
 
 _calls = 0  # per worker process: attempts seen by ``flaky``

@@ -1,65 +1,42 @@
-"""The module structure docs/architecture.md §9 describes: no import circle, no module importing one of a
-layer above its own, torch and diffusers only in the pipeline modules. Read from the source with ast."""
+"""The package structure docs/architecture.md §9 draws, as import-linter contracts in pyproject.toml: each
+layer imports only the layers below it, and nothing but the model's pipeline and builders imports torch or
+diffusers. ``lint-imports`` reads the imports from the source; a contract it reports broken fails here."""
 
 from __future__ import annotations
 
-import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "webapp"
-# Lowest first. A module may import only modules of a lower layer.
-LAYERS: list[set[str]] = [
-    {"errors", "logs", "settings", "recorder", "faults", "board", "tiny_model", "images", "scenes"},
-    {"params", "readiness", "profile"},
-    {"openai_params", "auth"},
-    {"lifecycle", "scheduler", "client", "metric_files"},
-    {"loader", "pipeline"},
-    {"runner"},
-    {"engine"},
-    {"runtime"},
-    {"jobs"},
-    {"generate", "demo", "health", "metrics", "worker", "openai_api"},
-    {"openapi"},
-    {"app"},
-    {"hooks", "__init__", "cli"},
-]
-LAYER = {name: rank for rank, names in enumerate(LAYERS) for name in names}
-HEAVY = {"torch", "diffusers", "transformers", "accelerate"}
 
 
-def imports(name: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{name}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "webapp":
-                found |= {alias.name for alias in node.names}
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-    return found
+def contracts() -> list[dict]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
 
 
-def webapp_imports(name: str) -> set[str]:
-    named = set()
-    for module in imports(name):
-        if module.startswith("webapp."):
-            named.add(module.split(".")[1])
-        elif module in LAYER:
-            named.add(module)
-    return named - {name}
+def test_the_import_contracts_hold():
+    lint = Path(sys.executable).parent / "lint-imports"
+    done = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Contracts: {len(contracts())} kept, 0 broken." in done.stdout
 
 
-def test_every_module_has_a_layer():
-    assert {path.stem for path in PACKAGE.glob("*.py")} == set(LAYER)
+def test_every_package_and_top_module_is_in_a_layer():
+    (layers,) = [contract["layers"] for contract in contracts() if contract["type"] == "layers"]
+    named = {name.strip() for layer in layers for name in layer.split("|")}
+    present = {f"webapp.{path.stem}" for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    present |= {f"webapp.{path.parent.name}" for path in PACKAGE.glob("*/__init__.py")}
+    assert present == named
 
 
-def test_no_module_imports_one_of_its_own_layer_or_above():
-    wrong = [(name, other) for name in LAYER for other in webapp_imports(name) if LAYER[other] >= LAYER[name]]
-    assert wrong == []
-
-
-def test_only_the_pipeline_modules_import_torch_and_diffusers():
-    heavy = {name for name in LAYER if {module.split(".")[0] for module in imports(name)} & HEAVY}
-    assert heavy == {"pipeline", "tiny_model"}
+def test_the_architecture_doc_draws_the_same_layers():
+    (layers,) = [contract["layers"] for contract in contracts() if contract["type"] == "layers"]
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("## 9. Repository layout") : doc.index("## 10.")]
+    for layer in layers:
+        for name in layer.split("|"):
+            assert f"`{name.strip().removeprefix('webapp.')}" in section, name

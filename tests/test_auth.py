@@ -7,8 +7,10 @@ import pytest
 import requests
 
 from tests.conftest import API_KEY, wait_for
-from webapp import auth
+from webapp.api import auth
 from webapp.settings import Settings, SettingsError
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 GENERATE = {"prompt": "a boat", "num_inference_steps": 1}
 

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 
 def test_the_suite_prints_its_table_and_finds_no_false_readiness():

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from webapp.board import _BODY, _CRC, _HEADER_SIZE, _SEQ, ERROR_BYTES, RECORD_SIZE, Board, State
-from webapp.readiness import judge_board
+from webapp.board.readiness import judge_board
+from webapp.board.slots import _BODY, _CRC, _HEADER_SIZE, _SEQ, ERROR_BYTES, RECORD_SIZE, Board, State
 from webapp.settings import Settings
 
 

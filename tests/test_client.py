@@ -14,7 +14,9 @@ import pytest
 
 from tests.conftest import ROOT, wait_for
 from tests.test_generate import png_size
-from webapp.client import Client, GenerationError
+from webapp.tools.client import Client, GenerationError
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 
 class Scripted:
@@ -114,7 +116,7 @@ def test_the_command_line_waits_for_a_loading_server_and_writes_the_image(start_
     gate = tmp_path / "gate"
     server = start_server(WEB_CONCURRENCY="1", MODEL_LOADER="tests.loaders:gated", GATE_FILE=str(gate))
     out = tmp_path / "out.png"
-    command = [sys.executable, "-m", "webapp.client", "a harbour", "-o", str(out), "--url", server.url]
+    command = [sys.executable, "-m", "webapp.tools.client", "a harbour", "-o", str(out), "--url", server.url]
     client = subprocess.Popen([*command, "--width", "96", "--steps", "2", "--deadline", "240"], cwd=ROOT)
     try:
         # Let the client be refused at least once while the model loads, then let the load finish.

@@ -15,7 +15,9 @@ from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.conftest import API_KEY, ROOT, wait_for
-from webapp import scenes
+from webapp.model import scenes
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"

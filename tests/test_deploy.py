@@ -15,8 +15,8 @@ import yaml
 
 from tests.conftest import ROOT
 from webapp import create_app
-from webapp.board import Board
-from webapp.lifecycle import Lifecycle
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import Board
 from webapp.runtime import Runtime
 from webapp.settings import Settings
 

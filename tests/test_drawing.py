@@ -1,5 +1,5 @@
 """The default model draws what it is asked (issue 15): a real one-worker server on the trained embedded
-model, its images judged by webapp.scenes.analyze. These are the tests that fail when a prompt is ignored,
+model, its images judged by webapp.model.scenes.analyze. These are the tests that fail when a prompt is ignored,
 classifier-free guidance breaks, a batch mixes up its seeds or prompts, or the VAE's scaling is wrong.
 
 Every image here uses the server's defaults (steps, guidance, size) and seed 7, which training never saw
@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Server, running_server
-from webapp import scenes
+from webapp.model import scenes
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 SEED = 7
 FOUR = (

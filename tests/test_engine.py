@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from tests.conftest import wait_for
-from webapp import lifecycle
-from webapp.board import Board, State
-from webapp.engine import Engine, Overloaded, RejectedByModel, WorkerUnhealthy
-from webapp.lifecycle import Lifecycle
-from webapp.params import GenerationParams
-from webapp.profile import profile
-from webapp.runner import Runner
+from webapp.board import lifecycle
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import Board, State
+from webapp.engine.core import Engine, Overloaded, RejectedByModel, WorkerUnhealthy
+from webapp.engine.runner import Runner
+from webapp.model.profile import profile
+from webapp.model.request import GenerationParams
 from webapp.settings import Settings
 
 

@@ -18,10 +18,11 @@ import requests
 from PIL import Image
 
 from tests.conftest import Server, running_server, wait_for
-from webapp.tiny_model import FAMILY_BUILDS, build_family, build_pipeline
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 MAX_IMAGE_SIZE = 128
-# What each tiny build is (see webapp.tiny_model.build_family): its pipeline class, native side, multiple.
+# What each tiny build is (see webapp.model.tiny_model.build_family): its pipeline class, native side, multiple.
 # FLUX's native 256 is above MAX_IMAGE_SIZE, so a request without a size gets the largest square within it.
 EXPECTED = {
     "sdxl": ("StableDiffusionXLPipeline", 64, 8, 64),
@@ -32,15 +33,17 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from webapp.model.tiny_model import build_family  # torch: imported when the test runs, not at collection
+
     root = tmp_path_factory.mktemp("families")
     built = {}
-    for family in FAMILY_BUILDS:
+    for family in EXPECTED:
         build_family(family).save_pretrained(root / family)
         built[family] = root / family
     return built
 
 
-@pytest.fixture(scope="module", params=FAMILY_BUILDS)
+@pytest.fixture(scope="module", params=list(EXPECTED))
 def served(request, folders, model_cache, tmp_path_factory) -> Iterator[tuple[str, Server]]:
     family = request.param
     workdir = tmp_path_factory.mktemp(f"serve-{family}")
@@ -137,6 +140,8 @@ def test_the_openai_route_answers_through_the_official_client(served):
 
 
 def test_a_checkpoint_that_draws_nan_never_turns_ready_and_says_why(start_server, tmp_path):
+    from webapp.model.tiny_model import build_pipeline
+
     folder = tmp_path / "nan-model"
     pipe = build_pipeline()
     for value in pipe.vae.decoder.parameters():

@@ -11,9 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import process_state, wait_for
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 LONG_JOB = {"prompt": "a long one", "num_inference_steps": 100, "seed": 3}  # about 4 s on one CPU thread
 

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import running_server
 
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
+
 # Integers with more digits than a float holds.
 huge = st.integers(min_value=10**20, max_value=10**400) | st.integers(min_value=-(10**400), max_value=-(10**20))
 # Any JSON value, small: what a careless client may put in any field.

@@ -14,6 +14,8 @@ import requests
 
 from tests.conftest import Server, running_server, wait_for
 
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
+
 
 @pytest.fixture(scope="module")
 def server(model_cache, tmp_path_factory):

@@ -6,10 +6,14 @@ from __future__ import annotations
 import shutil
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import loadbalancer  # bench/ holds the scenario, shared with the operator's script
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 
 def test_haproxy_steered_by_readyz_never_sends_a_client_to_an_instance_that_cannot_serve():

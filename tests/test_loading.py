@@ -11,19 +11,23 @@ import time
 import pytest
 
 from tests.conftest import wait_for
-from webapp import faults, lifecycle, loader
-from webapp.board import Board, State
-from webapp.engine import Engine, NotReady
-from webapp.lifecycle import Lifecycle
-from webapp.params import GenerationParams
+from webapp.board import lifecycle
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import Board, State
+from webapp.engine import loader
+from webapp.engine.core import Engine, NotReady
+from webapp.model import faults
+from webapp.model.request import GenerationParams
 from webapp.settings import Settings
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from webapp.tiny_model import ensure_built
+    from webapp.model.tiny_model import ensure_built
 
     return ensure_built(tmp_path_factory.mktemp("tiny"))
 

@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import Server, running_server, wait_for
 
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
+
 
 @pytest.fixture(scope="module")
 def json_server(model_cache, tmp_path_factory):

@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, Metrics, wait_for
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 P = "honest_diffusion_"
 MONOTONIC_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
@@ -129,7 +133,7 @@ def _read(path) -> list[float]:
 
 
 def test_the_master_folds_dead_workers_files_but_never_waits_on_a_scrape(tmp_path, monkeypatch):
-    from webapp import metric_files
+    from webapp.board import metric_files
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     dead_pid = 2**22 + 12345  # above pid_max's default: no such process
@@ -150,7 +154,7 @@ def test_the_master_folds_dead_workers_files_but_never_waits_on_a_scrape(tmp_pat
 
 
 def test_a_scrape_skips_the_empty_file_of_a_worker_that_is_just_starting(tmp_path):
-    from webapp import metric_files
+    from webapp.board import metric_files
 
     _counter_file(tmp_path / "counter_101.db", 5)
     (tmp_path / "counter_102.db").touch()  # created, not yet sized: what a booting worker leaves for an instant

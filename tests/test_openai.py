@@ -17,6 +17,8 @@ from PIL import Image
 from tests.conftest import API_KEY, ROOT, wait_for
 from webapp import errors
 
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
+
 
 def client(server, key: str | None = API_KEY, **options) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key or "none", **options)
@@ -187,7 +189,7 @@ def test_probes_and_metrics_need_no_key(keyed_server):
 
 
 def test_the_readme_example_runs_as_written(keyed_server, tmp_path):
-    (example,) = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    (example,) = re.findall(r"```python\n(.+?)\n```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)
     code = example.replace("http://localhost:8080", keyed_server.url).replace('"your-key"', repr(API_KEY))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -12,12 +12,14 @@ import pytest
 from openapi_spec_validator import validate
 
 from tests.conftest import API_KEY, running_server
+from webapp.api.openapi import openapi_path
 from webapp.app import create_app
-from webapp.board import Board
-from webapp.lifecycle import Lifecycle
-from webapp.openapi import openapi_path
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import Board
 from webapp.runtime import Runtime
 from webapp.settings import Settings
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 # What "no answer contradicts the document" means here: no 5xx, every status, content type, header and

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.params import FIELDS, InvalidRequest, form_fields, parse, request_schema, timeout_from_header
-from webapp.profile import profile, request_limits
+from webapp.api.params import FIELDS, InvalidRequest, form_fields, parse, request_schema, timeout_from_header
+from webapp.model.profile import profile, request_limits
 from webapp.settings import Settings
 
 SETTINGS = Settings.from_env({"MAX_STEPS": "30", "DEFAULT_STEPS": "10", "MAX_IMAGES": "2"})

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.openai_params import parse as parse_openai
-from webapp.params import InvalidRequest, parse, request_schema
-from webapp.profile import CannotServe, choose_dtype, family_of, profile, request_limits
+from webapp.api.openai.protocol import parse as parse_openai
+from webapp.api.params import InvalidRequest, parse, request_schema
+from webapp.model.profile import CannotServe, choose_dtype, family_of, profile, request_limits
 from webapp.settings import Settings
 
 SETTINGS = Settings.from_env({"MODEL_ID": "/models/any", "MAX_IMAGE_SIZE": "256"})

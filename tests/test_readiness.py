@@ -8,8 +8,8 @@ import signal
 import pytest
 
 from tests.conftest import process_state, wait_for
-from webapp.board import SlotRecord, State
-from webapp.readiness import judge, pid_alive
+from webapp.board.readiness import judge, pid_alive
+from webapp.board.slots import SlotRecord, State
 
 NOW = 1000.0
 

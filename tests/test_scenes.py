@@ -1,12 +1,12 @@
-"""The scene vocabulary, renderer and analyzer (webapp/scenes.py): the analyzer must read the renderer's
+"""The scene vocabulary, renderer and analyzer (webapp/model/scenes.py): the analyzer must read the renderer's
 own scenes right before it may judge a model's."""
 
 from __future__ import annotations
 
 import random
 
-from webapp import scenes
-from webapp.scenes import Scene, Verdict
+from webapp.model import scenes
+from webapp.model.scenes import Scene, Verdict
 
 
 def test_captions_say_an_before_orange_and_parse_back():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.params import GenerationParams
-from webapp.scheduler import Job, Overloaded, Scheduler
+from webapp.engine.scheduler import Job, Overloaded, Scheduler
+from webapp.model.request import GenerationParams
 
 
 def job(name: str = "a", size: int = 64, steps: int = 2, images: int = 1, deadline: float = 100.0) -> Job:

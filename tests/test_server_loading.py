@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Server, wait_for
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 OIP_FALSE = 400  # the Open Inference Protocol: 200 is true, a 4xx false (Triton answers 400)
 

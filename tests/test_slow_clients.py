@@ -1,5 +1,5 @@
 """Slow and idle clients against a real two-worker server: they cannot take the threads the probes need
-(webapp/worker.py), they are cut off at CLIENT_TIMEOUT, and well-behaved clients see no difference."""
+(webapp/server/gthread.py), they are cut off at CLIENT_TIMEOUT, and well-behaved clients see no difference."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 import requests
 
 from tests.conftest import Server, running_server, wait_for
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 CLIENT_TIMEOUT = 4
 HEAD = b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -44,7 +46,7 @@ def answer(sock: socket.socket) -> bytes:
 
 def held_connections(server: Server, each: int) -> list[socket.socket]:
     """``each`` connections of every slow kind: half their headers, a body short of its Content-Length,
-    and nothing at all. 40 of one kind took every thread of both workers before webapp/worker.py."""
+    and nothing at all. 40 of one kind took every thread of both workers before webapp/server/gthread.py."""
     body = json.dumps({"prompt": "slow"}).encode()
     kinds = [
         HEAD[:30],

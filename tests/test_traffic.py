@@ -7,11 +7,14 @@ import io
 import threading
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 
 from tests.conftest import wait_for
 from tests.test_faults import LONG_JOB, Background, in_flight
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 ONE_WORKER = {"WEB_CONCURRENCY": "1"}
 P = "honest_diffusion_"

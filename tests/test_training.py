@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
+
 
 def train(out: Path, checkpoint: Path, unet_steps: int, *extra: str) -> str:
     command = [
@@ -34,8 +36,8 @@ def straight(tmp_path_factory) -> Path:
 
 
 def test_the_folder_is_served_by_the_servers_own_loader(straight):
-    from webapp import pipeline
-    from webapp.params import GenerationParams
+    from webapp.model import pipeline
+    from webapp.model.request import GenerationParams
     from webapp.settings import Settings
 
     model = pipeline.load(Settings.from_env({"MODEL_ID": str(straight)}), 0)
@@ -76,7 +78,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(straight, tmp_path):
 
 
 def test_the_shipped_model_is_safetensors_within_25_mb_with_its_model_card():
-    from webapp.pipeline import SCENES_MODEL_DIR
+    from webapp.model.pipeline import SCENES_MODEL_DIR
 
     files = [path for path in SCENES_MODEL_DIR.rglob("*") if path.is_file()]
     weights = [path for path in files if path.suffix == ".safetensors"]

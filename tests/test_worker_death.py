@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from tests.conftest import process_state, wait_for
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 
 def test_sigkill_of_a_worker_flips_readyz_at_once_and_back_after_the_replacement_loads(start_server):

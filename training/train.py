@@ -1,8 +1,8 @@
-"""Train the embedded model on generated scenes (webapp/scenes.py) and write a standard diffusers folder.
+"""Train the embedded model on generated scenes (webapp/model/scenes.py) and write a standard diffusers folder.
 
     .venv/bin/python training/train.py --out models/scenes-64 [--checkpoint training/checkpoint]
 
-The same kinds of components the server loads, built by webapp/tiny_model.py to this script's ``RECIPE``:
+The same kinds of components the server loads, built by webapp/model/tiny_model.py to this script's ``RECIPE``:
 an AutoencoderKL, a CLIP text encoder with the byte-level tokenizer, a UNet2DConditionModel and a DDIM
 scheduler, all for 64x64 images.
 Two phases, in order:
@@ -40,7 +40,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from webapp import scenes, tiny_model
+from webapp.model import scenes, tiny_model
 
 CAPTION_DROPOUT = 0.1
 WARMUP_STEPS = 100

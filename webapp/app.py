@@ -9,11 +9,14 @@ import uuid
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from webapp import auth, demo, errors, generate, health, logs, metrics, openai_api, openapi
+from webapp import errors
 from webapp import runtime as worker_runtime
-from webapp.recorder import recorder
+from webapp.api import auth, context, demo, generate, health, metrics, openapi
+from webapp.api.openai import routes as openai_routes
 from webapp.runtime import Runtime
 from webapp.settings import Settings
+from webapp.telemetry import logs
+from webapp.telemetry.recorder import recorder
 
 log = logs.get(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -21,19 +24,19 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 def create_app(runtime: Runtime | None = None) -> Flask:
     """Build the app for the worker ``runtime`` serves with: under gunicorn, the one post_fork started
-    (``webapp.hooks``). Without one (``flask --app webapp run``), a standalone one-worker runtime is
+    (``webapp.server.hooks``). Without one (``flask --app webapp run``), a standalone one-worker runtime is
     started in this process, from the environment's settings."""
     if runtime is None:
         runtime = worker_runtime.standalone(Settings.from_env())
     app = Flask(__name__)
-    app.extensions["runtime"] = runtime
-    app.extensions["keys"] = auth.Keys(runtime.settings)
+    context.install(app, runtime)
+    auth.install(app, runtime.settings)
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see jobs.read_json
 
     app.register_blueprint(health.bp)
     app.register_blueprint(generate.bp)
     app.register_blueprint(demo.bp)
-    app.register_blueprint(openai_api.bp)
+    app.register_blueprint(openai_routes.bp)
     app.register_blueprint(openapi.bp)
     metrics.init_app(app)
 

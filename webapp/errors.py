@@ -9,31 +9,67 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, has_request_context, jsonify, request
 
-BAD_JSON = "bad_json"
-INVALID_BODY = "invalid_body"  # the body is JSON but not an object
-INVALID_FIELD = "invalid_field"  # a field outside its type or limits
-MISSING_FIELD = "missing_field"
-UNKNOWN_FIELD = "unknown_field"
-UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-PAYLOAD_TOO_LARGE = "payload_too_large"
-NOT_ACCEPTABLE = "not_acceptable"
-NOT_READY = "not_ready"
-WORKER_UNHEALTHY = "worker_unhealthy"
-OVERLOADED = "overloaded"
-TIMEOUT = "timeout"
-REJECTED_BY_MODEL = "rejected_by_model"
-INTERNAL = "internal_error"
-NON_FINITE_OUTPUT = "non_finite_output"  # the model drew NaN or inf pixels: never sent as a (black) picture
-BAD_REQUEST = "bad_request"  # headers that cannot be parsed, refused before the app (webapp.worker)
-REQUEST_TIMEOUT = "request_timeout"  # the request did not arrive within CLIENT_TIMEOUT
-MISSING_API_KEY = "missing_api_key"
-INVALID_API_KEY = "invalid_api_key"
-MODEL_NOT_FOUND = "model_not_found"
-UNSUPPORTED_VALUE = "unsupported_value"  # a value the OpenAI API takes that this server cannot honour
+
+@dataclass(frozen=True)
+class Code:
+    """One error code: its ``status`` (400: under /v1/ the statuses OpenAI gives) and what it means. The
+    docs' table of codes is derived from these (``code_table``, compared by a test)."""
+
+    code: str
+    status: str
+    meaning: str
+
+
+def _code(code: str, status: str, meaning: str) -> str:
+    CODES.append(Code(code, status, meaning))
+    return code
+
+
+CODES: list[Code] = []
+BAD_JSON = _code(
+    "bad_json", "400", "the body is not valid JSON (NaN and Infinity included), not UTF-8, or nested too deeply"
+)
+INVALID_BODY = _code("invalid_body", "422", "the body is JSON but not an object")
+INVALID_FIELD = _code("invalid_field", "422", "a field outside its type or limits, or one the model does not take")
+MISSING_FIELD = _code("missing_field", "422", "a required field is absent")
+UNKNOWN_FIELD = _code("unknown_field", "422", "a field no route declares: never silently dropped")
+UNSUPPORTED_MEDIA_TYPE = _code("unsupported_media_type", "415", "the body is not application/json")
+PAYLOAD_TOO_LARGE = _code("payload_too_large", "413", "the body is over MAX_BODY_BYTES (chunked too)")
+NOT_ACCEPTABLE = _code(
+    "not_acceptable", "406", "an Accept the server cannot produce, or one that disagrees with the body"
+)
+NOT_READY = _code(
+    "not_ready", "503", "this worker is not READY (loading, draining, failed); Retry-After says when to ask again"
+)
+WORKER_UNHEALTHY = _code("worker_unhealthy", "503", "the worker turned UNHEALTHY before finishing the job")
+OVERLOADED = _code("overloaded", "503", "the worker already holds MAX_ONGOING + MAX_QUEUED jobs; Retry-After")
+TIMEOUT = _code("timeout", "504", "the job's deadline passed (queued: dropped unrun; running: interrupted)")
+REJECTED_BY_MODEL = _code(
+    "rejected_by_model", "422", "the model failed on this request alone while the worker stayed sound"
+)
+INTERNAL = _code("internal_error", "500", "the worker itself failed (its canary failed too); quote the request id")
+NON_FINITE_OUTPUT = _code(
+    "non_finite_output", "500", "the model drew NaN or infinite pixels: never sent as a (black) picture"
+)
+BAD_REQUEST = _code(
+    "bad_request", "400", "headers that cannot be parsed, refused before the app (webapp.server.gthread)"
+)
+REQUEST_TIMEOUT = _code("request_timeout", "408", "the request did not fully arrive within CLIENT_TIMEOUT")
+MISSING_API_KEY = _code("missing_api_key", "401", "the route needs an API key and the request carries none")
+INVALID_API_KEY = _code("invalid_api_key", "401", "the API key is not one the server accepts")
+MODEL_NOT_FOUND = _code("model_not_found", "404", "the OpenAI request names a model not served here")
+
+
+def code_table() -> str:
+    """The docs' table of error codes, in Markdown."""
+    rows = ["| code | status | meaning |", "|---|---|---|"]
+    rows += [f"| `{code.code}` | {code.status} | {code.meaning} |" for code in CODES]
+    return "\n".join(rows)
 
 
 OPENAI_PREFIX = "/v1/"

@@ -1,8 +1,8 @@
 """One worker process's life: ``start_worker`` starts it, ``drain`` and ``stop`` end it. gunicorn's hooks
-call these (``webapp.hooks``), and so does a standalone app (``flask --app webapp run``) or a test: one way
+call these (``webapp.server.hooks``), and so does a standalone app (``flask --app webapp run``) or a test: one way
 to start a worker, whoever asks.
 
-A worker's state changes are the lifecycle's (``webapp.lifecycle``); this module only wires the pieces:
+A worker's state changes are the lifecycle's (``webapp.board.lifecycle``); this module only wires the pieces:
 the slot's lifecycle, the engine and its way out when it turns UNHEALTHY.
 """
 
@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from webapp import lifecycle, logs
-from webapp.board import Board, State
-from webapp.engine import Engine
-from webapp.lifecycle import Lifecycle
+from webapp.board import lifecycle
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import Board, State
+from webapp.engine.core import Engine
 from webapp.settings import Settings
+from webapp.telemetry import logs
 
 log = logs.get(__name__)
 

@@ -32,13 +32,13 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-# The embedded models, served by name (webapp/pipeline.py resolves them to folders, then from_pretrained):
-# the default, trained on generated scenes (webapp/models/scenes-64, training/train.py), and the random-weight
+# The embedded models, served by name (webapp/model/pipeline.py resolves them to folders, then from_pretrained):
+# the default, trained on generated scenes (webapp/model/weights/scenes-64, training/train.py), and the random-weight
 # pipeline it was grown from, kept as the floor bench/quality.py compares against.
 SCENES_MODEL = "builtin:scenes-64"
 BUILTIN_TINY_MODEL = "builtin:tiny-sd"
 EMBEDDED_MODELS = (SCENES_MODEL, BUILTIN_TINY_MODEL)
-SIZE_MULTIPLE = 8  # the configured sizes' multiple; a loaded model may ask for more (webapp/profile.py)
+SIZE_MULTIPLE = 8  # the configured sizes' multiple; a loaded model may ask for more (webapp/model/profile.py)
 # The embedded models are made for 64x64 and their UNets attend over every latent position at the top level:
 # the random one at 512x512 took 41 s for one step of two images on 2 CPUs (STALL_TIMEOUT is 60 s), and
 # 1024x1024 needs tens of GiB. Their MAX_IMAGE_SIZE defaults to this instead of 1024.
@@ -86,19 +86,47 @@ Choice = Annotated[str, BeforeValidator(_lower)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class Settings(BaseModel):
-    """Validated configuration; build it with ``Settings.from_env()``. The class is long because it is the
-    declaration list itself: one field per setting, kept together so the table reads as one."""
+class _Group(BaseModel):
+    """What every group of settings shares: frozen, strict about unknown names, read by variable."""
 
     model_config = ConfigDict(
         frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True, validate_default=True
     )
+
+
+class _Serving(_Group):
+    """Where gunicorn binds and how its workers run, stop and recycle."""
 
     host: str = _setting("HOST", "0.0.0.0", "Address gunicorn binds.", min_length=1)
     port: int = _setting("PORT", 8080, "Port gunicorn binds (Cloud Run sets it).", ge=1, le=65535)
     threads: int = _setting(
         "THREADS", 16, "gthread request threads per worker; at least MAX_ONGOING + MAX_QUEUED + 2.", ge=3, le=4096
     )
+    max_requests: int = _setting(
+        "MAX_REQUESTS",
+        0,
+        "gunicorn max_requests: recycle a worker after this many requests; 0 = never.",
+        ge=0,
+        le=10**7,
+    )
+    max_requests_jitter: int = _setting(
+        "MAX_REQUESTS_JITTER", 0, "gunicorn max_requests_jitter, so workers do not recycle together.", ge=0, le=10**7
+    )
+    graceful_timeout: Number = _setting(
+        "GRACEFUL_TIMEOUT", 30, "Seconds a worker may finish in-flight work after SIGTERM.", ge=0, le=3600
+    )
+    worker_timeout: Number = _setting(
+        "WORKER_TIMEOUT",
+        60,
+        "gunicorn timeout: a worker whose main loop is frozen this long is killed.",
+        ge=1,
+        le=86400,
+    )
+
+
+class _Model(_Group):
+    """The model, where it runs, and how its load is retried."""
+
     model_id: str = _setting(
         "MODEL_ID",
         SCENES_MODEL,
@@ -111,7 +139,7 @@ class Settings(BaseModel):
     )
     model_loader: str = _setting(
         "MODEL_LOADER",
-        "webapp.pipeline:load",
+        "webapp.model.pipeline:load",
         "Callable `module:function(settings, slot)` returning a model.",
         expected="module.path:function",
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
@@ -142,6 +170,11 @@ class Settings(BaseModel):
     load_backoff_max: Number = _setting(
         "LOAD_BACKOFF_MAX", 30, "Longest wait between attempts, seconds.", ge=0, le=3600
     )
+
+
+class _Health(_Group):
+    """What the probes judge: the readiness policy, heartbeats, stalls and failure streaks."""
+
     ready_policy: Choice = _setting(
         "READY_POLICY",
         "all",
@@ -177,16 +210,11 @@ class Settings(BaseModel):
     respawn_backoff_max: Number = _setting(
         "RESPAWN_BACKOFF_MAX", 60, "Longest respawn wait, seconds (doubles per crash in a row).", ge=0, le=86400
     )
-    max_requests: int = _setting(
-        "MAX_REQUESTS",
-        0,
-        "gunicorn max_requests: recycle a worker after this many requests; 0 = never.",
-        ge=0,
-        le=10**7,
-    )
-    max_requests_jitter: int = _setting(
-        "MAX_REQUESTS_JITTER", 0, "gunicorn max_requests_jitter, so workers do not recycle together.", ge=0, le=10**7
-    )
+
+
+class _Traffic(_Group):
+    """Admission, batching, deadlines and the limits of one request."""
+
     request_timeout: Number = _setting(
         "REQUEST_TIMEOUT", 120, "Seconds a /generate request may wait for its images (504 after).", ge=0.1, le=86400
     )
@@ -244,16 +272,11 @@ class Settings(BaseModel):
         multiple_of=SIZE_MULTIPLE,
     )
     max_images: int = _setting("MAX_IMAGES", 4, "Largest num_images per request.", ge=1, le=64)
-    graceful_timeout: Number = _setting(
-        "GRACEFUL_TIMEOUT", 30, "Seconds a worker may finish in-flight work after SIGTERM.", ge=0, le=3600
-    )
-    worker_timeout: Number = _setting(
-        "WORKER_TIMEOUT",
-        60,
-        "gunicorn timeout: a worker whose main loop is frozen this long is killed.",
-        ge=1,
-        le=86400,
-    )
+
+
+class _Access(_Group):
+    """Logs, API keys and the served model's name."""
+
     access_log: bool = _setting("ACCESS_LOG", True, "1 = access log on stdout, 0 = off.")
     log_probes: bool = _setting("LOG_PROBES", False, "1 = log /healthz and /readyz requests in the access log too.")
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = _setting(
@@ -276,11 +299,18 @@ class Settings(BaseModel):
         "The model's id in /v1/models and the OpenAI API's `model`; empty = MODEL_ID.",
         max_length=256,
     )
+
+
+class Settings(_Access, _Traffic, _Health, _Model, _Serving):
+    """Validated configuration; build it with ``Settings.from_env()``. Each setting is declared once, in the
+    group above it belongs to (pydantic collects the groups' fields, the last base's first, so the table
+    reads serving, model, health, traffic, access); the relations between settings are checked here."""
+
     # Not read from the environment: gunicorn's own count (WEB_CONCURRENCY or -w), given by ``for_workers``
     # once the master knows it; None until then.
     workers: int | None = Field(None, ge=1, le=64, exclude=True)
     # Not read from the environment either: what the loaded model adds to the limits above, set only by
-    # ``webapp.profile.request_limits`` once a worker's model is loaded (docs/architecture.md §12). Before
+    # ``webapp.model.profile.request_limits`` once a worker's model is loaded (docs/architecture.md §12). Before
     # that, requests are refused (503), and the document and the form show the configured limits.
     size_multiple: int = Field(SIZE_MULTIPLE, exclude=True)
     default_size: tuple[int, int] | None = Field(None, exclude=True)

@@ -1,0 +1,93 @@
+"""/healthz (liveness) and /readyz (readiness): judged from the board alone, in microseconds. The Open
+Inference Protocol's health routes (``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}/ready``,
+for KServe and its clients) are aliases that give the same verdicts in that protocol's shape.
+
+None of these routes calls the model, takes the engine's lock or does I/O beyond reading the shared board and
+checking pids, so they answer while every request thread of the engine is busy generating.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, jsonify
+
+from webapp import errors
+from webapp.api import context
+from webapp.board import readiness
+from webapp.board.readiness import Verdict
+
+bp = Blueprint("health", __name__)
+
+
+def current_verdict() -> Verdict:
+    """Judge the board now, and record a readiness change on it if this is the first to see one."""
+    runtime = context.runtime()
+    return readiness.observe(runtime.board, runtime.settings)
+
+
+def _body(verdict: Verdict, status: str, reason: str) -> dict[str, object]:
+    now = time.monotonic()
+    return {
+        "status": status,
+        "reason": reason,
+        "policy": context.runtime().settings.ready_policy,
+        "required_ready": verdict.required_ready,
+        "workers": [worker.as_row(now) for worker in verdict.workers],
+    }
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    """200 while the container can still become or stay ready without a restart; 503 when it cannot
+    (a load FAILED for good, a worker UNHEALTHY, the master gone)."""
+    verdict = current_verdict()
+    body = _body(verdict, "alive" if verdict.alive else "dead", verdict.alive_reason)
+    return jsonify(body), 200 if verdict.alive else 503
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """200 when READY_POLICY holds over the live workers; 503 at once otherwise, with the reason."""
+    verdict = current_verdict()
+    body = _body(verdict, "ready" if verdict.ready else "not_ready", verdict.ready_reason)
+    return jsonify(body), 200 if verdict.ready else 503
+
+
+# -- the Open Inference Protocol (KServe v2) ------------------------------------------------------------
+# The protocol answers a health question with the status alone: 200 for true, a 4xx for false. 400 is what
+# Triton, the protocol's reference server, answers; KServe's own client counts any non-2xx as false. The
+# body is small JSON, as KServe's servers send, with the reason /readyz would give.
+OIP_FALSE = 400
+
+
+def _oip(field: str, value: bool, reason: str, **extra: object) -> tuple[Response, int]:
+    body: dict[str, object] = {**extra, field: value}
+    if not value:
+        body["reason"] = reason
+    return jsonify(body), 200 if value else OIP_FALSE
+
+
+@bp.get("/v2/health/live")
+def oip_live() -> tuple[Response, int]:
+    """The /healthz verdict."""
+    verdict = current_verdict()
+    return _oip("live", verdict.alive, verdict.alive_reason)
+
+
+@bp.get("/v2/health/ready")
+def oip_ready() -> tuple[Response, int]:
+    """The /readyz verdict."""
+    verdict = current_verdict()
+    return _oip("ready", verdict.ready, verdict.ready_reason)
+
+
+@bp.get("/v2/models/<path:name>/ready")
+def oip_model_ready(name: str) -> tuple[Response, int]:
+    """The /readyz verdict for the one model served here (SERVED_MODEL_NAME or MODEL_ID); 404 for another."""
+    settings = context.runtime().settings
+    if not settings.serves(name):
+        message = f"model {name!r} is not served here; this server serves {settings.model_name!r}"
+        return errors.error_response(404, errors.MODEL_NOT_FOUND, message, "name"), 404
+    verdict = current_verdict()
+    return _oip("ready", verdict.ready, verdict.ready_reason, name=settings.model_name)

@@ -1,0 +1,250 @@
+"""One generation request's path through a worker, for every route that generates: read the body, admit
+the job to the engine, wait for it, and answer (docs/architecture.md §6).
+
+    read_json(max_bytes)   413 size, 415 content type, 400 unparseable JSON
+    admit(...)             503 + Retry-After while the worker is not READY or is full; 422 for a bad field
+    wait(admitted)         the images, or 422 / 503 / 504 / 500 as ``wait`` says
+    answer(admitted, ...)  the JSON body (base64 images, seeds, timings, batch, worker) and the image bytes
+
+Every refusal is an ``ApiError``; Retry-After values come from the engine, which knows when it may have
+room or be ready. Routes never read the board.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from flask import g, request
+
+from webapp import errors
+from webapp.api.images import encode
+from webapp.api.params import InvalidRequest, parse, timeout_from_header
+from webapp.engine.core import (
+    NOT_READY_RETRY_AFTER_S,
+    DeadlineExceeded,
+    Job,
+    NotReady,
+    Overloaded,
+    RejectedByModel,
+    WorkerUnhealthy,
+)
+from webapp.errors import ApiError
+from webapp.model.faults import NonFiniteOutput
+from webapp.model.request import GenerationParams
+from webapp.runtime import Runtime
+from webapp.settings import Settings
+from webapp.telemetry import logs
+from webapp.telemetry.recorder import recorder
+
+log = logs.get(__name__)
+JSON = "application/json"
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(max_bytes: int) -> object:
+    """The request's JSON body, decoded; InvalidRequest (413, 415, 400) when it cannot be."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        message = f"body is {request.content_length} bytes; the limit is {max_bytes}"
+        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
+    if request.mimetype != JSON and not request.mimetype.endswith("+json"):
+        shown = request.mimetype or "none"
+        raise InvalidRequest(415, errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {JSON}, got {shown}")
+    # The app's MAX_CONTENT_LENGTH is one byte over the limit, so a chunked body that is too long shows
+    # as one byte too many here rather than being cut off silently at the limit.
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, f"body exceeds the limit of {max_bytes} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise InvalidRequest(400, errors.BAD_JSON, "body is not UTF-8") from None
+    except ValueError as exc:
+        raise InvalidRequest(400, errors.BAD_JSON, f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # a body of a few kilobytes can nest arrays thousands deep
+        raise InvalidRequest(400, errors.BAD_JSON, "body is not valid JSON: nested too deeply") from None
+
+
+@dataclass
+class Admitted:
+    """A job the engine accepted, with what the answer needs."""
+
+    runtime: Runtime
+    job: Job
+    timeout: float  # seconds from ``received``: the least of REQUEST_TIMEOUT and the client's own
+    received: float
+    encode_s: float = 0.0  # set by ``encoded``
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.job.params
+
+
+def _not_ready(state_name: str, retry_after_s: int) -> ApiError:
+    message = f"this worker is {state_name}; see /readyz"
+    return ApiError(503, errors.NOT_READY, message, headers={"Retry-After": str(retry_after_s)})
+
+
+Parser = Callable[[object, Settings], GenerationParams]
+
+
+def admit(
+    runtime: Runtime, payload: object, header_timeout: str | None, received: float, parser: Parser = parse
+) -> Admitted:
+    """Validate ``payload`` with ``parser`` against the loaded model's limits (``Engine.limits``: the
+    settings with its sizes, multiple and defaults) and queue it on this worker's engine, or raise ApiError
+    (503 + Retry-After while not READY or full, 4xx for a bad field)."""
+    settings, engine = runtime.settings, runtime.engine
+    if engine is None:
+        raise _not_ready(runtime.lifecycle.state.name, NOT_READY_RETRY_AFTER_S)
+    try:
+        params = parser(payload, engine.limits())
+        from_header = timeout_from_header(header_timeout, settings)
+        timeout = min(t for t in (settings.request_timeout, params.timeout_s, from_header) if t is not None)
+        job = engine.submit(params, deadline=received + timeout)
+    except NotReady as exc:
+        raise _not_ready(exc.state.name, exc.retry_after_s) from None
+    except Overloaded as exc:
+        raise ApiError(503, errors.OVERLOADED, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+    return Admitted(runtime, job, timeout, received)
+
+
+def _timed_out(admitted: Admitted, ran: bool, detail: str = "") -> ApiError:
+    recorder().timed_out.labels("running" if ran else "queued").inc()
+    where = "while running" if ran else "in the queue"
+    message = f"deadline of {admitted.timeout:g} s passed {where}" + (f": {detail}" if detail else "")
+    return ApiError(504, errors.TIMEOUT, message)
+
+
+def wait(admitted: Admitted) -> list[Any]:
+    """The job's images, waiting until its deadline at most. Raises ApiError: 422 (the
+    pipeline failed on this request alone while the worker stayed sound), 503 (the worker turned
+    UNHEALTHY), 504 (deadline), 500 (the generation failed and the worker's canary too, or the model drew
+    non-finite pixels: ``non_finite_output``). Errors are logged
+    here, on the request's thread, so they carry its request id."""
+    job = admitted.job
+    until_deadline = max(0.0, job.deadline - time.monotonic())
+    try:
+        return job.future.result(timeout=until_deadline)
+    except FutureTimeout:
+        job.abandon()
+        raise _timed_out(admitted, ran=bool(job.started)) from None
+    except DeadlineExceeded as exc:
+        raise _timed_out(admitted, exc.ran, str(exc)) from None
+    except WorkerUnhealthy as exc:
+        message = f"this worker turned UNHEALTHY before finishing: {exc}"
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
+    except NonFiniteOutput as exc:  # counted against the worker by the runner
+        message = (
+            f"{exc}; no image is sent for a non-finite result, and the operator should check the model's dtype; "
+            f"quote request id {g.request_id}"
+        )
+        raise ApiError(500, errors.NON_FINITE_OUTPUT, message) from None
+    except RejectedByModel as exc:  # the error may hold internals: logged, not shown
+        log.warning("request_rejected_by_model", slot=admitted.runtime.slot, error=str(exc), exc_info=exc.__cause__)
+        cause = (
+            "this request needs more device memory than the worker has (ask for fewer or smaller images)"
+            if exc.out_of_memory
+            else "the model failed on this request's input"
+        )
+        message = f"{cause}, while the worker stayed sound; quote request id {g.request_id} to the operator"
+        raise ApiError(422, errors.REJECTED_BY_MODEL, message) from None
+    except Exception:  # the client sees no stack trace
+        log.exception("generate_error", slot=admitted.runtime.slot)
+        message = f"generation failed; quote request id {g.request_id} to the operator"
+        raise ApiError(500, errors.INTERNAL, message) from None
+
+
+def steps(admitted: Admitted) -> Iterator[int]:
+    """Each denoising step's number the moment the engine finishes it, until the job is settled or its
+    deadline passes; then ``wait`` gives the images or the error."""
+    job = admitted.job
+    while True:
+        try:
+            step = job.updates.get(timeout=max(0.0, job.deadline - time.monotonic()))
+        except queue.Empty:
+            return  # the deadline passed: wait answers the 504
+        if step is None:
+            return
+        yield step
+
+
+def event(data: dict[str, Any], name: str | None = None) -> str:
+    """One server-sent event carrying ``data`` as JSON, named ``name`` when given: every stream's format."""
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
+
+
+def streamed(admitted: Admitted, events: Iterator[str]) -> Iterator[str]:
+    """``events`` of a streamed answer; when the client goes away first (gunicorn closes the iterator on a
+    failed write), the job is abandoned: nobody is left to answer."""
+    job = admitted.job
+    try:
+        yield from events
+    finally:
+        if not job.future.done():
+            job.abandon()
+            log.info("stream_abandoned", slot=admitted.runtime.slot, steps_done=job.steps_done)
+
+
+def encoded(admitted: Admitted, images: list[Any]) -> list[bytes]:
+    """The finished images in the request's output_format; the time it took is in the timings."""
+    params = admitted.params
+    started = time.monotonic()
+    data = [encode(image, params.output_format, params.output_compression) for image in images]
+    admitted.encode_s = time.monotonic() - started
+    return data
+
+
+def timings(admitted: Admitted) -> dict[str, float]:
+    """Where the request's time went, in milliseconds, once its images are encoded."""
+    job = admitted.job
+    return {
+        "queue_ms": round((job.started - job.enqueued) * 1000, 1),
+        "generate_ms": round((job.finished - job.started) * 1000, 1),
+        "encode_ms": round(admitted.encode_s * 1000, 1),
+        "total_ms": round((time.monotonic() - admitted.received) * 1000, 1),
+    }
+
+
+def answer(admitted: Admitted, images: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """The JSON answer for finished images (``<format>_base64`` per image: png_base64 by default), and the
+    encoded bytes."""
+    params = admitted.params
+    data = encoded(admitted, images)
+    key = f"{params.output_format}_base64"
+    body = {
+        "images": [
+            {"seed": seed, key: base64.b64encode(item).decode("ascii")}
+            for seed, item in zip(params.seeds, data, strict=True)
+        ],
+        "output_format": params.output_format,
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "timings": timings(admitted),
+        "batch": batch(admitted),
+        "worker": worker(admitted),
+    }
+    return body, data
+
+
+def batch(admitted: Admitted) -> dict[str, int]:
+    """The pipeline call the job rode in: how many jobs and images it held."""
+    return {"jobs": admitted.job.batch_jobs, "images": admitted.job.batch_images}
+
+
+def worker(admitted: Admitted) -> dict[str, int]:
+    return {"slot": admitted.runtime.slot, "pid": os.getpid()}

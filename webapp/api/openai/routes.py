@@ -1,0 +1,162 @@
+"""The OpenAI-compatible API: POST /v1/images/generations and GET /v1/models (docs/architecture.md §11).
+
+The generation path is /generate's (``webapp.api.jobs``: read, admit, wait, encode); what differs is the
+request's fields (``webapp.api.openai.protocol``), the answer's shape and the error envelope, which
+``webapp.errors`` picks for every path under /v1/. An answer's ``data`` items carry OpenAI's ``b64_json``
+plus this server's ``seed``; the body also carries ``timings``, ``batch`` and ``worker`` as /generate's
+does. OpenAI's clients ignore keys they do not know.
+
+With ``stream: true`` the answer is server-sent events as the ``openai`` package reads them: one
+``image_generation.completed`` event per image, a comment line after each denoising step (so proxies
+see traffic), and on failure one ``{"error": {...}}`` event, which the package raises as an APIError.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from webapp import errors
+from webapp.api import auth, context, jobs
+from webapp.api.openai import protocol
+from webapp.api.openai.protocol import ImageRequest
+from webapp.api.params import TIMEOUT_HEADER, InvalidRequest
+from webapp.errors import ApiError
+from webapp.model.request import GenerationParams
+from webapp.runtime import Runtime
+from webapp.settings import Settings
+from webapp.telemetry import logs
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+log = logs.get(__name__)
+OWNED_BY = "honest-diffusion"
+
+
+def _runtime() -> Runtime:
+    return context.runtime()
+
+
+def _entry(runtime: Runtime) -> dict[str, Any]:
+    """The served model as OpenAI's model object; ``created`` is when this worker's model finished loading.
+    Once it has, ``profile`` says what it draws (webapp.model.profile.ModelProfile): OpenAI's clients ignore it."""
+    engine = runtime.engine
+    loaded = engine.loaded_at if engine is not None else None
+    created = int(loaded if loaded is not None else time.time())
+    entry: dict[str, Any] = {"id": runtime.settings.model_name, "object": "model", "created": created}
+    entry["owned_by"] = OWNED_BY
+    if engine is not None and engine.model is not None:
+        entry["profile"] = engine.model.profile.as_dict()
+    return entry
+
+
+def _check_model(asked: str | None, settings: Settings) -> None:
+    if asked is not None and not settings.serves(asked):
+        message = f"model {asked!r} is not served here; this server serves {settings.model_name!r} (see /v1/models)"
+        raise InvalidRequest(404, errors.MODEL_NOT_FOUND, message, "model")
+
+
+@bp.get("/models")
+@auth.required
+def models() -> Response:
+    """The served model, as OpenAI's model list."""
+    return jsonify({"object": "list", "data": [_entry(_runtime())]})
+
+
+@bp.get("/models/<path:model>")
+@auth.required
+def model(model: str) -> Response:
+    """One model: the served one, or a 404 model_not_found."""
+    runtime = _runtime()
+    try:
+        _check_model(model, runtime.settings)
+    except ApiError as exc:
+        return exc.response()
+    return jsonify(_entry(runtime))
+
+
+def _size(params: GenerationParams) -> str:
+    return f"{params.width}x{params.height}"
+
+
+def _answer(admitted: jobs.Admitted, finished: list[Any]) -> dict[str, Any]:
+    params = admitted.params
+    data = jobs.encoded(admitted, finished)
+    return {
+        "created": int(time.time()),
+        "data": [
+            {"b64_json": base64.b64encode(item).decode("ascii"), "seed": seed}
+            for seed, item in zip(params.seeds, data, strict=True)
+        ],
+        "background": "opaque",
+        "output_format": params.output_format,
+        "size": _size(params),
+        "timings": jobs.timings(admitted),
+        "batch": jobs.batch(admitted),
+        "worker": jobs.worker(admitted),
+    }
+
+
+def _stream(admitted: jobs.Admitted) -> Response:
+    total = admitted.params.num_inference_steps
+
+    def events() -> Iterator[str]:
+        for step in jobs.steps(admitted):
+            yield f": step {step} of {total}\n\n"
+        try:
+            finished = jobs.wait(admitted)
+        except ApiError as exc:
+            yield jobs.event(errors.openai_error_body(exc.status, exc.code, exc.message, exc.field), "error")
+            return
+        answer = _answer(admitted, finished)
+        for item in answer["data"]:
+            completed = {
+                "type": "image_generation.completed",
+                "b64_json": item["b64_json"],
+                "seed": item["seed"],
+                "background": "opaque",
+                "created_at": answer["created"],
+                "output_format": answer["output_format"],
+                "quality": "auto",
+                "size": answer["size"],
+                "timings": answer["timings"],
+            }
+            yield jobs.event(completed, "image_generation.completed")
+
+    response = Response(jobs.streamed(admitted, events()), mimetype="text/event-stream")
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+@bp.post("/images/generations")
+@auth.required
+def generations() -> Response:
+    """OpenAI's image generation: 400 for a bad or unsupported param (naming it), 404 for another model,
+    503 + Retry-After while loading or full (the ``openai`` package retries it), 504 past the deadline."""
+    runtime = _runtime()
+    received = time.monotonic()
+    try:
+        payload = jobs.read_json(runtime.settings.max_body_bytes)
+        image_request: ImageRequest = protocol.parse(payload, runtime.settings)
+        _check_model(image_request.model, runtime.settings)
+        who = image_request.values.get("user") or image_request.values.get("safety_identifier")
+        if who:
+            log.info("openai_user", user=who)
+        admitted = jobs.admit(
+            runtime,
+            payload,
+            request.headers.get(TIMEOUT_HEADER),
+            received,
+            parser=protocol.generation_params,
+        )
+        if image_request.stream:
+            return _stream(admitted)
+        finished = jobs.wait(admitted)
+    except ApiError as exc:
+        return exc.response()
+    response = jsonify(_answer(admitted, finished))
+    response.headers["X-Seeds"] = ",".join(str(seed) for seed in admitted.params.seeds)
+    return response

@@ -1,0 +1,417 @@
+"""GET /openapi.json: an OpenAPI 3.1 document of every route, built from the running configuration
+(docs/architecture.md §11).
+
+Request bodies are the JSON Schemas of the same pydantic models that validate requests
+(``params.model_of`` over ``params.FIELDS`` and ``protocol.IMAGE_FIELDS``), so every limit is the
+one this server enforces now. Which routes need an API key comes from the views themselves
+(``auth.required`` marks them). The answers' shapes and status codes are declared once, here; a test
+checks that every rule in Flask's URL map is described, and schemathesis checks the server's answers
+against this document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify
+
+from webapp.api import auth, context, images, params
+from webapp.api.health import OIP_FALSE
+from webapp.api.jobs import JSON
+from webapp.api.openai import protocol
+from webapp.settings import Settings
+
+bp = Blueprint("openapi", __name__)
+VERSION = "3.1.0"
+HTML = "text/html"
+SSE = "text/event-stream"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {JSON: {"schema": _ref(name)}}
+
+
+def _events(*names: str) -> dict[str, Any]:
+    """A server-sent event stream whose events are named ``names``, each with JSON data."""
+    event = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {"event": {"enum": list(names)}, "data": {"type": "string", "contentMediaType": JSON}},
+    }
+    return {SSE: {"schema": event}}
+
+
+def _answers(codes: dict[int, str], shape: str, retry: bool = True) -> dict[str, Any]:
+    """Error answers of one ``shape`` (ErrorBody or OpenAIError): status -> meaning."""
+    out: dict[str, Any] = {}
+    for status, meaning in codes.items():
+        answer: dict[str, Any] = {"description": meaning, "content": _json(shape)}
+        if status == 503 and retry:
+            answer["headers"] = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}}
+        if status == 401:
+            answer["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
+        out[str(status)] = answer
+    return out
+
+
+TRANSPORT = {
+    400: "The request line, headers or JSON could not be parsed",
+    408: "The request did not arrive within CLIENT_TIMEOUT",
+    413: "The body is larger than MAX_BODY_BYTES",
+    415: "The body is not application/json",
+}
+GENERATING = {
+    422: "A field is outside its type or limits (named in field), or the model failed on this request alone",
+    503: "This worker is not READY, is full, or turned UNHEALTHY: retry after Retry-After",
+    504: "The deadline (REQUEST_TIMEOUT, timeout_s or X-Request-Timeout) passed",
+}
+OPENAI = {
+    400: "A param is invalid or not supported here (named in param), or the JSON could not be parsed",
+    404: "model is not the served model",
+    408: TRANSPORT[408],
+    413: TRANSPORT[413],
+    415: TRANSPORT[415],
+    422: "The model failed on this request alone, while the worker stayed sound",
+    503: GENERATING[503],
+    504: GENERATING[504],
+}
+UNAUTHORIZED = {401: "An API key is needed (API_KEYS or API_KEYS_FILE is set) and none or a wrong one was sent"}
+
+
+def _request_schemas(settings: Settings) -> dict[str, Any]:
+    """The request bodies: the JSON Schemas of the models that validate them."""
+    return {
+        "GenerateRequest": params.model_of("GenerateRequest", params.FIELDS, settings).model_json_schema(),
+        "CreateImageRequest": params.model_of(protocol.TITLE, protocol.IMAGE_FIELDS, settings).model_json_schema(),
+    }
+
+
+def _error_schemas() -> dict[str, Any]:
+    """The two error shapes: ours and, under /v1/, OpenAI's (webapp.errors)."""
+    error_fields = {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": ["string", "null"]}}
+    openai_fields = {
+        "message": {"type": "string"},
+        "type": {"type": "string"},
+        "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]},
+    }
+    return {
+        "ErrorBody": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "object", "required": list(error_fields), "properties": error_fields}},
+        },
+        "OpenAIError": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "object", "required": list(openai_fields), "properties": openai_fields}},
+        },
+    }
+
+
+def _answer_schemas(settings: Settings) -> dict[str, Any]:
+    """The answers that are not errors."""
+    timings = {"type": "object", "additionalProperties": {"type": "number"}}
+    worker = {"type": "object", "properties": {"state": {"type": "string"}, "slot": {"type": "integer"}}}
+    image_keys = {f"{name}_base64": {"type": "string", "contentEncoding": "base64"} for name in images.FORMATS}
+    return {
+        "Health": {
+            "type": "object",
+            "required": ["status", "reason", "policy", "required_ready", "workers"],
+            "properties": {
+                "status": {"enum": ["alive", "dead", "ready", "not_ready"]},
+                "reason": {"type": "string"},
+                "policy": {"type": "string"},
+                "required_ready": {"type": "integer"},
+                "workers": {"type": "array", "items": worker},
+            },
+        },
+        "GenerateResponse": {
+            "type": "object",
+            "required": ["images", "output_format", "width", "height", "timings", "batch", "worker"],
+            "properties": {
+                "images": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["seed"],
+                        "properties": {"seed": {"type": "integer"}, **image_keys},
+                    },
+                },
+                "output_format": {"enum": list(images.FORMATS)},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+                "num_inference_steps": {"type": "integer"},
+                "guidance_scale": {"type": "number"},
+                "timings": timings,
+                "batch": {"type": "object"},
+                "worker": {"type": "object"},
+            },
+        },
+        "ImagesResponse": {
+            "type": "object",
+            "required": ["created", "data", "output_format", "size"],
+            "properties": {
+                "created": {"type": "integer"},
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["b64_json", "seed"],
+                        "properties": {"b64_json": {"type": "string"}, "seed": {"type": "integer"}},
+                    },
+                },
+                "background": {"enum": ["opaque"]},
+                "output_format": {"enum": list(images.FORMATS)},
+                "size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"},
+                "timings": timings,
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": {"const": settings.model_name},
+                "object": {"const": "model"},
+                "created": {"type": "integer"},
+                "owned_by": {"type": "string"},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
+        },
+    }
+
+
+def _component_schemas(settings: Settings) -> dict[str, Any]:
+    return {**_request_schemas(settings), **_error_schemas(), **_answer_schemas(settings)}
+
+
+def _timeout_header(settings: Settings) -> dict[str, Any]:
+    return {
+        "name": params.TIMEOUT_HEADER,
+        "in": "header",
+        "required": False,
+        "description": f"Seconds this request may wait: more than 0, at most {settings.request_timeout:g}",
+        "schema": {"type": "string"},
+    }
+
+
+def _oip_answers(field: str) -> dict[str, Any]:
+    """The Open Inference Protocol's health answers: the status is the boolean (webapp.api.health)."""
+    schema = {
+        "type": "object",
+        "required": [field],
+        "properties": {field: {"type": "boolean"}, "name": {"type": "string"}, "reason": {"type": "string"}},
+    }
+    return {
+        "200": {"description": "True", "content": {JSON: {"schema": schema}}},
+        str(OIP_FALSE): {"description": "False: reason says why", "content": {JSON: {"schema": schema}}},
+    }
+
+
+def _oip_operations() -> dict[tuple[str, str], dict[str, Any]]:
+    """The Open Inference Protocol's health routes (KServe): aliases of the probes."""
+    return {
+        ("/v2/health/live", "get"): {
+            "summary": "Open Inference Protocol liveness: the /healthz verdict",
+            "responses": _oip_answers("live"),
+        },
+        ("/v2/health/ready", "get"): {
+            "summary": "Open Inference Protocol readiness: the /readyz verdict",
+            "responses": _oip_answers("ready"),
+        },
+        ("/v2/models/{name}/ready", "get"): {
+            "summary": "Open Inference Protocol model readiness: the /readyz verdict for the served model",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                **_oip_answers("ready"),
+                "404": {"description": "name is not the served model", "content": _json("ErrorBody")},
+            },
+        },
+    }
+
+
+def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
+    """The probes, metrics, the demo, this document and the static files."""
+    health = {"200": {"description": "Yes", "content": _json("Health")}}
+    health["503"] = {"description": "No: reason says why", "content": _json("Health")}
+    form_schema = {
+        "type": "object",
+        "properties": {field.name: {"type": "string"} for field in params.FIELDS if field.demo or field.kind == "text"}
+        | {"random_seed": {"type": "string"}, "api_key": {"type": "string"}},
+        "required": ["prompt"],
+    }
+    html = {HTML: {"schema": {"type": "string"}}}
+    return {
+        ("/healthz", "get"): {
+            "summary": "Liveness: can this container still serve without a restart?",
+            "responses": health,
+        },
+        ("/readyz", "get"): {
+            "summary": "Readiness: does READY_POLICY hold over the live workers?",
+            "responses": health,
+        },
+        ("/metrics", "get"): {
+            "summary": "Prometheus metrics of every worker",
+            "responses": {
+                "200": {"description": "Text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}
+            },
+        },
+        ("/", "get"): {"summary": "The HTML demo", "responses": {"200": {"description": "The page", "content": html}}},
+        ("/demo", "post"): {
+            "summary": "The demo's form without JavaScript",
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-www-form-urlencoded": {"schema": form_schema}},
+            },
+            "responses": {
+                str(status): {"description": meaning, "content": html}
+                for status, meaning in {
+                    200: "The page with the images",
+                    **TRANSPORT,
+                    **UNAUTHORIZED,
+                    **GENERATING,
+                }.items()
+                if status != 415
+            },
+        },
+        ("/openapi.json", "get"): {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}},
+        },
+        ("/static/{filename}", "get"): {
+            "summary": "The demo's script and style sheet",
+            "parameters": [{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The file", "content": {"*/*": {"schema": {"type": "string"}}}},
+                "404": {"description": "No such file", "content": _json("ErrorBody")},
+            },
+        },
+    }
+
+
+def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+    """The routes that generate: /generate, its stream, and the OpenAI API."""
+    image_media = {media: {"schema": {"type": "string", "format": "binary"}} for media in images.BY_MEDIA_TYPE}
+    generate_errors = _answers(
+        {**TRANSPORT, 406: "Accept allows none of the answer's types", **GENERATING}, "ErrorBody"
+    )
+    return {
+        ("/generate", "post"): {
+            "summary": "Generate images: JSON with base64 images, or one image's bytes (Accept image/png, jpeg, webp)",
+            "parameters": [_timeout_header(settings)],
+            "requestBody": {"required": True, "content": _json("GenerateRequest")},
+            "responses": {
+                "200": {"description": "The images", "content": {**_json("GenerateResponse"), **image_media}},
+                **generate_errors,
+                **_answers(UNAUTHORIZED, "ErrorBody"),
+            },
+        },
+        ("/generate/stream", "post"): {
+            "summary": "The same request as server-sent events: queued, progress per step, then done or error",
+            "parameters": [_timeout_header(settings)],
+            "requestBody": {"required": True, "content": _json("GenerateRequest")},
+            "responses": {
+                "200": {"description": "The event stream", "content": _events("queued", "progress", "done", "error")},
+                **_answers({**TRANSPORT, 422: GENERATING[422], 503: GENERATING[503]}, "ErrorBody"),
+                **_answers(UNAUTHORIZED, "ErrorBody"),
+            },
+        },
+        ("/v1/images/generations", "post"): {
+            "summary": "OpenAI's Images API: generate images (stream: true for server-sent events)",
+            "parameters": [_timeout_header(settings)],
+            "requestBody": {"required": True, "content": _json("CreateImageRequest")},
+            "responses": {
+                "200": {
+                    "description": "The images",
+                    "content": {**_json("ImagesResponse"), **_events("image_generation.completed", "error")},
+                },
+                **_answers({**OPENAI, **UNAUTHORIZED}, "OpenAIError"),
+            },
+        },
+        ("/v1/models", "get"): {
+            "summary": "OpenAI's model list: the served model",
+            "responses": {
+                "200": {"description": "The list", "content": _json("ModelList")},
+                **_answers(UNAUTHORIZED, "OpenAIError"),
+            },
+        },
+        ("/v1/models/{model}", "get"): {
+            "summary": "One model: the served one",
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The model", "content": _json("Model")},
+                **_answers({404: OPENAI[404], **UNAUTHORIZED}, "OpenAIError"),
+            },
+        },
+    }
+
+
+def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every operation: (OpenAPI path, method) -> its description."""
+    return {**_page_operations(), **_oip_operations(), **_generation_operations(settings)}
+
+
+def openapi_path(rule: str) -> str:
+    """A Flask rule as an OpenAPI path: ``/v1/models/<path:model>`` -> ``/v1/models/{model}``."""
+    parts = []
+    for part in rule.split("/"):
+        if part.startswith("<") and part.endswith(">"):
+            part = "{" + part[1:-1].split(":")[-1] + "}"
+        parts.append(part)
+    return "/".join(parts)
+
+
+def document(app: Flask, settings: Settings, keys_required: bool) -> dict[str, Any]:
+    """The OpenAPI document of ``app`` under ``settings``; the views ``auth.required`` marks carry a
+    security requirement when ``keys_required``."""
+    operations = _operations(settings)
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in app.url_map.iter_rules():
+        path = openapi_path(rule.rule)
+        view = app.view_functions[rule.endpoint]
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            operation = dict(operations[(path, method.lower())])
+            operation["operationId"] = f"{method.lower()}:{rule.endpoint}"
+            if keys_required and getattr(view, "requires_key", False):
+                operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": VERSION,
+        "info": {
+            "title": "honest-diffusion",
+            "version": "0.1.0",
+            "description": (
+                f"Serving {settings.model_name}. "
+                + (
+                    f"Limits are this server's configuration with the loaded {settings.model_family} model's "
+                    "sizes, side multiple and defaults. "
+                    if settings.model_family
+                    else "Limits are this server's configuration; the model, once loaded, may narrow the sizes. "
+                )
+                + f"API keys: {'required on the routes marked with security' if keys_required else 'off'}."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": _component_schemas(settings),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    runtime = context.runtime()
+    keys_required = auth.keys().enabled
+    return jsonify(document(current_app._get_current_object(), runtime.limits, keys_required))  # type: ignore[attr-defined]

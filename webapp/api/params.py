@@ -1,0 +1,458 @@
+"""The fields of a generation request, declared once, and their validation (docs/architecture.md §6).
+
+``FIELDS`` holds one declaration per field: its kind, meaning, default and bounds (taken from settings).
+Everything else is derived from it: the pydantic model that validates a request (``request_model``), its
+JSON Schema (``request_schema``), the demo's form, the client's flags and the README's request table.
+A bad request raises ``InvalidRequest`` naming the field and the limit; nothing is clamped, and an unknown
+field is an error rather than silently dropped. Integers are compared exactly (never converted to float:
+one with hundreds of digits would overflow), and a client's value is shown cut short in a message.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from operator import attrgetter
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic_core import PydanticCustomError
+
+from webapp import errors
+from webapp.api import images
+from webapp.errors import ApiError
+from webapp.model.request import GenerationParams
+from webapp.settings import Settings
+
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
+TIMEOUT_HEADER = "X-Request-Timeout"
+# JSON Schema patterns for text: no NUL, and (when required) at least one character that is not blank.
+TEXT_PATTERN = {False: "^[^\\u0000]*$", True: "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"}
+
+# The document's form of ``validate``'s rule that a quality comes with a lossy format.
+LOSSY_ONLY: dict[str, Any] = {
+    "if": {"required": ["output_compression"], "properties": {"output_compression": {"type": "integer"}}},
+    "then": {"required": ["output_format"], "properties": {"output_format": {"enum": list(images.LOSSY)}}},
+}
+
+Bound = Callable[[Settings], float] | float | None
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One field of a request. ``low``/``high`` are bounds (a length for text), fixed or read from settings;
+    ``default`` likewise (None: absent means what ``meaning`` says); ``flag`` names the client's option."""
+
+    name: str
+    kind: Literal["text", "integer", "number", "choice", "boolean"]
+    label: str
+    meaning: str
+    default: Bound = None
+    low: Bound = None
+    high: Bound = None
+    multiple_of: Bound = None  # sides: the loaded model's multiple (Settings.size_multiple)
+    required: bool = False
+    low_exclusive: bool = False
+    demo: bool = True  # shown as a field of the demo's form
+    flag: str | None = None  # the client's command-line option, when it has one
+    choices: tuple[str, ...] = ()  # the values a choice takes
+    pattern: str | None = None  # a regular expression text must match (checked again by its parser)
+    # Whether the loaded model takes this field, and why not when it does not: a field a model would ignore
+    # is left out of its schema and refused by name, never dropped silently.
+    applies: Callable[[Settings], bool] | None = None
+    not_taken: str = ""
+
+    def bounds(self, settings: Settings) -> tuple[float | None, float | None]:
+        return _resolve(self.low, settings), _resolve(self.high, settings)
+
+    def multiple(self, settings: Settings) -> int | None:
+        return _resolve(self.multiple_of, settings)
+
+    def taken(self, settings: Settings) -> bool:
+        return self.applies is None or self.applies(settings)
+
+    def default_for(self, settings: Settings) -> Any:
+        return _resolve(self.default, settings)
+
+
+def _resolve(value: Bound, settings: Settings) -> Any:
+    return value(settings) if callable(value) else value
+
+
+FIELDS: tuple[RequestField, ...] = (
+    RequestField(
+        "prompt", "text", "Prompt", "What to draw.", high=attrgetter("max_prompt_chars"), required=True, demo=False
+    ),
+    RequestField(
+        "negative_prompt",
+        "text",
+        "Negative prompt",
+        "What to steer away from (none when absent).",
+        high=attrgetter("max_prompt_chars"),
+        demo=False,
+        flag="negative",
+        applies=attrgetter("takes_negative_prompt"),
+        not_taken="FluxPipeline applies a negative prompt only through true classifier-free guidance, which "
+        "this server does not run",
+    ),
+    RequestField(
+        "num_inference_steps",
+        "integer",
+        "Steps",
+        "Denoising steps.",
+        default=attrgetter("default_steps"),
+        low=1,
+        high=attrgetter("max_steps"),
+        flag="steps",
+    ),
+    RequestField(
+        "guidance_scale",
+        "number",
+        "Guidance",
+        "Classifier-free guidance scale.",
+        default=attrgetter("default_guidance"),
+        low=0,
+        high=attrgetter("max_guidance"),
+        flag="guidance",
+        applies=attrgetter("takes_guidance"),
+        not_taken="the model has no guidance input (FLUX.1-schnell is distilled without one)",
+    ),
+    RequestField(
+        "width",
+        "integer",
+        "Width",
+        "Image width in pixels, a multiple of the model's side multiple (the model's native size, within "
+        "MAX_IMAGE_SIZE, when absent).",
+        default=lambda settings: settings.default_size[0] if settings.default_size else None,
+        low=attrgetter("min_image_size"),
+        high=attrgetter("max_image_size"),
+        multiple_of=attrgetter("size_multiple"),
+        flag="width",
+    ),
+    RequestField(
+        "height",
+        "integer",
+        "Height",
+        "Image height in pixels, a multiple of the model's side multiple (the model's native size, within "
+        "MAX_IMAGE_SIZE, when absent).",
+        default=lambda settings: settings.default_size[1] if settings.default_size else None,
+        low=attrgetter("min_image_size"),
+        high=attrgetter("max_image_size"),
+        multiple_of=attrgetter("size_multiple"),
+        flag="height",
+    ),
+    RequestField(
+        "num_images", "integer", "Images", "Images to generate.", default=1, low=1, high=attrgetter("max_images")
+    ),
+    RequestField(
+        "seed",
+        "integer",
+        "Seed",
+        "Seed of the first image; image i uses seed + i (random when absent).",
+        low=0,
+        high=SEED_LIMIT - 1,
+        flag="seed",
+    ),
+    RequestField(
+        "output_format",
+        "choice",
+        "Format",
+        "Encoding of the images: png (lossless), jpeg or webp.",
+        default="png",
+        choices=tuple(images.FORMATS),
+        demo=False,
+        flag="format",
+    ),
+    RequestField(
+        "output_compression",
+        "integer",
+        "Quality",
+        "jpeg and webp quality, as OpenAI's API takes it: 100 keeps the most detail, lower is smaller "
+        "(refused with png, which is lossless).",
+        default=images.DEFAULT_QUALITY,
+        low=0,
+        high=100,
+        demo=False,
+        flag="quality",
+    ),
+    RequestField(
+        "timeout_s",
+        "number",
+        "Timeout",
+        "Seconds this request may wait for its images, at most REQUEST_TIMEOUT (REQUEST_TIMEOUT when absent).",
+        low=0,
+        low_exclusive=True,
+        high=attrgetter("request_timeout"),
+        demo=False,
+    ),
+)
+BY_NAME = {field.name: field for field in FIELDS}
+
+
+class InvalidRequest(ApiError):
+    """A client error (4xx) naming the offending ``field`` where there is one."""
+
+
+def _clean_text(value: str | None) -> str | None:
+    """Text a tokenizer can take: no NUL, and valid Unicode (JSON's \\ud800 escapes decode to lone
+    surrogates, which no tokenizer takes)."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        raise PydanticCustomError("text", "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = f"U+{ord(value[exc.start]):04X}"
+        message = "must be valid Unicode text: a lone surrogate {bad} at character {at}"
+        raise PydanticCustomError("text", message, {"bad": bad, "at": exc.start}) from None
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("text", "must not be empty")
+    return value
+
+
+def _annotation(field: RequestField, settings: Settings) -> Any:
+    low, high = field.bounds(settings)
+    if field.kind == "choice":
+        return Literal[field.choices] | None  # type: ignore[valid-type]
+    if field.kind == "boolean":
+        return bool | None
+    if field.kind == "text":
+        checks: list[Any] = [Field(max_length=int(high))] if high is not None else []
+        if field.pattern:
+            checks.append(Field(pattern=field.pattern))
+        checks.append(AfterValidator(_clean_text))
+        if field.required:
+            checks.append(AfterValidator(_not_blank))
+        if not field.pattern:  # the document says what _clean_text and _not_blank check
+            checks.append(Field(json_schema_extra={"pattern": TEXT_PATTERN[field.required]}))
+        text = Annotated[str, *checks]
+        return text if field.required else text | None
+    constraints: dict[str, Any] = {"le": high, "multiple_of": field.multiple(settings)}
+    constraints["gt" if field.low_exclusive else "ge"] = low
+    if field.kind == "number":
+        constraints["allow_inf_nan"] = False
+    base = int if field.kind == "integer" else float
+    number = Annotated[base, Field(**{key: value for key, value in constraints.items() if value is not None})]
+    return number if field.required else number | None
+
+
+@lru_cache(maxsize=16)
+def model_of(title: str, fields: tuple[RequestField, ...], settings: Settings) -> type[BaseModel]:
+    """The pydantic model of a body made of ``fields`` under ``settings`` (strict: a JSON integer for an
+    integer, a JSON number for a number; unknown fields refused)."""
+    definitions: dict[str, Any] = {}
+    for field in _taken(fields, settings):
+        default = ... if field.required else field.default_for(settings)
+        definitions[field.name] = (_annotation(field, settings), Field(default, description=field.meaning))
+    names = {field.name for field in _taken(fields, settings)}
+    extra = LOSSY_ONLY if {"output_format", "output_compression"} <= names else None
+    config = ConfigDict(strict=True, extra="forbid", title=title, json_schema_extra=extra)
+    return create_model(title, __config__=config, **definitions)
+
+
+def _taken(fields: tuple[RequestField, ...], settings: Settings) -> tuple[RequestField, ...]:
+    """The ``fields`` the model under ``settings`` takes."""
+    return tuple(field for field in fields if field.taken(settings))
+
+
+def request_model(settings: Settings) -> type[BaseModel]:
+    """The model of a /generate request under ``settings``."""
+    return model_of("GenerateRequest", FIELDS, settings)
+
+
+def request_schema(settings: Settings) -> dict[str, Any]:
+    """The JSON Schema of a /generate request body under ``settings``."""
+    return request_model(settings).model_json_schema()
+
+
+def _shown(value: object) -> str:
+    """A client's value for an error message, cut short: an integer may have thousands of digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _number(value: float | None) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _limits(field: RequestField, settings: Settings) -> str:
+    low, high = field.bounds(settings)
+    if field.name == "timeout_s":
+        return f"more than 0 and at most REQUEST_TIMEOUT={_number(high)} s"
+    return f"from {_number(low)} to {_number(high)}"
+
+
+def _invalid(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(422, errors.INVALID_FIELD, f"{field}: {message}", field)
+
+
+def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) -> InvalidRequest:
+    """Our 422 for pydantic's first error: the field, what it takes, and what it got."""
+    name, kind, value = str(error["loc"][0]), error["type"], error.get("input")
+    if kind == "extra_forbidden" and name in fields:  # declared, but not taken by the loaded model
+        family = settings.model_family or "loaded"
+        return _invalid(name, f"the {family} model served here does not take it: {fields[name].not_taken}")
+    if kind == "extra_forbidden":
+        accepted = ", ".join(name for name, field in fields.items() if field.taken(settings))
+        return InvalidRequest(422, errors.UNKNOWN_FIELD, f"{name}: unknown field (accepted: {accepted})", name)
+    if kind == "missing" or (value is None and fields[name].required):
+        return InvalidRequest(422, errors.MISSING_FIELD, f"{name}: is required", name)
+    field = fields[name]
+    if field.kind == "choice":
+        shown = ", ".join(field.choices)
+        return _invalid(name, f"must be one of {shown}, got {_shown(value)}. {field.meaning}")
+    if field.kind == "boolean":
+        return _invalid(name, f"must be true or false, got {_shown(value)}")
+    if field.kind == "text":
+        if kind == "string_too_long":
+            return _invalid(name, f"must be at most {error['ctx']['max_length']} characters, got {len(value)}")
+        if kind == "text":
+            return _invalid(name, error["msg"])
+        if kind == "string_pattern_mismatch":
+            return _invalid(name, f"{field.meaning} Got {_shown(value)}")
+        if isinstance(value, str):  # pydantic-core refuses a lone surrogate before our check sees it
+            try:
+                _clean_text(value)
+            except PydanticCustomError as problem:
+                return _invalid(name, problem.message())
+        return _invalid(name, f"must be a string, got {type(value).__name__}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    what = "an integer" if field.kind == "integer" else "a number"
+    if kind == "multiple_of":
+        family = f" (the {settings.model_family} model's side multiple)" if settings.model_family else ""
+        return _invalid(name, f"must be a multiple of {field.multiple(settings)}{family}, got {value}")
+    if (field.kind == "integer" and not integer) or not number:
+        return _invalid(name, f"must be {what} {_limits(field, settings)}, got {type(value).__name__}")
+    return _invalid(name, f"must be {_limits(field, settings)}, got {_shown(value)}")
+
+
+def validate(title: str, fields: tuple[RequestField, ...], payload: object, settings: Settings) -> dict[str, Any]:
+    """A decoded JSON body checked against ``fields``: every field's value (its default when absent or
+    null), or InvalidRequest (422) for the first problem, an unknown field before any other."""
+    if not isinstance(payload, dict):
+        message = f"the body must be a JSON object, got {type(payload).__name__}"
+        raise InvalidRequest(422, errors.INVALID_BODY, message)
+    refused = {field.name for field in fields if not field.taken(settings)}
+    payload = {key: value for key, value in payload.items() if not (key in refused and value is None)}
+    try:
+        request = model_of(title, fields, settings).model_validate(payload)
+    except ValidationError as exc:
+        found = exc.errors()
+        first = next((error for error in found if error["type"] == "extra_forbidden"), found[0])
+        raise _explain(first, {field.name: field for field in fields}, settings) from None
+    values = request.model_dump()
+    for field in _taken(fields, settings):  # null means absent, as for an optional field anywhere in JSON APIs
+        if values[field.name] is None and field.default is not None:
+            values[field.name] = field.default_for(settings)
+    given = {name for name in request.model_fields_set if payload.get(name) is not None}
+    if "output_compression" in given and values.get("output_format") not in images.LOSSY:
+        lossy = " and ".join(images.LOSSY)
+        raise _invalid("output_compression", f"applies to {lossy} only; {values.get('output_format')} is lossless")
+    return values
+
+
+def seeds_from(first: int | None, count: int) -> tuple[int, ...]:
+    """One seed per image: ``first`` (random when None), then first + 1, ... modulo 2**32."""
+    first_seed = secrets.randbelow(SEED_LIMIT) if first is None else first
+    return tuple((first_seed + i) % SEED_LIMIT for i in range(count))
+
+
+def generation_values(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """What the model is asked for, from validated ``values`` under a loaded model's ``settings``
+    (``Engine.limits``): a field it does not take is absent (its default: no negative prompt, the model's
+    guidance), and an absent size is the default one."""
+    assert settings.default_size is not None, "requests are parsed against a loaded model's limits"
+    return {
+        "prompt": values["prompt"],
+        "negative_prompt": values.get("negative_prompt"),
+        "num_inference_steps": values["num_inference_steps"],
+        "guidance_scale": float(values.get("guidance_scale", settings.default_guidance) or 0.0),
+        "width": values.get("width") or settings.default_size[0],
+        "height": values.get("height") or settings.default_size[1],
+    }
+
+
+def parse(payload: object, settings: Settings) -> GenerationParams:
+    """Validate a decoded /generate body against a loaded model's ``settings`` (``Engine.limits``)."""
+    values = validate("GenerateRequest", FIELDS, payload, settings)
+    return GenerationParams(
+        **generation_values(values, settings),
+        seeds=seeds_from(values["seed"], values["num_images"]),
+        timeout_s=values["timeout_s"],
+        output_format=values["output_format"],
+        output_compression=values["output_compression"],
+    )
+
+
+def timeout_from_header(text: str | None, settings: Settings) -> float | None:
+    """The X-Request-Timeout header: a header is text, so a number written as text is the only form; its
+    limits are timeout_s's."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise _invalid(TIMEOUT_HEADER, f"must be a number of seconds, got {_shown(text)}") from None
+    field = BY_NAME["timeout_s"]
+    if not math.isfinite(value) or not 0 < value <= settings.request_timeout:
+        raise _invalid(TIMEOUT_HEADER, f"must be {_limits(field, settings)}, got {_shown(text)}")
+    return value
+
+
+def form_fields(settings: Settings) -> list[dict[str, Any]]:
+    """The demo form's number inputs, in declaration order."""
+    rows = []
+    for field in FIELDS:
+        if not field.demo or not field.taken(settings):
+            continue
+        low, high = field.bounds(settings)
+        step = field.multiple(settings) or (0.5 if field.kind == "number" else 1)
+        default = field.default_for(settings)
+        rows.append(
+            {
+                "name": field.name,
+                "label": field.label,
+                "kind": field.kind,
+                "min": low,
+                "max": high,
+                "step": step,
+                "default": "" if default is None else default,
+                "placeholder": "model default" if field.name in ("width", "height") else "",
+            }
+        )
+    return rows
+
+
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else _number(value)  # type: ignore[arg-type]
+
+
+def request_table(settings: Settings, fields: tuple[RequestField, ...] = FIELDS) -> str:
+    """The README's table of request ``fields`` (/generate's by default), with the limits of ``settings``."""
+    rows = ["| Field | Type | Default | Limits | Meaning |", "|---|---|---|---|---|"]
+    for field in fields:
+        high = field.bounds(settings)[1]
+        default = field.default_for(settings)
+        if field.kind == "text":
+            limits = f"at most {_number(high)} characters" + (", required" if field.required else "")
+        elif field.kind == "choice":
+            limits = "one of " + ", ".join(f"`{choice}`" for choice in field.choices)
+        elif field.kind == "boolean":
+            limits = "`true` or `false`"
+        else:
+            multiple = field.multiple(settings)
+            limits = _limits(field, settings) + (f", a multiple of {multiple}" if multiple else "")
+        shown = "(required)" if field.required else "-" if default is None else f"`{_default_text(default)}`"
+        rows.append(f"| `{field.name}` | {field.kind} | {shown} | {limits} | {field.meaning} |")
+    return "\n".join(rows)

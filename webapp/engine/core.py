@@ -1,0 +1,230 @@
+"""The engine: one worker's coordinator between its request threads and its model (docs/architecture.md §5).
+
+Two daemon threads per worker:
+- the engine thread loads the model (``loader.load``), declares READY, then runs the batches the scheduler
+  forms until the worker stops, finishes draining, or turns UNHEALTHY;
+- the heartbeat thread writes the heartbeat, observes the container's readiness (so a change is counted
+  when it happens, not only when someone probes) and watches the running call for a stalled step.
+
+Request threads call ``submit``, which never waits, then wait on the job's future. Each concept has its
+own module: what runs next is the scheduler's, every state change the lifecycle's, the load the loader's,
+and running a batch (and who is charged when it fails) the runner's. The engine holds the lock that orders
+them, and turns the worker UNHEALTHY (every job held fails at once with 503, another worker may serve it;
+``on_unhealthy`` makes it exit, so gunicorn replaces it).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from webapp.board import readiness
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import State
+from webapp.engine import loader
+from webapp.engine.loader import Model
+from webapp.engine.runner import RejectedByModel, Runner, WorkerUnhealthy
+from webapp.engine.scheduler import DeadlineExceeded, Job, Overloaded, Scheduler, settle
+from webapp.model import faults
+from webapp.model.profile import request_limits
+from webapp.model.request import GenerationParams
+from webapp.settings import Settings
+from webapp.telemetry import logs
+from webapp.telemetry.recorder import recorder
+
+log = logs.get(__name__)
+NOT_READY_RETRY_AFTER_S = 5  # when nothing better is known: a worker starting, failed, unhealthy or draining
+
+__all__ = ["DeadlineExceeded", "Engine", "Job", "NotReady", "Overloaded", "RejectedByModel", "WorkerUnhealthy"]
+
+
+class NotReady(Exception):
+    """The worker cannot take jobs now: ``state`` says why, ``retry_after_s`` when to ask again."""
+
+    def __init__(self, state: State, retry_after_s: int) -> None:
+        super().__init__(f"this worker is {state.name}")
+        self.state = state
+        self.retry_after_s = retry_after_s
+
+
+class Engine:
+    """Owns one worker's model. ``start()`` returns at once; the lifecycle puts progress on the board."""
+
+    def __init__(
+        self, settings: Settings, lifecycle: Lifecycle, on_unhealthy: Callable[[str], None] = lambda reason: None
+    ) -> None:
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.on_unhealthy = on_unhealthy  # the worker's way out (a graceful exit under gunicorn)
+        self.model: Model | None = None
+        self.scheduler = Scheduler(settings.max_ongoing, settings.max_queued, settings.max_batch_size)
+        self._lock = threading.Condition()  # guards the scheduler; notified when a job arrives
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.loaded_at: float | None = None  # Unix time the model finished loading (/v1/models' created)
+        self.request_limits: Settings | None = None  # the settings with the loaded model's profile folded in
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine and heartbeat threads (daemons) and return immediately."""
+        slot = self.lifecycle.slot
+        self._threads = [
+            threading.Thread(target=self._heartbeat, name=f"heartbeat-{slot}", daemon=True),
+            threading.Thread(target=self._run, name=f"engine-{slot}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def drain(self) -> None:
+        """Shutdown: refuse new jobs (DRAINING) but finish the ones already held."""
+        self.lifecycle.draining()
+        with self._lock:
+            self._lock.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs and wait up to ``timeout`` s for the threads to finish their current step."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        try:
+            model = loader.load(self.settings, self.lifecycle, self._stop)
+            if model is not None:  # the loader checked that these limits can be built
+                self.request_limits = request_limits(self.settings, model.profile)
+                self.model, self.loaded_at = model, time.time()
+            if self.model is not None and self.request_limits is not None and self.lifecycle.ready():
+                self._serve(
+                    Runner(
+                        self.request_limits,
+                        self.lifecycle,
+                        self.model,
+                        self.scheduler,
+                        self._lock,
+                        self._publish,
+                        self._turn_unhealthy,
+                    )
+                )
+        except BaseException as exc:  # a bug here must not leave a READY worker that never serves
+            log.exception("engine_crashed", slot=self.lifecycle.slot)
+            self._turn_unhealthy(f"engine thread crashed: {faults.describe(exc)}")
+
+    def _heartbeat(self) -> None:
+        board, limit = self.lifecycle.board, self.settings.stall_timeout
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.lifecycle.publish(heartbeat_mono=now)
+            readiness.observe(board, self.settings)
+            with self._lock:
+                stuck = self.scheduler.stalled_for(now)
+            if stuck > limit:
+                self._turn_unhealthy(
+                    f"denoising step stalled: no progress for {stuck:.1f} s (STALL_TIMEOUT={limit:g} s)"
+                )
+            self._stop.wait(self.settings.heartbeat_interval)
+
+    def _turn_unhealthy(self, reason: str) -> None:
+        """Say UNHEALTHY, fail every job this worker holds (503 to their clients) and ask it to exit."""
+        if not self.lifecycle.unhealthy(reason):
+            return  # already UNHEALTHY, or never READY
+        with self._lock:
+            held = self.scheduler.clear()
+            self._publish()
+        for job in held:
+            settle(job.future, exc=WorkerUnhealthy(reason))
+        self.on_unhealthy(reason)
+
+    # -- admission ----------------------------------------------------------------------------------
+
+    def limits(self) -> Settings:
+        """What a request is checked against: the settings with the loaded model's profile folded in
+        (``profile.request_limits``: its sizes, multiple and defaults); NotReady unless READY."""
+        self._check_ready()
+        assert self.request_limits is not None
+        return self.request_limits
+
+    def submit(self, params: GenerationParams, deadline: float = math.inf) -> Job:
+        """Queue a job; raise NotReady unless READY (it may have changed since ``limits``), Overloaded
+        when MAX_ONGOING + MAX_QUEUED jobs are already here. Never waits."""
+        self._check_ready()
+        job = Job(params, deadline)
+        with self._lock:
+            try:
+                self.scheduler.admit(job)
+            except Overloaded:
+                recorder().shed.inc()
+                raise
+            finally:
+                self._publish()
+            self._lock.notify()
+        return job
+
+    def _check_ready(self) -> None:
+        """NotReady unless READY, with a Retry-After: the next load attempt's start when one is waiting."""
+        state = self.state
+        if state is State.READY and self.model is not None and self.request_limits is not None:
+            return
+        retry_at = self.lifecycle.next_retry_mono
+        if state in (State.STARTING, State.LOADING) and retry_at:
+            raise NotReady(state, max(1, round(retry_at - time.monotonic())))
+        raise NotReady(state, NOT_READY_RETRY_AFTER_S)
+
+    def _publish(self) -> None:
+        """The scheduler's counters onto the board (the caller holds the lock, which orders the writes)."""
+        self.lifecycle.publish(**self.scheduler.counts())
+
+    # -- serving ------------------------------------------------------------------------------------
+
+    def _serve(self, runner: Runner) -> None:
+        """Run batches until stopped, UNHEALTHY, or drained with nothing left to do."""
+        while not self._stop.is_set():
+            batch = self._take_batch()
+            if batch:
+                try:
+                    runner.run(batch)
+                except BaseException as exc:  # a bug: UNHEALTHY first, so no answer comes from a READY worker
+                    reason = f"engine thread crashed: {faults.describe(exc)}"
+                    log.exception("engine_crashed", slot=self.lifecycle.slot)
+                    self._turn_unhealthy(reason)
+                    for job in batch:
+                        settle(job.future, exc=WorkerUnhealthy(reason))
+                    return
+            elif self.state is not State.READY:
+                return
+
+    def _take_batch(self) -> list[Job]:
+        """The next batch the scheduler forms, waiting up to BATCH_WAIT_MS for jobs that could join it."""
+        with self._lock:
+            if not self.scheduler.pending:
+                self._lock.wait(0.2)
+            self._drop(self.scheduler.fill(time.monotonic()))
+            if not self.scheduler.forming:
+                return []
+            until = time.monotonic() + self.settings.batch_wait_ms / 1000
+            while self.scheduler.has_room() and not self._stop.is_set() and time.monotonic() < until:
+                self._lock.wait(until - time.monotonic())
+                self._drop(self.scheduler.fill(time.monotonic()))
+            now = time.monotonic()
+            batch = self.scheduler.start(now)
+            self._publish()
+        for job in batch:
+            recorder().queue_wait.observe(now - job.enqueued)
+        return batch
+
+    def _drop(self, expired: list[Job]) -> None:
+        """Tell the jobs the scheduler dropped unrun (the caller holds the lock)."""
+        if not expired:
+            return
+        self._publish()
+        now = time.monotonic()
+        for job in expired:
+            message = f"deadline passed after {now - job.enqueued:.1f} s in the queue"
+            settle(job.future, exc=DeadlineExceeded(message, ran=False))

@@ -1,0 +1,200 @@
+"""Running one batch on the model, and deciding who is charged when it fails (docs/architecture.md §5).
+
+- a fatal device error (``faults.is_fatal``) fails the whole batch and turns the worker UNHEALTHY;
+- any other error in a batch of several jobs: each job runs again alone (outcome ``split``), so one
+  request's bad input cannot fail the others;
+- non-finite pixels (NaN or inf) in some images: their jobs fail (500), the rest are served, and the call
+  counts toward MAX_CONSECUTIVE_FAILURES like any failure of the worker's;
+- an error in a job running alone: a canary (the load's warm-up generation) runs. If it passes, the worker
+  is sound and the request is rejected (``RejectedByModel``, 422), counting nothing against the worker; if
+  it fails too, the failure is the worker's (500), and MAX_CONSECUTIVE_FAILURES in a row (a served call
+  resets the count) make it UNHEALTHY.
+- every job whose deadline passed or whose client left stops the call between two denoising steps, once
+  nobody in the batch still waits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import State
+from webapp.engine import loader
+from webapp.engine.loader import Model
+from webapp.engine.scheduler import DeadlineExceeded, Job, Scheduler, images, settle
+from webapp.model import faults
+from webapp.settings import Settings
+from webapp.telemetry import logs
+from webapp.telemetry.recorder import recorder
+
+log = logs.get(__name__)
+
+
+class WorkerUnhealthy(Exception):
+    """The job could not run because this worker turned UNHEALTHY; another worker may serve it."""
+
+    retry_after_s = 5  # a replacement worker takes longer than this; another replica may serve it now
+
+
+class RejectedByModel(Exception):
+    """The pipeline failed on this job alone while the worker stayed sound (its canary generation passed):
+    the request's own input is at fault. ``out_of_memory``: the device had too little memory for it."""
+
+    def __init__(self, message: str, out_of_memory: bool) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+
+
+class _Interrupted(Exception):
+    """Raised from the step callback to stop a pipeline call nobody waits for any more."""
+
+
+class Runner:
+    """Runs the engine thread's batches on ``model``. The scheduler is shared with the engine and guarded
+    by its ``lock``; ``publish`` puts the scheduler's counters on the board; ``turn_unhealthy`` is the
+    engine's (it fails every job held and makes the worker exit)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        model: Model,
+        scheduler: Scheduler,
+        lock: threading.Condition,
+        publish: Callable[[], None],
+        turn_unhealthy: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.model = model
+        self.scheduler = scheduler
+        self.lock = lock
+        self.publish = publish
+        self.turn_unhealthy = turn_unhealthy
+        self.failures = 0  # pipeline calls failed in a row by the worker's own fault
+
+    def _on_step(self, step: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            nobody_waits = self.scheduler.step(step, now)
+        self.lifecycle.publish(last_step_mono=now)
+        if nobody_waits:
+            raise _Interrupted(f"every job's deadline passed by step {step + 1}")
+
+    def _call(self, batch: list[Job]) -> list[list[Any]]:
+        """One pipeline call for the running ``batch``, watched by the stall watchdog and the step callback."""
+        self.lifecycle.publish(last_step_mono=self.scheduler.started)
+        return self.model.generate([job.params for job in batch], self._on_step)
+
+    def run(self, batch: list[Job]) -> None:
+        """Run the batch the scheduler started and settle its jobs; a failure is judged as the module says."""
+        try:
+            results = self._call(batch)
+        except _Interrupted as stop:
+            self._finish("interrupted")
+            log.info("batch_interrupted", slot=self.lifecycle.slot, jobs=len(batch), reason=str(stop))
+            for job in batch:
+                settle(job.future, exc=DeadlineExceeded(f"interrupted: {stop}", ran=True))
+        except faults.NonFiniteOutput as bad:
+            self._non_finite(batch, bad)
+        except Exception as exc:  # noqa: BLE001 - any pipeline error is judged, never lost
+            if faults.is_fatal(exc):
+                self._fail(batch, exc)
+            elif len(batch) > 1:
+                self._split(batch, exc)
+            else:
+                self._charge(batch[0], exc)
+        else:
+            self._finish("served")
+            self.failures = 0
+            for job, result in zip(batch, results, strict=True):
+                settle(job.future, result=result)
+
+    def _non_finite(self, batch: list[Job], bad: faults.NonFiniteOutput) -> None:
+        """Some images came out NaN or infinite: their jobs fail (500 ``non_finite_output``, never a black
+        picture), the others get their images, and the call counts as the worker's failure."""
+        self._finish("failed")
+        self.failures += 1
+        log.error(
+            "non_finite_output", slot=self.lifecycle.slot, jobs=len(bad.bad), consecutive=self.failures, error=str(bad)
+        )
+        for index, (job, result) in enumerate(zip(batch, bad.results, strict=True)):
+            if index in bad.bad:
+                settle(job.future, exc=bad)
+            else:
+                settle(job.future, result=result)
+        if self.failures >= self.settings.max_consecutive_failures:
+            self.turn_unhealthy(f"{self.failures} generations failed in a row; last: {bad}")
+
+    def _split(self, batch: list[Job], exc: Exception) -> None:
+        """A batch of several jobs failed: run each again alone, so only the job at fault fails."""
+        self._finish("split")
+        log.warning(
+            "batch_failed_retrying_alone", slot=self.lifecycle.slot, jobs=len(batch), error=faults.describe(exc)
+        )
+        for job in batch:
+            if self.lifecycle.state is State.UNHEALTHY:
+                settle(
+                    job.future, exc=WorkerUnhealthy("the worker turned UNHEALTHY while its batch ran again job by job")
+                )
+            elif job.expired(time.monotonic()):
+                settle(job.future, exc=DeadlineExceeded("deadline passed while its batch ran", ran=True))
+            else:
+                with self.lock:
+                    self.scheduler.run([job], time.monotonic())
+                    self.publish()
+                self.run([job])
+
+    def _charge(self, job: Job, exc: Exception) -> None:
+        """A job failed alone: the canary says whose fault it was (see the module's docstring)."""
+        self._finish("failed")
+        canary = Job(loader.warm_up_params(self.settings))
+        with self.lock:
+            self.scheduler.run([canary], time.monotonic())
+        try:
+            self._call([canary])
+        except Exception as canary_exc:
+            self._finish("canary")
+            self.failures += 1
+            log.error(
+                "generate_failed",
+                slot=self.lifecycle.slot,
+                consecutive=self.failures,
+                error=faults.describe(exc),
+                canary_error=faults.describe(canary_exc),
+                exc_info=exc,
+            )
+            settle(job.future, exc=exc)
+            if faults.is_fatal(canary_exc):
+                self.turn_unhealthy(f"fatal device error: {faults.describe(canary_exc)}")
+            elif self.failures >= self.settings.max_consecutive_failures:
+                self.turn_unhealthy(f"{self.failures} generations failed in a row; last: {faults.describe(exc)}")
+            return
+        self._finish("canary")
+        recorder().rejected.inc()
+        rejected = RejectedByModel(faults.describe(exc), faults.is_out_of_memory(exc))
+        rejected.__cause__ = exc  # the request's thread logs it, with the request id
+        settle(job.future, exc=rejected)
+
+    def _fail(self, batch: list[Job], exc: Exception) -> None:
+        """A fatal device error: every job of the batch fails (500) and the worker turns UNHEALTHY."""
+        self._finish("failed")
+        error = faults.describe(exc)
+        log.error("generate_failed", slot=self.lifecycle.slot, jobs=len(batch), fatal=True, error=error, exc_info=exc)
+        for job in batch:
+            settle(job.future, exc=exc)
+        self.turn_unhealthy(f"fatal device error: {error}")
+
+    def _finish(self, outcome: str) -> None:
+        """The running call ended with ``outcome``: settle the counters and record the call."""
+        with self.lock:
+            batch, elapsed = self.scheduler.finish(outcome, time.monotonic())
+            self.publish()
+        recorded = recorder()
+        recorded.generation.labels(outcome).observe(elapsed)
+        if outcome != "canary":
+            recorded.batch_jobs.observe(len(batch))
+            recorded.batch_images.observe(images(batch))

@@ -1,0 +1,175 @@
+"""The diffusers text-to-image model behind the engine's small interface (see ``engine.Model``).
+
+This is the only module that imports torch and diffusers, and only the engine thread imports it, after
+the worker is already answering probes. One generation reads top to bottom in ``DiffusersModel.generate``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "requires torchvision", printed at import
+
+import numpy as np
+import torch
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from PIL.Image import Image
+from transformers.utils import logging as transformers_logging
+
+from webapp.model.faults import NonFiniteOutput
+from webapp.model.profile import ModelProfile, choose_dtype, family_of, profile
+from webapp.model.request import GenerationParams
+from webapp.settings import BUILTIN_TINY_MODEL, EMBEDDED_MODELS, SCENES_MODEL, SIZE_MULTIPLE, Settings
+from webapp.telemetry import logs
+
+log = logs.get(__name__)
+# The trained embedded model: weights, configs and model card (README.md), shipped as package data.
+SCENES_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "scenes-64"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+diffusers_logging.set_verbosity_error()
+diffusers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
+
+
+def choose_device(setting: str, slot: int, cuda_count: int) -> str:
+    """DEVICE=auto spreads workers over GPUs by slot (cuda:slot % count), or uses the CPU without CUDA."""
+    if setting == "auto":
+        return f"cuda:{slot % cuda_count}" if cuda_count else "cpu"
+    if setting == "cuda":
+        return f"cuda:{slot % cuda_count}" if cuda_count else "cuda"
+    return setting
+
+
+def model_location(settings: Settings) -> str:
+    """The folder or hub id to load: the trained embedded model ships inside the package, the random one is
+    built into the cache on first use."""
+    if settings.model_id == SCENES_MODEL:
+        return str(SCENES_MODEL_DIR)
+    if settings.model_id == BUILTIN_TINY_MODEL:
+        from webapp.model.tiny_model import ensure_built
+
+        return str(ensure_built(settings.model_cache_dir))
+    if settings.model_id.startswith("builtin:"):
+        raise ValueError(f"unknown built-in model {settings.model_id!r} (known: {', '.join(EMBEDDED_MODELS)})")
+    if settings.model_id.startswith(("/", "./", "../", "~")):
+        folder = Path(settings.model_id).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"MODEL_ID {settings.model_id} is not a folder")
+        return str(folder)
+    return settings.model_id
+
+
+def profile_of(pipe: DiffusionPipeline, dtype: str) -> ModelProfile:
+    """The loaded pipeline's profile, read from the pipeline and its denoiser's config (never guessed):
+    the native size is the pipeline's own default (``default_sample_size`` x VAE scale, or the UNet's
+    ``sample_size`` x VAE scale for SD 1.x/2.x); the side multiple is the one its checks or its latent
+    packing need (SD/SDXL: 8 and the VAE scale; SD3: VAE scale x patch size; FLUX: VAE scale x 2)."""
+    name = type(pipe).__name__
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    denoiser = getattr(pipe, "transformer", None)
+    if denoiser is None:
+        denoiser = getattr(pipe, "unet", None)
+    config = dict(getattr(denoiser, "config", {}))
+    sample = getattr(pipe, "default_sample_size", None) or config.get("sample_size") or 64
+    height, width = (sample, sample) if isinstance(sample, int) else sample  # a UNet may give (height, width)
+    family = family_of(name).name
+    max_side = None
+    if family == "flux":
+        multiple = scale * 2  # latents are packed in 2x2 patches
+    elif family == "sd3" or "patch_size" in config:
+        patch = int(config.get("patch_size") or 1)
+        multiple = scale * patch
+        if config.get("pos_embed_max_size"):
+            max_side = int(config["pos_embed_max_size"]) * patch * scale
+    else:
+        multiple = math.lcm(SIZE_MULTIPLE, scale)  # diffusers' SD and SDXL pipelines refuse sides off 8
+    native = tuple(int(side) * scale // multiple * multiple for side in (width, height))
+    guidance_embeds = config.get("guidance_embeds") if family == "flux" else None
+    return profile(name, native, multiple, max_side, dtype, guidance_embeds)  # type: ignore[arg-type]
+
+
+class DiffusersModel:
+    """A loaded diffusers text-to-image pipeline on one device, with its ``profile``."""
+
+    def __init__(self, pipe: DiffusionPipeline, device: str, profile: ModelProfile) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.profile = profile
+
+    def generate(self, batch: Sequence[GenerationParams], on_step: Callable[[int], None]) -> list[list[Image]]:
+        """One pipeline call for requests that share size, steps and guidance: every image gets its own
+        generator seeded with its seed, so a seed gives the same image alone or in a batch (up to float
+        rounding: about 1e-6 on CPU). ``on_step(i)`` runs after each denoising step and may raise to stop.
+        Raises NonFiniteOutput when any image has a NaN or infinite pixel: it is never returned as a picture
+        (PIL would turn NaN into black)."""
+        first = batch[0]
+        prompts, negatives, generators = [], [], []
+        for params in batch:
+            for seed in params.seeds:
+                prompts.append(params.prompt)
+                negatives.append(params.negative_prompt or "")  # "" is what the pipeline uses for None
+                generators.append(torch.Generator(device=self.device).manual_seed(seed))
+
+        def step_end(pipe: object, step: int, timestep: object, kwargs: dict) -> dict:
+            on_step(step)
+            return kwargs
+
+        steering = {"guidance_scale": first.guidance_scale} if self.profile.guidance else {}
+        if self.profile.negative_prompt and any(negatives):
+            steering["negative_prompt"] = negatives
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=prompts,
+                num_inference_steps=first.num_inference_steps,
+                width=first.width,
+                height=first.height,
+                generator=generators,
+                output_type="np",
+                callback_on_step_end=step_end,
+                **steering,
+            )
+        pixels = result.images  # float, (images, height, width, channels), 0..1 when finite
+        finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
+        images = self.pipe.numpy_to_pil(np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0))
+        per_request, bad = [], set()
+        start = 0
+        for index, params in enumerate(batch):
+            per_request.append(images[start : start + params.num_images])
+            if not finite[start : start + params.num_images].all():
+                bad.add(index)
+            start += params.num_images
+        if bad:
+            count = int((~finite).sum())
+            message = (
+                f"the model drew {count} of {len(finite)} image(s) with non-finite pixels (NaN or inf) in "
+                f"{self.profile.dtype}"
+            )
+            raise NonFiniteOutput(message, bad, per_request)
+        return per_request
+
+
+def load(settings: Settings, slot: int) -> DiffusersModel:
+    """The default MODEL_LOADER: ``from_pretrained`` the configured model onto this worker's device, in the
+    dtype that suits its family (read from ``model_index.json`` before loading) unless DTYPE says which."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = choose_device(settings.device, slot, cuda_count)
+    if device == "cpu":
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // (settings.workers or 1))
+        torch.set_num_threads(threads)
+    location = model_location(settings)
+    index = DiffusionPipeline.load_config(location)
+    family = family_of(str(index.get("_class_name", "")))
+    dtype = choose_dtype(settings.dtype, device, family, has_transformer="transformer" in index)
+    log.info("model_load_start", slot=slot, model=str(location), device=device, dtype=dtype, family=family.name)
+    pipe = AutoPipelineForText2Image.from_pretrained(location, dtype=_DTYPES[dtype])
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    return DiffusersModel(pipe, device, profile_of(pipe, dtype))

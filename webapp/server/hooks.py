@@ -1,0 +1,171 @@
+"""gunicorn's hooks for one server instance. gunicorn.conf.py makes one ``ServerHooks`` and calls a method
+of it in each hook, in one line; the logic lives here to be tested.
+
+Master: on_starting removes boards left by dead masters, creates this one and makes the shutdown signals
+flag it at once; pre_fork gives the new worker a free slot (``lifecycle.assign``); child_exit marks a dead
+worker's slot DEAD (it runs for every death, SIGKILL included; ``lifecycle.bury``) and folds its metrics;
+on_exit removes the board. Worker: post_fork starts the worker (``runtime.start_worker``) and returns at
+once; post_worker_init makes SIGTERM drain it first. Each worker inherits that object, with the board
+and the slot it was given, at the fork; nothing is kept on gunicorn's objects.
+
+gunicorn executes the config file again on SIGHUP (a reload), so that object cannot live in the config
+file's namespace: ``server_hooks()`` keeps the one of this process, and a reload gets it back with the
+board and slots of the workers still running.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from webapp import runtime
+from webapp.api import auth
+from webapp.app import create_app
+from webapp.board import lifecycle, metric_files
+from webapp.board.readiness import pid_alive
+from webapp.board.slots import BOARD_FILE, DIR_PREFIX, Board
+from webapp.runtime import Runtime
+from webapp.settings import Settings, SettingsError, refusal
+from webapp.telemetry import logs
+
+log = logs.get(__name__)
+
+
+def board_capacity(workers: int) -> int:
+    """Slots for the workers plus a full second generation: a reload (SIGHUP) forks new workers before the
+    old ones have exited, and each needs its own slot."""
+    return 2 * workers + 2
+
+
+def remove_stale_boards(directory: Path) -> None:
+    """Delete boards whose master is gone (a crashed earlier run): they are never trusted or reused."""
+    for folder in Path(directory).glob(DIR_PREFIX + "*"):
+        try:
+            board = Board.attach(folder / BOARD_FILE)
+            master = board.master_pid
+            board.close()
+        except (OSError, ValueError):
+            master = 0  # unreadable or not a board of ours: nothing can be trusted in it
+        if master and pid_alive(master):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("stale_board_removed", path=str(folder), master_pid=master)
+
+
+_current: ServerHooks | None = None
+
+
+def server_hooks(settings: Settings) -> ServerHooks:
+    """This process's ServerHooks, made on the first call; a later one (a reload) hands it ``settings``,
+    read again, for the workers it forks from then on."""
+    global _current
+    if _current is None:
+        _current = ServerHooks(settings)
+    else:
+        _current.settings = settings
+    return _current
+
+
+class ServerHooks:
+    """What the hooks of one instance share: the board (made in the master), each live worker's slot by
+    its gunicorn age, and, inside a worker, that worker's runtime."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.board: Board | None = None
+        self.slots: dict[int, int] = {}  # worker.age -> slot, for the workers alive now
+        self.runtime: Runtime | None = None  # in a worker, from post_fork on
+
+    # -- master ---------------------------------------------------------------------------------------
+
+    def on_starting(self, server: Any) -> None:
+        workers = server.cfg.workers  # gunicorn's own count: WEB_CONCURRENCY, or -w on the command line
+        try:
+            self.settings = settings = self.settings.for_workers(workers)
+        except SettingsError as exc:
+            sys.exit(refusal(exc))
+        logs.configure(settings.log_format)
+        logs.route_app_logs(server.log, settings.log_level)
+        settings.board_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_boards(settings.board_dir)
+        self.board = Board.create(settings.board_dir, board_capacity(workers), workers)
+        metrics_folder = metric_files.prepare_multiprocess(self.board)
+        log.info("board_created", path=str(self.board.path), slots=self.board.capacity, metrics=str(metrics_folder))
+        warning = auth.open_warning(settings)
+        if warning:
+            log.warning("api_keys_off", bind=settings.bind, message=warning)
+        for name in ("term", "int", "quit"):
+            self._flag_shutdown_first(server, name)
+
+    def _flag_shutdown_first(self, server: Any, name: str) -> None:
+        """Make the master's SIGTERM/SIGINT/SIGQUIT handler mark the board as shutting down before it stops
+        the workers, so /readyz turns 503 at once rather than when each worker gets around to it. The
+        arbiter looks its handlers up by name on each signal, so an instance attribute takes their place."""
+        original = getattr(server, f"handle_{name}")
+
+        def handler() -> None:
+            if self.board is not None:
+                self.board.set_shutting_down()
+                log.info("shutdown_begins", signal=name.upper())
+            original()
+
+        setattr(server, f"handle_{name}", handler)
+
+    def pre_fork(self, server: Any, worker: Any) -> None:
+        assert self.board is not None, "on_starting did not run"
+        slot = self.board.free_slot(set(self.slots.values()))
+        self.slots[worker.age] = slot
+        lifecycle.assign(self.board, slot)
+
+    def child_exit(self, server: Any, worker: Any) -> None:
+        metric_files.fold_exited(worker.pid)  # its counts join the exited totals, whatever its slot shows
+        slot = self.slots.pop(worker.age, None)
+        if self.board is not None and slot is not None:
+            lifecycle.bury(self.board, slot, worker.pid)
+
+    def nworkers_changed(self, server: Any, new_value: int, old_value: int | None) -> None:
+        if self.board is not None:
+            self.board.set_expected_workers(new_value)
+
+    def on_exit(self, server: Any) -> None:
+        if self.board is not None:
+            self.board.remove()
+            self.board = None
+
+    # -- worker ---------------------------------------------------------------------------------------
+
+    def post_fork(self, server: Any, worker: Any) -> None:
+        assert self.board is not None, "on_starting did not run"
+        self.runtime = runtime.start_worker(self.settings, self.board, self.slots[worker.age])
+
+    def app(self) -> Flask:
+        """The worker's WSGI app, built with its runtime (``webapp.server.gthread`` calls this instead of importing
+        an app by name)."""
+        assert self.runtime is not None, "post_fork did not run"
+        return create_app(self.runtime)
+
+    def post_worker_init(self, worker: Any) -> None:
+        """Make the worker's SIGTERM (from the master, or its own when UNHEALTHY) drain it first."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def drain_then_exit(signum: int, frame: Any) -> None:
+            if self.runtime is not None:
+                runtime.drain(self.runtime)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, drain_then_exit)
+
+    def worker_int(self, worker: Any) -> None:
+        """SIGINT/SIGQUIT: the worker is about to exit at once."""
+        if self.runtime is not None:
+            runtime.drain(self.runtime)
+
+    def worker_exit(self, server: Any, worker: Any) -> None:
+        if self.runtime is not None:
+            runtime.stop(self.runtime)

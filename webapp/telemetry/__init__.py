@@ -1,0 +1,1 @@
+"""Logs (``logs``) and counted events (``recorder``): the lowest layer above the settings."""

@@ -1,0 +1,123 @@
+"""``honest-diffusion``: one command for operators (docs/architecture.md §11).
+
+honest-diffusion status [--url URL] [--wait SECONDS] [--json]
+    The container's verdict from /readyz and one row per worker. Exit 0 ready, 1 not ready,
+    2 unreachable (or not this server), so a script can wait on it.
+honest-diffusion config [--json]
+    The effective settings, validated as the server validates them, with where each value came from
+    (API keys redacted). A bad value prints the line the server would stop with, and exits 1.
+honest-diffusion generate PROMPT [-o FILE] [--url URL] [--api-key KEY] [request flags]
+    The retrying client (webapp.tools.client): waits out a loading or busy server within a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import requests
+
+from webapp.settings import Settings, SettingsError, effective, refusal
+from webapp.tools import client
+
+READY, NOT_READY, UNREACHABLE = 0, 1, 2
+COLUMNS = ("slot", "state", "pid", "attempt", "heartbeat_age_s", "in_flight", "queued", "model", "error")
+
+
+def _readyz(url: str, timeout: float) -> tuple[int, dict[str, Any] | str]:
+    """(exit code, /readyz body) or (UNREACHABLE, why)."""
+    try:
+        response = requests.get(url.rstrip("/") + "/readyz", timeout=timeout)
+        body = response.json()
+    except (requests.RequestException, ValueError) as exc:
+        return UNREACHABLE, f"{url} is unreachable: {exc}"
+    if not isinstance(body, dict) or "workers" not in body or response.status_code not in (200, 503):
+        return UNREACHABLE, f"{url}/readyz answered {response.status_code} without a verdict: is this the server?"
+    return (READY if response.status_code == 200 else NOT_READY), body
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column == "attempt":
+        return f"{row.get('attempt')}/{row.get('max_attempts')}"
+    if column == "error":
+        return str(row.get("problem") or row.get("error") or "")
+    value = row.get(column)
+    return "-" if value is None else str(value)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def status(args: argparse.Namespace) -> int:
+    end = time.monotonic() + args.wait
+    while True:
+        code, body = _readyz(args.url, args.timeout)
+        if code == READY or time.monotonic() >= end:
+            break
+        time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+    if isinstance(body, str):
+        print(body, file=sys.stderr)
+        return code
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return code
+    print(f"{body['status']}: {body['reason']} (READY_POLICY={body['policy']}, needs {body['required_ready']})")
+    rows = [[column.upper() for column in COLUMNS]]
+    rows += [[_cell(worker, column) for column in COLUMNS] for worker in body["workers"]]
+    print(_table(rows))
+    return code
+
+
+def config(args: argparse.Namespace) -> int:
+    environ = os.environ
+    try:
+        settings = Settings.from_env(environ)
+    except SettingsError as exc:
+        print(refusal(exc), file=sys.stderr)
+        return 1
+    rows = effective(settings, environ)
+    workers = environ.get("WEB_CONCURRENCY")
+    if args.json:
+        shown = {row.variable: {"value": row.value, "source": row.source} for row in rows}
+        shown["WEB_CONCURRENCY"] = {"value": workers or "1", "source": "environment" if workers else "default"}
+        print(json.dumps(shown, indent=2))
+        return 0
+    table = [["VARIABLE", "VALUE", "SOURCE"]] + [[row.variable, row.value or "(empty)", row.source] for row in rows]
+    table.append(["WEB_CONCURRENCY", workers or "1", "environment" if workers else "default (gunicorn's own)"])
+    print(_table(table))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="honest-diffusion", description="Operate an honest-diffusion server.")
+    commands = top.add_subparsers(dest="command", required=True)
+    status_parser = commands.add_parser("status", help="the container's readiness and one row per worker")
+    status_parser.add_argument("--url", default=os.environ.get(client.URL_VARIABLE, client.DEFAULT_URL))
+    status_parser.add_argument("--wait", type=float, default=0.0, help="seconds to keep asking until ready")
+    status_parser.add_argument("--timeout", type=float, default=5.0, help="seconds for one request")
+    status_parser.add_argument("--json", action="store_true", help="print /readyz's body as it is")
+    status_parser.set_defaults(run=status)
+    config_parser = commands.add_parser("config", help="the effective settings and where each came from")
+    config_parser.add_argument("--json", action="store_true")
+    config_parser.set_defaults(run=config)
+    generate_parser = commands.add_parser("generate", help="generate one image, waiting out a loading server")
+    client.add_arguments(generate_parser)
+    generate_parser.set_defaults(run=client.run)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
