@@ -82,6 +82,23 @@ def _resolve(value: Bound, settings: Settings) -> Any:
     return value(settings) if callable(value) else value
 
 
+def _side(name: str, axis: int) -> RequestField:
+    """The ``width`` (axis 0) or ``height`` (axis 1) field: bounded by the loaded model's limits, on its side
+    multiple, and its native size (within MAX_IMAGE_SIZE) when absent."""
+    return RequestField(
+        name,
+        "integer",
+        name.capitalize(),
+        f"Image {name} in pixels, a multiple of the model's side multiple (the model's native size, within "
+        "MAX_IMAGE_SIZE, when absent).",
+        default=lambda settings: settings.default_size[axis] if settings.default_size else None,
+        low=attrgetter("min_image_size"),
+        high=attrgetter("max_image_size"),
+        multiple_of=attrgetter("size_multiple"),
+        flag=name,
+    )
+
+
 FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "prompt", "text", "Prompt", "What to draw.", high=attrgetter("max_prompt_chars"), required=True, demo=False
@@ -120,30 +137,7 @@ FIELDS: tuple[RequestField, ...] = (
         applies=attrgetter("takes_guidance"),
         not_taken="the model has no guidance input (FLUX.1-schnell is distilled without one)",
     ),
-    RequestField(
-        "width",
-        "integer",
-        "Width",
-        "Image width in pixels, a multiple of the model's side multiple (the model's native size, within "
-        "MAX_IMAGE_SIZE, when absent).",
-        default=lambda settings: settings.default_size[0] if settings.default_size else None,
-        low=attrgetter("min_image_size"),
-        high=attrgetter("max_image_size"),
-        multiple_of=attrgetter("size_multiple"),
-        flag="width",
-    ),
-    RequestField(
-        "height",
-        "integer",
-        "Height",
-        "Image height in pixels, a multiple of the model's side multiple (the model's native size, within "
-        "MAX_IMAGE_SIZE, when absent).",
-        default=lambda settings: settings.default_size[1] if settings.default_size else None,
-        low=attrgetter("min_image_size"),
-        high=attrgetter("max_image_size"),
-        multiple_of=attrgetter("size_multiple"),
-        flag="height",
-    ),
+    *(_side(name, axis) for axis, name in enumerate(("width", "height"))),
     RequestField(
         "num_images", "integer", "Images", "Images to generate.", default=1, low=1, high=attrgetter("max_images")
     ),
