@@ -208,9 +208,10 @@ def running_server(model_cache: Path, workdir: Path, **overrides: str) -> Iterat
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A two-worker server on the default tiny model, READY, shared by a module's read-only tests."""
+    """A two-worker server on the default model, READY, shared by every module's read-only tests (one start
+    instead of one per module: no test that takes it may break a worker, and its counts only grow)."""
     with running_server(model_cache, tmp_path_factory.mktemp("ready-server")) as server:
         yield server
 
@@ -218,9 +219,10 @@ def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
 API_KEY = "test-key-0123456789abcdef"  # the key keyed_server accepts (API_KEYS); never a real secret
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def keyed_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A one-worker server that needs API_KEY on the routes that generate, READY, shared by a module."""
+    """A one-worker server that needs API_KEY on the routes that generate, READY, shared by every module's
+    read-only tests."""
     with running_server(
         model_cache, tmp_path_factory.mktemp("keyed-server"), WEB_CONCURRENCY="1", API_KEYS=f"{API_KEY},second-key"
     ) as server:
