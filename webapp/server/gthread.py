@@ -58,6 +58,50 @@ class _Arrival:
     polled: bool = False  # registered with the worker's poller
 
 
+class _HeadersWithBody:
+    """A connection's socket as gunicorn's Response writes to it, holding the header block back until the
+    body's first bytes so that both leave in one send. gunicorn sends them in two, and a worker killed
+    between the two (another thread may hold the interpreter in between) left a client, or a load balancer,
+    holding headers with no body: a proxy retries a request that got nothing, never one that got headers.
+    Everything else is the socket's own."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._held = b""
+        self._sent = False
+
+    def sendall(self, data: bytes, *args: Any) -> None:
+        if not self._sent and not self._held and bytes(data[:5]) == b"HTTP/":
+            self._held = bytes(data)  # the status line and headers: wait for the body
+            return
+        self._sent = True
+        if self._held:
+            data, self._held = self._held + bytes(data), b""
+        self._sock.sendall(data, *args)
+
+    def release(self) -> None:
+        """Send what is still held (an answer without a body); a closed socket has nothing left to send."""
+        if self._held:
+            held, self._held = self._held, b""
+            with contextlib.suppress(OSError):
+                self._sock.sendall(held)
+
+    def fileno(self) -> int:
+        self.release()  # whoever writes to the descriptor itself must find the headers sent
+        return self._sock.fileno()
+
+    def send(self, data: bytes, *args: Any) -> int:
+        self.release()
+        return self._sock.send(data, *args)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        self.release()  # a file's body goes straight from the descriptor: the headers must go first
+        return self._sock.sendfile(file, offset, count)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 def _target(data: bytes) -> str:
     """The path of a request line that has arrived (``POST /v1/images/generations HTTP/1.1``), else ''."""
     line = bytes(data[:8192]).split(b"\r\n", 1)[0].split(b" ")
@@ -88,6 +132,17 @@ class BufferedThreadWorker(ThreadWorker):
         """The app comes from ``make_app`` (ServerHooks.app, with this worker's runtime), not from an
         import path."""
         self.wsgi = self.make_app()
+
+    def handle_request(self, req: Any, conn: TConn) -> bool:
+        """gunicorn's, with the answer's headers sent together with its first body bytes (see
+        ``_HeadersWithBody``)."""
+        real = conn.sock
+        conn.sock = _HeadersWithBody(real)
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            conn.sock.release()
+            conn.sock = real
 
     def _kernel_timeout(self) -> bytes:
         seconds = self.client_timeout
