@@ -208,92 +208,99 @@ def _small_vae(shift_factor: float | None = None) -> AutoencoderKL:
     )
 
 
-def build_family(family: str, seed: int = 0) -> Any:
-    """A tiny random-weight pipeline of ``family`` (sdxl, sd3 or flux); the same seed gives the same weights.
-    Native sizes: sdxl 64x64 (multiple 2), sd3 64x64 (multiple 4, at most 128), flux 256x256 (multiple 4)."""
-    from diffusers import (
-        EulerDiscreteScheduler,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-        StableDiffusionXLPipeline,
+def _tiny_sdxl() -> Any:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # the second encoder's projection (32) + 6 time ids x 8
+        cross_attention_dim=64,  # the two encoders' hidden states side by side
+        norm_num_groups=32,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_small_vae(),
+        text_encoder=_clip_encoder(32, projection=False),
+        text_encoder_2=_clip_encoder(32, projection=True),
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="leading", steps_offset=1),
     )
 
+
+def _tiny_sd3() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer_3, text_encoder_3 = _t5_parts(32)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIP projections side by side
+        pos_embed_max_size=32,  # latent sides up to 64: images up to 128 px
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=_small_vae(shift_factor=0.0609),
+        text_encoder=_clip_encoder(32, projection=True),
+        text_encoder_2=_clip_encoder(32, projection=True),
+        text_encoder_3=text_encoder_3,
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        tokenizer_3=tokenizer_3,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def _tiny_flux() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer_2, text_encoder_2 = _t5_parts(32)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=[4, 4, 8],
+    )
+    return FluxPipeline(
+        transformer=transformer,
+        vae=_small_vae(shift_factor=0.1159),
+        text_encoder=_clip_encoder(32, projection=False),
+        tokenizer=build_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+_FAMILY_BUILDERS = {"sdxl": _tiny_sdxl, "sd3": _tiny_sd3, "flux": _tiny_flux}
+
+
+def build_family(family: str, seed: int = 0) -> Any:
+    """A tiny random-weight pipeline of ``family`` (sdxl, sd3 or flux); the same seed gives the same weights.
+    Native sizes: sdxl 64x64 (multiple 8), sd3 64x64 (multiple 4, at most 128), flux 256x256 (multiple 4)."""
+    if family not in _FAMILY_BUILDERS:
+        raise ValueError(f"unknown family {family!r} (known: {', '.join(FAMILY_BUILDS)})")
     torch.manual_seed(seed)
-    if family == "sdxl":
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=80,  # the second encoder's projection (32) + 6 time ids x 8
-            cross_attention_dim=64,  # the two encoders' hidden states side by side
-            norm_num_groups=32,
-        )
-        return StableDiffusionXLPipeline(
-            vae=_small_vae(),
-            text_encoder=_clip_encoder(32, projection=False),
-            text_encoder_2=_clip_encoder(32, projection=True),
-            tokenizer=build_tokenizer(),
-            tokenizer_2=build_tokenizer(),
-            unet=unet,
-            scheduler=EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="leading", steps_offset=1),
-        )
-    if family == "sd3":
-        tokenizer_3, text_encoder_3 = _t5_parts(32)
-        transformer = SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=32,
-            caption_projection_dim=32,
-            pooled_projection_dim=64,  # the two CLIP projections side by side
-            pos_embed_max_size=32,  # latent sides up to 64: images up to 128 px
-        )
-        return StableDiffusion3Pipeline(
-            transformer=transformer,
-            vae=_small_vae(shift_factor=0.0609),
-            text_encoder=_clip_encoder(32, projection=True),
-            text_encoder_2=_clip_encoder(32, projection=True),
-            text_encoder_3=text_encoder_3,
-            tokenizer=build_tokenizer(),
-            tokenizer_2=build_tokenizer(),
-            tokenizer_3=tokenizer_3,
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-        )
-    if family == "flux":
-        tokenizer_2, text_encoder_2 = _t5_parts(32)
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,  # 4 latent channels packed 2x2
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=[4, 4, 8],
-        )
-        return FluxPipeline(
-            transformer=transformer,
-            vae=_small_vae(shift_factor=0.1159),
-            text_encoder=_clip_encoder(32, projection=False),
-            tokenizer=build_tokenizer(),
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-        )
-    raise ValueError(f"unknown family {family!r} (known: {', '.join(FAMILY_BUILDS)})")
+    return _FAMILY_BUILDERS[family]()
