@@ -6,8 +6,9 @@ import os
 import signal
 
 import pytest
+import requests
 
-from tests.conftest import process_state, wait_for
+from tests.conftest import READY_DEADLINE_S, process_state, wait_for
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
@@ -32,3 +33,62 @@ def test_sigkill_of_a_worker_flips_readyz_at_once_and_back_after_the_replacement
     assert rows[victim["slot"]]["pid"] != victim["pid"]
     assert rows[victim["slot"]]["state"] == "READY"
     assert rows[survivor["slot"]]["pid"] == survivor["pid"]
+    # The second worker was forked after the master imported the model code, and so was the replacement.
+    code = started_lines(server)
+    assert code[rows[victim["slot"]]["pid"]] == "inherited"
+    assert sorted(code[pid] for pid in (victim["pid"], survivor["pid"])) == ["imports", "inherited"]
+
+
+def started_lines(server) -> dict[int, str]:
+    """pid -> the model_code its worker_started log line says."""
+    found = {}
+    for line in server.log_lines():
+        if "event=worker_started" in line:
+            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            found[int(fields["pid"])] = fields["model_code"]
+    return found
+
+
+def master_threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_the_master_imports_the_model_code_after_the_first_fork_and_a_replacement_inherits_it(start_server):
+    """docs/architecture.md §13. One worker: it answers /healthz throughout while the master imports torch and
+    diffusers beside it; the master ends with one thread and CUDA untouched; the worker forked after a
+    SIGKILL starts with the model code imported and is READY again without importing it."""
+    server = start_server(WEB_CONCURRENCY="1", HEARTBEAT_INTERVAL="0.2")
+    answers: list[int] = []
+
+    def imported() -> str | None:
+        server.check_running()
+        try:
+            answers.append(server.get("/healthz", timeout=10).status_code)
+        except requests.ConnectionError:
+            assert not answers, "the port stopped answering once it had answered"
+        return next((line for line in server.log_lines() if "event=master_preimported" in line), None)
+
+    line = wait_for(imported, READY_DEADLINE_S, "the master to import the model code", interval=0.02)
+    assert answers and set(answers) == {200}, answers  # answered all along, while the master imported
+    assert "threads=1 " in line and "cuda_initialized=false" in line, line
+    assert "diffusers.StableDiffusionPipeline" in line and "transformers.CLIPTextModel" in line, line
+    assert master_threads(server.proc.pid) == 1  # no thread left running in the master: forks stay safe
+
+    (first,) = server.wait_ready()["workers"]
+    assert started_lines(server)[first["pid"]] == "imports"  # forked before the master imported
+    os.kill(first["pid"], signal.SIGKILL)
+    body = wait_for(
+        lambda: (lambda s, b: b if s == 200 and b["workers"][0]["pid"] != first["pid"] else None)(*server.readyz()),
+        READY_DEADLINE_S,
+        "the replacement to be READY",
+    )
+    replacement = body["workers"][0]
+    assert started_lines(server)[replacement["pid"]] == "inherited"
+    assert server.post("/generate", json={"prompt": "a red circle", "num_inference_steps": 2}).status_code == 200
+
+
+def test_with_master_preimport_off_every_worker_imports_for_itself(start_server):
+    server = start_server(MASTER_PREIMPORT="0")
+    pids = [w["pid"] for w in server.wait_ready()["workers"]]
+    assert [started_lines(server)[pid] for pid in pids] == ["imports", "imports"]
+    assert not any("event=master_preimported" in line for line in server.log_lines())

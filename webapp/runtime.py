@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +64,15 @@ def start_worker(
     try:
         engine = Engine(settings, worker, on_unhealthy)
         # Said before the threads start: once they run, the loader may already have moved the state on.
-        log.info("worker_started", slot=slot, pid=os.getpid(), state=worker.state.name)
+        # model_code says whether this worker inherited MODEL_LOADER's module from the master (§13).
+        inherited = settings.model_loader.partition(":")[0] in sys.modules
+        log.info(
+            "worker_started",
+            slot=slot,
+            pid=os.getpid(),
+            state=worker.state.name,
+            model_code="inherited" if inherited else "imports",
+        )
         engine.start()
     except Exception as exc:
         log.exception("worker_start_failed", slot=slot, pid=os.getpid())

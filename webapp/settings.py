@@ -115,6 +115,12 @@ class _Serving(_Group):
     graceful_timeout: Number = _setting(
         "GRACEFUL_TIMEOUT", 30, "Seconds a worker may finish in-flight work after SIGTERM.", ge=0, le=3600
     )
+    master_preimport: bool = _setting(
+        "MASTER_PREIMPORT",
+        True,
+        "1 = once the first worker is forked, the master imports the model code (torch, diffusers, the "
+        "pipeline classes) so later workers inherit it: a replacement only loads weights. 0 = each worker imports.",
+    )
     worker_timeout: Number = _setting(
         "WORKER_TIMEOUT",
         60,

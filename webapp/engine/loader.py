@@ -16,6 +16,7 @@ draining) stops at once.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +75,16 @@ def retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+def preimport(settings: Settings) -> list[str]:
+    """Import MODEL_LOADER's module, and what its optional ``preimport(settings)`` names, in this process
+    without loading anything: the gunicorn master does it so the workers it forks afterwards start with the
+    model code already imported (docs/architecture.md §13). Returns what the loader's ``preimport`` listed."""
+    module_name = settings.model_loader.partition(":")[0]
+    resolve_callable(settings.model_loader)  # imports the module, and checks the function is there
+    hook = getattr(sys.modules[module_name], "preimport", None)
+    return list(hook(settings)) if callable(hook) else []
 
 
 def warm_up_params(limits: Settings) -> GenerationParams:

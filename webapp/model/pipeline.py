@@ -1,11 +1,14 @@
 """The diffusers text-to-image model behind the engine's small interface (see ``engine.Model``).
 
-This is the only module that imports torch and diffusers, and only the engine thread imports it, after
-the worker is already answering probes. One generation reads top to bottom in ``DiffusersModel.generate``.
+This is the only module that imports torch and diffusers. A worker's engine thread imports it, after the
+worker is already answering probes, unless the worker inherited it from the gunicorn master (``preimport``,
+docs/architecture.md §13). One generation reads top to bottom in ``DiffusersModel.generate``.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -65,6 +68,32 @@ def model_location(settings: Settings) -> str:
             raise FileNotFoundError(f"MODEL_ID {settings.model_id} is not a folder")
         return str(folder)
     return settings.model_id
+
+
+def preimport(settings: Settings) -> list[str]:
+    """Import the classes ``load`` will need for the configured model, without loading or touching a device:
+    the gunicorn master calls this (``webapp.engine.loader.preimport``) so the workers it forks later inherit
+    them. Reads ``model_index.json`` only when the model is a folder already on disk (the embedded model, a
+    local path); a hub id or a model still to be built imports torch and diffusers alone. Only classes of
+    diffusers and transformers are imported, whatever the folder names. Returns the classes imported."""
+    if settings.model_id == SCENES_MODEL:
+        folder: Path | None = SCENES_MODEL_DIR
+    elif settings.model_id.startswith(("/", "./", "../", "~")):
+        folder = Path(settings.model_id).expanduser()
+    else:
+        folder = None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return []
+    index = json.loads((folder / "model_index.json").read_text())
+    wanted = [("diffusers", str(index.get("_class_name", "")))]
+    wanted += [tuple(value) for value in index.values() if isinstance(value, list) and len(value) == 2]
+    imported = []
+    for library, name in wanted:
+        if library in ("diffusers", "transformers") and isinstance(name, str) and name.isidentifier():
+            module = importlib.import_module(library)
+            if getattr(module, name, None) is not None:  # the lazy module imports the class's own module
+                imported.append(f"{library}.{name}")
+    return imported
 
 
 def profile_of(pipe: DiffusionPipeline, dtype: str) -> ModelProfile:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import shutil
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from webapp.app import create_app
 from webapp.board import lifecycle, metric_files
 from webapp.board.readiness import pid_alive
 from webapp.board.slots import BOARD_FILE, DIR_PREFIX, Board
+from webapp.engine import loader
 from webapp.runtime import Runtime
 from webapp.settings import Settings, SettingsError, refusal
 from webapp.telemetry import logs
@@ -80,6 +83,8 @@ class ServerHooks:
         self.board: Board | None = None
         self.slots: dict[int, int] = {}  # worker.age -> slot, for the workers alive now
         self.runtime: Runtime | None = None  # in a worker, from post_fork on
+        self.forks = 0  # workers forked by this master
+        self.preimported = False  # the master has imported the model code (or tried)
 
     # -- master ---------------------------------------------------------------------------------------
 
@@ -101,6 +106,45 @@ class ServerHooks:
             log.warning("api_keys_off", bind=settings.bind, message=warning)
         for name in ("term", "int", "quit"):
             self._flag_shutdown_first(server, name)
+        self._preimport_after_first_fork(server)
+
+    def _preimport_after_first_fork(self, server: Any) -> None:
+        """Once the first worker is forked (it answers probes and imports on its own), the master imports
+        the model code, so every later fork, a replacement after a crash included, inherits it and only loads
+        weights (docs/architecture.md §13). It happens in the master's main thread, between forks: before the
+        second worker of the first generation (``pre_fork``), or after the arbiter's first round of forks
+        when there is one worker. The arbiter calls ``manage_workers`` on each pass of its loop."""
+        original = server.manage_workers
+
+        def manage_workers() -> None:
+            original()
+            if self.forks and not self.preimported:
+                self.preimport()
+
+        server.manage_workers = manage_workers
+
+    def preimport(self) -> None:
+        """Import the model code in the master (``loader.preimport``), with no device touched and no thread
+        left running; a failure is logged and leaves the workers to import it themselves."""
+        self.preimported = True
+        if not self.settings.master_preimport:
+            return
+        started = time.monotonic()
+        modules = len(sys.modules)
+        try:
+            classes = loader.preimport(self.settings)
+        except Exception as exc:  # the master must keep running: each worker will import (and fail) itself
+            log.exception("master_preimport_failed", error=repr(exc))
+            return
+        torch = sys.modules.get("torch")
+        log.info(
+            "master_preimported",
+            seconds=round(time.monotonic() - started, 3),
+            modules=len(sys.modules) - modules,
+            classes=",".join(classes),
+            threads=threading.active_count(),
+            cuda_initialized=bool(torch is not None and torch.cuda.is_initialized()),
+        )
 
     def _flag_shutdown_first(self, server: Any, name: str) -> None:
         """Make the master's SIGTERM/SIGINT/SIGQUIT handler mark the board as shutting down before it stops
@@ -118,6 +162,9 @@ class ServerHooks:
 
     def pre_fork(self, server: Any, worker: Any) -> None:
         assert self.board is not None, "on_starting did not run"
+        if self.forks and not self.preimported:
+            self.preimport()  # this fork and every later one inherit the model code
+        self.forks += 1
         slot = self.board.free_slot(set(self.slots.values()))
         self.slots[worker.age] = slot
         lifecycle.assign(self.board, slot)
