@@ -23,7 +23,9 @@ bind = [settings.bind]
 # workers: gunicorn's own, from WEB_CONCURRENCY (or -w); the master reads the count it really runs.
 # gthread (request threads keep answering probes while the engine thread generates), handing a thread only
 # requests that have fully arrived, so slow or idle clients cannot take the threads probes need.
-worker_class = gthread.buffered_worker(settings.client_timeout, settings.max_body_bytes, server_hooks.app)
+worker_class = gthread.buffered_worker(
+    settings.client_timeout, settings.max_body_bytes, server_hooks.app, server_hooks.gate
+)
 threads = settings.threads
 timeout = int(settings.worker_timeout)
 graceful_timeout = int(settings.graceful_timeout)

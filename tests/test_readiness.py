@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from tests.conftest import process_state, wait_for
-from webapp.board.readiness import judge, pid_alive
+from webapp.board.readiness import Gate, gate, judge, pid_alive
 from webapp.board.slots import SlotRecord, State
 
 NOW = 1000.0
@@ -108,3 +108,36 @@ def test_pid_alive_sees_a_zombie_as_gone():
     assert not pid_alive(pid)
     assert not pid_alive(0) and not pid_alive(-5)
     assert pid_alive(os.getpid())
+
+
+@pytest.mark.parametrize(
+    ("mine", "other", "expected"),
+    [
+        (State.READY, State.READY, Gate.SERVES),
+        (State.READY, State.LOADING, Gate.SERVES),
+        (State.LOADING, State.READY, Gate.STANDS_BY),
+        (State.WARMING, State.READY, Gate.STANDS_BY),
+        (State.FAILED, State.READY, Gate.STANDS_BY),
+        (State.LOADING, State.LOADING, Gate.STANDS_IN),
+        (State.LOADING, State.DRAINING, Gate.STANDS_IN),
+        (State.STARTING, State.DEAD, Gate.STANDS_IN),
+    ],
+)
+def test_a_worker_that_is_not_ready_stands_by_only_while_another_is(mine, other, expected):
+    """docs/architecture.md §14: some worker always accepts; one that cannot serve leaves it to one that can."""
+    records = [rec(mine, 1), rec(other, 2)]
+    assert gate(records, 0, NOW, heartbeat_timeout=10, is_alive=everyone_alive) is expected
+    assert expected.accepts is (expected is not Gate.STANDS_BY)
+
+
+@pytest.mark.parametrize(
+    "untrusted",
+    [
+        {"pid": 2, "alive": lambda pid: pid != 2},  # the READY worker's pid is gone (killed, not yet reaped)
+        {"pid": 2, "heartbeat": NOW - 11},  # its heartbeat is older than the limit
+    ],
+)
+def test_a_ready_worker_that_cannot_be_trusted_leaves_the_others_accepting(untrusted):
+    alive = untrusted.pop("alive", everyone_alive)
+    records = [rec(State.LOADING, 1), rec(State.READY, **untrusted)]
+    assert gate(records, 0, NOW, heartbeat_timeout=10, is_alive=alive) is Gate.STANDS_IN

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 import requests
@@ -92,3 +93,56 @@ def test_with_master_preimport_off_every_worker_imports_for_itself(start_server)
     pids = [w["pid"] for w in server.wait_ready()["workers"]]
     assert [started_lines(server)[pid] for pid in pids] == ["imports", "imports"]
     assert not any("event=master_preimported" in line for line in server.log_lines())
+
+
+def gate_lines(server, pid: int) -> list[str]:
+    return [line for line in server.log_lines() if "event=gate " in line and f"pid={pid}" in line]
+
+
+def test_a_replacement_that_is_loading_takes_no_connection_while_another_worker_is_ready(start_server, tmp_path):
+    """docs/architecture.md §14. Every worker accepts on one socket, so the kernel used to hand connections to
+    the replacement while it was LOADING, and they got 503 (3 of 30 in the issue's run). Here a client sends
+    one request at a time through a SIGKILL and the replacement's whole load (held open by the gated loader):
+    every request answered is a 200, and only the one in flight on the killed worker may be cut off."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    server = start_server(MODEL_LOADER="tests.loaders:gated", GATE_FILE=str(gate), HEARTBEAT_INTERVAL="0.2")
+    victim = server.wait_ready()["workers"][0]
+    outcomes: list[int | str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                response = server.post("/generate", json={"prompt": "a blue square", "num_inference_steps": 1})
+                outcomes.append(response.status_code)
+            except requests.ConnectionError:
+                outcomes.append("cut off")
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_for(lambda: len(outcomes) >= 3, 60, "the client's first answers")
+        gate.unlink()  # the replacement will stay LOADING until the gate is back
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def loading_replacement() -> dict | None:
+            rows = server.readyz()[1]["workers"]
+            return next((w for w in rows if w["slot"] == victim["slot"] and w["pid"] != victim["pid"]), None)
+
+        replacement = wait_for(loading_replacement, READY_DEADLINE_S, "the replacement to start loading")
+        wait_for(lambda: gate_lines(server, replacement["pid"]), 10, "the replacement to stand by")
+        during = len(outcomes)
+        wait_for(lambda: len(outcomes) >= during + 20, 120, "twenty answers while the replacement loads")
+        assert loading_replacement()["state"] == "LOADING"
+        gate.touch()
+        wait_for(lambda: server.readyz()[0] == 200, READY_DEADLINE_S, "the replacement to be READY")
+        wait_for(lambda: any("gate=serves" in line for line in gate_lines(server, replacement["pid"])), 10, "serves")
+        after = len(outcomes)
+        wait_for(lambda: len(outcomes) >= after + 5, 60, "answers once both are READY")
+    finally:
+        stop.set()
+        thread.join(70)
+    failed = [outcome for outcome in outcomes if outcome != 200]
+    assert failed in ([], ["cut off"]), outcomes
+    assert "gate=stands_by" in gate_lines(server, replacement["pid"])[0]

@@ -12,11 +12,12 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from webapp.board import lifecycle
+from webapp.board import lifecycle, readiness
 from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import Board, State
 from webapp.engine.core import Engine
@@ -39,6 +40,14 @@ class Runtime:
     @property
     def slot(self) -> int:
         return self.lifecycle.slot
+
+    def gate(self) -> readiness.Gate:
+        """Whether this worker takes new connections now (docs/architecture.md §14): its server's event
+        loop asks, and stops accepting while another worker is READY and this one is not."""
+        settings = self.settings
+        return readiness.gate(
+            self.board.read_all(), self.slot, time.monotonic(), settings.heartbeat_timeout, settings.stall_timeout
+        )
 
     @property
     def limits(self) -> Settings:

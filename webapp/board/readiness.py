@@ -7,6 +7,7 @@ worker sees it first: the health routes, the metrics scrape and every worker's h
 
 from __future__ import annotations
 
+import enum
 import errno
 import math
 import os
@@ -131,6 +132,39 @@ def view_workers(
                 problem = STALLED + f" for {now - record.last_step_mono:.1f} s (limit {stall_timeout:g} s)"
         views.append(WorkerView(slot, record, problem))
     return views
+
+
+class Gate(enum.Enum):
+    """Whether a worker takes new connections from the socket every worker of the container shares
+    (docs/architecture.md §14). A worker that is not READY would only answer 503 to the requests the kernel
+    hands it, so it leaves them to a worker that is, as long as there is one."""
+
+    SERVES = "serves"  # READY: accepts
+    STANDS_IN = "stands_in"  # not READY, and no other worker is: accepts, to answer probes and refuse work
+    STANDS_BY = "stands_by"  # not READY while another worker is: accepts nothing
+
+    @property
+    def accepts(self) -> bool:
+        return self is not Gate.STANDS_BY
+
+
+def gate(
+    records: Sequence[SlotRecord],
+    slot: int,
+    now: float,
+    heartbeat_timeout: float,
+    stall_timeout: float = math.inf,
+    is_alive: Callable[[int], bool] = pid_alive,
+) -> Gate:
+    """The gate of the worker in ``slot``: READY serves; otherwise it stands by while another worker is
+    READY and can be trusted (its pid alive, its heartbeat fresh, no generation stalled), and stands in when
+    none is, so a container always has a worker accepting."""
+    if records[slot].state is State.READY:
+        return Gate.SERVES
+    others = view_workers(records, now, heartbeat_timeout, stall_timeout, is_alive)
+    if any(worker.ready for worker in others if worker.slot != slot):
+        return Gate.STANDS_BY
+    return Gate.STANDS_IN
 
 
 def judge(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import selectors
 import socket
 import struct
@@ -37,6 +38,7 @@ from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from webapp import errors
+from webapp.board.readiness import Gate
 from webapp.telemetry import logs
 from webapp.telemetry.recorder import recorder
 
@@ -44,6 +46,7 @@ log = logs.get(__name__)
 MAX_HEADER_BYTES = 64 * 1024  # h11 refuses (431) a header block larger than this
 CHUNK = 64 * 1024
 STOP_LINGER_S = 2.0  # as gunicorn's STOP_KEEPALIVE_LINGER for kept-alive connections
+GATE_POLL_S = 0.02  # how often a worker that is not READY looks at the board to open or close its gate
 
 
 @dataclass
@@ -127,6 +130,7 @@ class BufferedThreadWorker(ThreadWorker):
     client_timeout: float  # CLIENT_TIMEOUT
     max_body_bytes: int  # MAX_BODY_BYTES
     make_app: Callable[[], Any]  # builds this worker's WSGI app, once its runtime exists (after post_fork)
+    gate: Callable[[], Gate]  # whether this worker takes new connections now (docs/architecture.md §14)
 
     def load_wsgi(self) -> None:
         """The app comes from ``make_app`` (ServerHooks.app, with this worker's runtime), not from an
@@ -154,6 +158,34 @@ class BufferedThreadWorker(ThreadWorker):
         self.complete: set[TConn] = set()  # whole requests on their way to a thread
         self.close_after: set[TConn] = set()  # oversized: close after the answer, never drain
         self.stopped_at: float | None = None  # when the worker began to stop
+        self.gate_now = Gate.STANDS_IN  # the gate as last read (it decides how often it is read again)
+        self.gate_read_at = -math.inf
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gunicorn's, through the gate: a worker that is not READY while another is accepts nothing, so
+        the kernel hands the shared socket's connections to a worker that can serve them (§14)."""
+        now = time.monotonic()
+        if enabled and now - self.gate_read_at >= GATE_POLL_S:
+            self.gate_read_at = now
+            try:
+                gate = self.gate()
+            except Exception:  # the board unreadable: accept, as gunicorn would (the probes say the rest)
+                log.exception("gate_unreadable")
+                gate = Gate.STANDS_IN
+            if gate is not self.gate_now:
+                log.info("gate", gate=gate.value, was=self.gate_now.value, pid=self.pid)
+                self.gate_now = gate
+        super().set_accept_enabled(enabled and self.gate_now.accepts)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        """gunicorn's, with the gate read again on each pass while the worker runs, every GATE_POLL_S
+        while this worker is not READY: it opens within that when the READY worker dies, and closes when
+        another becomes READY."""
+        if self.alive:
+            self.set_accept_enabled(self.nr_conns < self.worker_connections)
+            if self.gate_now is not Gate.SERVES:
+                timeout = min(timeout, GATE_POLL_S)
+        super().wait_for_and_dispatch_events(timeout)
 
     def enqueue_req(self, conn: TConn) -> None:
         """Every path to a request thread comes here: only a whole request passes."""
@@ -283,13 +315,14 @@ class BufferedThreadWorker(ThreadWorker):
 
 
 def buffered_worker(
-    client_timeout: float, max_body_bytes: int, make_app: Callable[[], Any]
+    client_timeout: float, max_body_bytes: int, make_app: Callable[[], Any], gate: Callable[[], Gate]
 ) -> type[BufferedThreadWorker]:
-    """The worker class for gunicorn's ``worker_class``: the limits from settings, and the function that
-    builds each worker's app."""
+    """The worker class for gunicorn's ``worker_class``: the limits from settings, the function that
+    builds each worker's app, and the one that reads its gate."""
     attributes = {
         "client_timeout": client_timeout,
         "max_body_bytes": max_body_bytes,
         "make_app": staticmethod(make_app),
+        "gate": staticmethod(gate),
     }
     return type("BufferedThreadWorker", (BufferedThreadWorker,), attributes)

@@ -29,7 +29,7 @@ from webapp import runtime
 from webapp.api import auth
 from webapp.app import create_app
 from webapp.board import lifecycle, metric_files
-from webapp.board.readiness import pid_alive
+from webapp.board.readiness import Gate, pid_alive
 from webapp.board.slots import BOARD_FILE, DIR_PREFIX, Board
 from webapp.engine import loader
 from webapp.runtime import Runtime
@@ -195,6 +195,11 @@ class ServerHooks:
         an app by name)."""
         assert self.runtime is not None, "post_fork did not run"
         return create_app(self.runtime)
+
+    def gate(self) -> Gate:
+        """Whether this worker takes new connections now (``webapp.server.gthread`` asks on each pass of its
+        event loop): its runtime's gate, docs/architecture.md §14."""
+        return self.runtime.gate() if self.runtime is not None else Gate.STANDS_IN
 
     def post_worker_init(self, worker: Any) -> None:
         """Make the worker's SIGTERM (from the master, or its own when UNHEALTHY) drain it first."""
