@@ -3,16 +3,22 @@ markdown table. Run from the repository root (about four minutes on 2 CPUs):
 
     .venv/bin/python bench/suite.py
 
-1. The bare pipeline in a fresh process (bench/bare.py): import + load + warm-up, and per-image latency.
-2. One worker: start to /healthz and to /readyz 200 against (1); per-image latency through HTTP against (1).
-3. Two workers, with a checker sending /readyz and then /generate all along: /healthz idle and while both
-   workers generate; a worker SIGKILLed and one SIGSTOPped, to /readyz 503; false-ready time.
+1. The bare pipeline in a fresh process (bench/bare.py): import + load + warm-up, its first image, and
+   per-image latency.
+2. One and two workers: start to /healthz, to /readyz 200 and to the first image against (1), and the
+   memory of master and workers, with the master's imports (docs/architecture.md §13) and without;
+   per-image latency through HTTP against (1).
+3. Two workers, with a checker sending /readyz and then /generate all along, and a client sending one
+   /generate at a time: /healthz idle and while both workers generate; a worker SIGKILLed (--runs times:
+   to /readyz 503, to 200 again, requests failed) and one SIGSTOPped, to /readyz 503; false-ready time.
 4. One worker under closed-loop load, batching off and on: throughput and shed latency (bench/traffic.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +30,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -47,20 +54,63 @@ def bare_process(cache: str) -> subprocess.Popen:
 
 
 def bare_start(cache: str) -> dict:
-    """Import + load + warm-up of the bare pipeline in a fresh process."""
+    """Import + load + warm-up of the bare pipeline in a fresh process, and its first image: the seconds
+    the process reports, and the wall-clock times from its start (the same clock as a server's start)."""
+    spawned = time.monotonic()
     with bare_process(cache) as bare:
         header = json.loads(bare.stdout.readline())
+        header["ready_s"] = time.monotonic() - spawned
+        bare.stdin.write("0\n")
+        bare.stdin.flush()
+        bare.stdout.readline()
+        header["first_image_s"] = time.monotonic() - spawned
         bare.stdin.close()
     return header
 
 
-def one_worker_start(cache: str) -> dict:
-    """Start to /healthz 200 and to /readyz 200 of a one-worker server."""
-    with server(cache, WEB_CONCURRENCY="1") as (url, _, start):
+def first_image(url: str, deadline_s: float) -> float:
+    """Send the suite's /generate every 50 ms until one is answered with an image, as a client that retries
+    on 503 would; return when it was (monotonic)."""
+    job = {"prompt": PROMPT, "num_inference_steps": STEPS, "seed": 0}
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with contextlib.suppress(requests.ConnectionError):
+            if requests.post(url + "/generate", json=job, timeout=120).status_code == 200:
+                return time.monotonic()
+        time.sleep(0.05)
+    raise TimeoutError(f"no image from {url} within {deadline_s} s")
+
+
+def process_memory(pid: int) -> dict[str, float]:
+    """Peak and present resident memory (VmHWM, Rss) and proportional set size (Pss: shared pages divided
+    among the processes sharing them) of one process, in MB, from /proc."""
+    fields = {}
+    for name in ("status", "smaps_rollup"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "Rss", "Pss") and value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def server_memory(master: int) -> dict[str, Any]:
+    """The memory of the master and of each of its workers (``process_memory``)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return {"master": process_memory(master), "workers": [process_memory(int(pid)) for pid in children]}
+
+
+def server_start(cache: str, workers: int, **env: str) -> dict:
+    """Start to /healthz 200, to /readyz 200 and to the first image of a server with ``workers`` workers,
+    and its processes' memory once it has drawn that image and is ready."""
+    with server(cache, WEB_CONCURRENCY=str(workers), **env) as (url, proc, start):
         answered, _ = poll(url + "/healthz", lambda r: r.status_code == 200, 60)
-        # Every 50 ms, like an eager probe: polling flat out would take CPU from the load being timed.
-        ready, _ = poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.05)
-    return {"healthz_s": answered - start, "readyz_s": ready - start}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            image = pool.submit(first_image, url, 600)
+            # Every 50 ms, like an eager probe: polling flat out would take CPU from the load being timed.
+            ready, _ = poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.05)
+            drawn = image.result()
+        memory = server_memory(proc.pid)
+    return {"healthz_s": answered - start, "readyz_s": ready - start, "first_image_s": drawn - start, "memory": memory}
 
 
 def paired_images(cache: str, images: int) -> dict:
@@ -129,6 +179,36 @@ class Checker:
         self._thread.join(90)
 
 
+@dataclass
+class OneAtATime:
+    """A client sending one /generate at a time on a new connection each, until stopped (the peer harness's
+    load): what it got back, an HTTP status or "cut off" (the connection died with a killed worker)."""
+
+    url: str
+    outcomes: list[int | str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        job = {"prompt": "one at a time", "num_inference_steps": 1, "timeout_s": 30}
+        while not self._stop.is_set():
+            try:
+                self.outcomes.append(requests.post(self.url + "/generate", json=job, timeout=60).status_code)
+            except requests.RequestException:
+                self.outcomes.append("cut off")
+
+    def failed(self) -> list[int | str]:
+        return [outcome for outcome in self.outcomes if outcome not in (200, "cut off")]
+
+    def __enter__(self) -> OneAtATime:
+        self._thread = threading.Thread(target=self.run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(90)
+
+
 def healthz_latencies(url: str, samples: int) -> list[float]:
     out = []
     with requests.Session() as session:
@@ -139,7 +219,7 @@ def healthz_latencies(url: str, samples: int) -> list[float]:
     return out
 
 
-def two_workers(cache: str, samples: int) -> dict:
+def two_workers(cache: str, samples: int, kills: int) -> dict:
     env = {"WEB_CONCURRENCY": "2", "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S)}
     result: dict = {}
     with server(cache, **env) as (url, _, _), Checker(url) as checker:
@@ -159,13 +239,23 @@ def two_workers(cache: str, samples: int) -> dict:
             stop.set()
             load.join(180)
 
-        victim = response.json()["workers"][0]["pid"]
-        killed = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        flipped, _ = poll(url + "/readyz", lambda r: r.status_code == 503, 30)
-        healed, response = poll(url + "/readyz", lambda r: r.status_code == 200, 600)
-        result["sigkill_503_s"] = flipped - killed
-        result["sigkill_200_s"] = healed - killed
+        # SIGKILL one worker, `kills` times, each once the last replacement is READY and the one-at-a-time
+        # client has had answers since; the checker and that client run all along.
+        result["sigkill_503_s"], result["sigkill_200_s"] = [], []
+        with OneAtATime(url) as client:
+            for _ in range(kills):
+                answered = len(client.outcomes)
+                poll(url + "/readyz", lambda r, n=answered: len(client.outcomes) >= n + 3, 120, interval=0.05)
+                victim = response.json()["workers"][0]["pid"]
+                killed = time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                flipped, _ = poll(url + "/readyz", lambda r: r.status_code == 503, 30)
+                healed, response = poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.01)
+                result["sigkill_503_s"].append(flipped - killed)
+                result["sigkill_200_s"].append(healed - killed)
+            answered = len(client.outcomes)
+            poll(url + "/readyz", lambda r: len(client.outcomes) >= answered + 3, 120, interval=0.05)
+        result["one_at_a_time"] = client
 
         frozen = response.json()["workers"][0]["pid"]
         stopped = time.monotonic()
@@ -201,42 +291,105 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as cache:
         bare_start(cache)  # builds the tiny model into the cache, so no measured run pays for that
         # Startup is noisy here (the import alone varies by seconds): alternate several starts of each.
-        bare_starts, server_starts = [], []
+        bare_starts, server_starts, pair_starts = [], [], []
         for _ in range(args.runs):
             bare_starts.append(bare_start(cache))
-            server_starts.append(one_worker_start(cache))
+            server_starts.append(server_start(cache, 1))
+            pair_starts.append(server_start(cache, 2))
+        unshared = server_start(cache, 2, MASTER_PREIMPORT="0")  # as before docs/architecture.md §13
         images = paired_images(cache, args.images)
-        pair = two_workers(cache, args.samples)
+        pair = two_workers(cache, args.samples, args.runs)
         rows = {name: traffic.run_server(cache, size, 8, args.seconds) for name, size in (("off", 1), ("on", 4))}
-    return {"bare_starts": bare_starts, "server_starts": server_starts, "images": images, "pair": pair, **rows}
+    return {
+        "bare_starts": bare_starts,
+        "server_starts": server_starts,
+        "pair_starts": pair_starts,
+        "unshared": unshared,
+        "images": images,
+        "pair": pair,
+        **rows,
+    }
 
 
 def start_rows(measured: dict[str, Any], runs: int) -> list[tuple[str, str, str, str]]:
-    bare_starts = measured["bare_starts"]
-    bare_total = spread([b["total_s"] for b in bare_starts])
+    """Starts, each beside the bare process on the same clock (from the process's start, interpreter
+    included): to /healthz, to /readyz and to the first image, with one and two workers."""
+    bare = measured["bare_starts"]
+    bare_ready = spread([b["ready_s"] for b in bare])
+    bare_image = spread([b["first_image_s"] for b in bare])
+    parts = {key: statistics.median(b[key] for b in bare) for key in ("import_s", "load_s", "warmup_s")}
     healthz_s = spread([r["healthz_s"] for r in measured["server_starts"]])
-    readyz_s = spread([r["readyz_s"] for r in measured["server_starts"]])
-    parts = {key: statistics.median(b[key] for b in bare_starts) for key in ("import_s", "load_s", "warmup_s")}
-    return [
+    rows = [
         (
             f"start to /healthz 200 (median of {runs})",
             healthz_s.text,
-            f"bare import + load + warm-up {bare_total.text}",
-            f"{healthz_s.median / bare_total.median:.2f}x",
-        ),
+            f"bare start to loaded and warmed up {bare_ready.text}",
+            f"{healthz_s.median / bare_ready.median:.2f}x",
+        )
+    ]
+    for workers, starts in ((1, measured["server_starts"]), (2, measured["pair_starts"])):
+        ready = spread([r["readyz_s"] for r in starts])
+        image = spread([r["first_image_s"] for r in starts])
+        rows.append(
+            (
+                f"start to /readyz 200, {workers} worker{'s' * (workers > 1)} (median of {runs})",
+                ready.text,
+                f"bare {bare_ready.text}: import {parts['import_s']:.2f} + load {parts['load_s']:.2f} + "
+                f"warm-up {parts['warmup_s']:.2f} s",
+                f"{ready.median / bare_ready.median:.2f}x ({ready.median - bare_ready.median:+.2f} s)",
+            )
+        )
+        rows.append(
+            (
+                f"start to first image, {workers} worker{'s' * (workers > 1)} (median of {runs})",
+                image.text,
+                f"bare process to its first image {bare_image.text}",
+                f"{image.median / bare_image.median:.2f}x ({image.median - bare_image.median:+.2f} s)",
+            )
+        )
+    unshared = measured["unshared"]
+    rows.append(
         (
-            f"start to /readyz 200, 1 worker (median of {runs})",
-            readyz_s.text,
-            f"bare {bare_total.median:.2f} s: import {parts['import_s']:.2f} + load {parts['load_s']:.2f} + "
-            f"warm-up {parts['warmup_s']:.2f} s",
-            f"{readyz_s.median / bare_total.median:.2f}x ({readyz_s.median - bare_total.median:+.2f} s)",
-        ),
+            "start to /readyz 200 / first image, 2 workers, MASTER_PREIMPORT=0 (1 run)",
+            f"{unshared['readyz_s']:.2f} s / {unshared['first_image_s']:.2f} s",
+            "each worker imports for itself (before docs/architecture.md §13)",
+            f"{unshared['readyz_s'] / bare_ready.median:.2f}x / {unshared['first_image_s'] / bare_image.median:.2f}x",
+        )
+    )
+    return rows
+
+
+def memory_rows(measured: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The memory of a ready two-worker server that has drawn an image, with the master's imports and
+    without: Pss divides each shared page among its sharers, so the sum is what the container holds."""
+
+    def text(memory: dict[str, Any]) -> tuple[str, float]:
+        master, workers = memory["master"], memory["workers"]
+        total = master["Pss"] + sum(w["Pss"] for w in workers)
+        rss = " + ".join(f"{w['Rss']:.0f}" for w in workers)
+        peak = max(w["VmHWM"] for w in workers)
+        shown = (
+            f"Pss total {total:.0f} MB; master Rss {master['Rss']:.0f} / Pss {master['Pss']:.0f} MB; workers Rss "
+            f"{rss} MB, peak {peak:.0f} MB"
+        )
+        return shown, total
+
+    shared, shared_total = text(measured["pair_starts"][-1]["memory"])
+    unshared, unshared_total = text(measured["unshared"]["memory"])
+    return [
+        (
+            "memory, 2 workers, master imports the model code",
+            shared,
+            f"MASTER_PREIMPORT=0: {unshared}",
+            f"{shared_total / unshared_total:.2f}x Pss ({shared_total - unshared_total:+.0f} MB)",
+        )
     ]
 
 
 def fault_rows(measured: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     pair = measured["pair"]
     checker: Checker = pair["checker"]
+    client: OneAtATime = pair["one_at_a_time"]
     one_worker_ready = spread([r["readyz_s"] for r in measured["server_starts"]]).median
     idle, busy = pair["healthz_idle"], pair["healthz_busy"]
     return [
@@ -246,18 +399,29 @@ def fault_rows(measured: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"must be 0; {checker.ready_checks} /readyz 200s of {checker.checks} each followed by a /generate",
             "pass" if not checker.false_ready else "FAIL: " + "; ".join(checker.false_ready[:3]),
         ),
-        ("requests cut off by the SIGKILL", str(checker.cut_off), "in flight on the killed worker", "expected: 0 or 1"),
         (
-            "SIGKILL of a worker to /readyz 503",
-            ms(pair["sigkill_503_s"]),
-            f"HEARTBEAT_TIMEOUT {HEARTBEAT_TIMEOUT_S:g} s (the pid check comes first)",
-            f"{pair['sigkill_503_s'] / HEARTBEAT_TIMEOUT_S:.3f}x",
+            "checker requests cut off by the SIGKILLs",
+            str(checker.cut_off),
+            "in flight on a killed worker",
+            "at most one per kill",
         ),
         (
-            "SIGKILL to /readyz 200 again (replacement loaded)",
-            f"{pair['sigkill_200_s']:.2f} s",
+            "SIGKILL of a worker to /readyz 503",
+            ms(max(pair["sigkill_503_s"])) + " (the slowest)",
+            f"HEARTBEAT_TIMEOUT {HEARTBEAT_TIMEOUT_S:g} s (the pid check comes first)",
+            f"{max(pair['sigkill_503_s']) / HEARTBEAT_TIMEOUT_S:.3f}x",
+        ),
+        (
+            f"SIGKILL to /readyz 200 again (replacement loaded, median of {len(pair['sigkill_200_s'])})",
+            spread(pair["sigkill_200_s"]).text,
             f"one-worker start to /readyz 200 {one_worker_ready:.2f} s",
-            f"{pair['sigkill_200_s'] / one_worker_ready:.2f}x",
+            f"{spread(pair['sigkill_200_s']).median / one_worker_ready:.2f}x",
+        ),
+        (
+            f"requests failed through {len(pair['sigkill_200_s'])} SIGKILLs, one client, one request at a time",
+            f"{len(client.failed())} of {len(client.outcomes)}",
+            f"must be 0 (a 503 from a loading worker counts); cut off in flight: {client.outcomes.count('cut off')}",
+            "pass" if not client.failed() else "FAIL: " + ", ".join(map(str, client.failed()[:5])),
         ),
         (
             "SIGSTOP of a worker to /readyz 503",
@@ -315,11 +479,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20, help="single-image calls, bare and through HTTP")
     parser.add_argument("--samples", type=int, default=300, help="/healthz samples, idle and busy")
     parser.add_argument("--seconds", type=float, default=8.0, help="load time per traffic row")
-    parser.add_argument("--runs", type=int, default=3, help="starts of the bare pipeline and of one worker")
+    parser.add_argument("--runs", type=int, default=3, help="starts of each kind, and SIGKILLs")
     args = parser.parse_args()
 
     measured = measure(args)
-    table = start_rows(measured, args.runs) + fault_rows(measured) + traffic_rows(measured)
+    table = start_rows(measured, args.runs) + memory_rows(measured) + fault_rows(measured) + traffic_rows(measured)
     print(
         f"\n{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, tiny offline model; "
         f"{args.images} images, {args.samples} /healthz samples, {args.seconds:g} s per traffic row, "
@@ -331,8 +495,12 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     checker: Checker = measured["pair"]["checker"]
     errors = measured["off"]["errors"] + measured["on"]["errors"]
-    if errors or checker.false_ready:
-        print(f"\nFAILED: {len(checker.false_ready)} false-ready answers, {errors} traffic errors other than 503")
+    failed = measured["pair"]["one_at_a_time"].failed()
+    if errors or checker.false_ready or failed:
+        print(
+            f"\nFAILED: {len(checker.false_ready)} false-ready answers, {errors} traffic errors other than 503, "
+            f"{len(failed)} requests failed through a SIGKILL"
+        )
         sys.exit(1)
 
 

@@ -1,4 +1,5 @@
-"""The benchmark suite runs end to end (short) and finds no false readiness. No timing is asserted."""
+"""The benchmark suite runs end to end (short), finds no false readiness and no request failed through a SIGKILL.
+No timing is asserted."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def test_the_suite_prints_its_table_and_finds_no_false_readiness():
     for measure in (
         "start to /healthz 200 (median of 1)",
         "start to /readyz 200, 1 worker (median of 1)",
+        "start to /readyz 200, 2 workers (median of 1)",
+        "start to first image, 2 workers (median of 1)",
+        "memory, 2 workers, master imports the model code",
+        "SIGKILL to /readyz 200 again (replacement loaded, median of 1)",
         "SIGKILL of a worker to /readyz 503",
         "SIGSTOP of a worker to /readyz 503",
         "throughput, 8 clients, batching on",
@@ -28,6 +33,8 @@ def test_the_suite_prints_its_table_and_finds_no_false_readiness():
         assert measure in rows, done.stdout
     false_ready = rows["false-ready time (2 workers, start + kill + stop)"]
     assert "| 0.000 s |" in false_ready and false_ready.endswith("| pass |"), false_ready
+    through_kill = rows["requests failed through 1 SIGKILLs, one client, one request at a time"]
+    assert "| 0 of " in through_kill and through_kill.endswith("| pass |"), through_kill
 
 
 def test_the_slow_client_bench_prints_its_rows_and_no_probe_fails():
