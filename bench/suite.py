@@ -35,6 +35,7 @@ from typing import Any
 
 import requests
 import traffic
+from probes import healthz_latencies
 from servers import ROOT, poll, server
 
 PROMPT = "a quiet harbour"
@@ -207,16 +208,6 @@ class OneAtATime:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(90)
-
-
-def healthz_latencies(url: str, samples: int) -> list[float]:
-    out = []
-    with requests.Session() as session:
-        for _ in range(samples):
-            sent = time.perf_counter()
-            assert session.get(url + "/healthz", timeout=10).status_code == 200
-            out.append(time.perf_counter() - sent)
-    return out
 
 
 def two_workers(cache: str, samples: int, kills: int) -> dict:

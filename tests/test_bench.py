@@ -95,3 +95,12 @@ def test_the_gpu_bench_measures_each_family_through_the_servers_own_path():
         ("flux", "float32", "256x256"),
     ], done.stdout
     assert all(float(row[8]) > 0 for row in rows), done.stdout
+
+
+def test_the_probe_bench_prints_both_priorities_and_the_images_they_drew():
+    command = [sys.executable, "bench/probes.py", "--rounds", "1", "--samples", "30", "--seconds", "4"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| 10 ", "| 0 "))]
+    assert [row[0] for row in rows] == ["| 10", "| 0"], done.stdout
+    assert all(float(row[1]) > 0 and float(row[3].rstrip(" |")) > 0 for row in rows), done.stdout

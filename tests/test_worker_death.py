@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -88,11 +89,30 @@ def test_the_master_imports_the_model_code_after_the_first_fork_and_a_replacemen
     assert server.post("/generate", json={"prompt": "a red circle", "num_inference_steps": 2}).status_code == 200
 
 
-def test_with_master_preimport_off_every_worker_imports_for_itself(start_server):
-    server = start_server(MASTER_PREIMPORT="0")
+def nice_values(pid: int) -> dict[int, int]:
+    """Each thread of ``pid`` -> its nice value (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    values = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
+        values[int(tid)] = int(stat[stat.rindex(b")") + 2 :].split()[16])
+    return values
+
+
+def test_the_engine_thread_and_its_torch_threads_run_engine_nice_steps_below_the_request_threads(ready_server):
+    """docs/architecture.md §5: when the CPU is short, a probe is scheduled before more generation."""
+    assert ready_server.post("/generate", json={"prompt": "a red circle", "num_inference_steps": 2}).ok
+    for worker in ready_server.workers():
+        nice = nice_values(worker["pid"])
+        assert nice[worker["pid"]] == 0, nice  # the event loop, which reads requests and answers probes
+        assert sorted(set(nice.values())) == [0, 10], nice  # the engine thread (and torch's) at ENGINE_NICE
+
+
+def test_with_master_preimport_and_engine_nice_off_every_worker_imports_for_itself_at_one_priority(start_server):
+    server = start_server(MASTER_PREIMPORT="0", ENGINE_NICE="0")
     pids = [w["pid"] for w in server.wait_ready()["workers"]]
     assert [started_lines(server)[pid] for pid in pids] == ["imports", "imports"]
     assert not any("event=master_preimported" in line for line in server.log_lines())
+    assert all(set(nice_values(pid).values()) == {0} for pid in pids)
 
 
 def gate_lines(server, pid: int) -> list[str]:

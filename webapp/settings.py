@@ -102,6 +102,14 @@ class _Serving(_Group):
     threads: int = _setting(
         "THREADS", 16, "gthread request threads per worker; at least MAX_ONGOING + MAX_QUEUED + 2.", ge=3, le=4096
     )
+    engine_nice: int = _setting(
+        "ENGINE_NICE",
+        10,
+        "How much lower the CPU priority of each worker's engine thread (and the torch threads it starts) is than "
+        "its request threads', in nice steps; 0 = the same. Probes then wait less behind generation.",
+        ge=0,
+        le=19,
+    )
     max_requests: int = _setting(
         "MAX_REQUESTS",
         0,

@@ -16,6 +16,7 @@ them, and turns the worker UNHEALTHY (every job held fails at once with 503, ano
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -95,7 +96,20 @@ class Engine:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    def _lower_priority(self) -> None:
+        """Run this thread, and the torch threads it will start (a new thread takes its creator's nice
+        value), ENGINE_NICE steps below the request threads: when the CPU is short, a probe or a request
+        being read is scheduled before more generation (docs/architecture.md §5)."""
+        if not self.settings.engine_nice:
+            return
+        thread = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + self.settings.engine_nice)
+        except (AttributeError, OSError) as exc:  # no per-thread priorities here: the same priority, said once
+            log.warning("engine_priority_unchanged", error=repr(exc))
+
     def _run(self) -> None:
+        self._lower_priority()
         try:
             model = loader.load(self.settings, self.lifecycle, self._stop)
             if model is not None:  # the loader checked that these limits can be built
