@@ -3,6 +3,7 @@ run resumed from its checkpoint ends with the weights of one that was never inte
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 from pathlib import Path
@@ -15,24 +16,48 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
 
+TRAIN_ARGS = [
+    "--batch", "4", "--vae-batch", "4", "--vae-whole-batch", "4", "--vae-steps", "2", "--vae-crop-steps", "1",
+    "--vae-eval-every", "2", "--vae-target", "0", "--eval-every", "2", "--checkpoint-every", "1", "--threads", "1",
+]  # fmt: skip
+
+
+FAILING_VAE_ARGS = ["--vae-batch", "2", "--vae-steps", "1", "--vae-target", "0.5", "--threads", "1"]
+
+
+def run_training(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "training/train.py", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def train(out: Path, checkpoint: Path, unet_steps: int, *extra: str) -> str:
-    command = [
-        sys.executable, "training/train.py", "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "4",
-        "--vae-batch", "4", "--vae-whole-batch", "4", "--vae-steps", "2", "--vae-crop-steps", "1",
-        "--vae-eval-every", "2", "--vae-target", "0", "--unet-steps", str(unet_steps),
-        "--eval-every", "2", "--checkpoint-every", "1", "--threads", "1", *extra,
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_training("--out", str(out), "--checkpoint", str(checkpoint), *TRAIN_ARGS, "--unet-steps",
+                          str(unet_steps), *extra)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("straight")
-    output = train(folder / "model", folder / "checkpoint", unet_steps=4)
-    assert "vae done: 2 steps" in output and "wrote " in output
-    return folder / "model"
+def runs(tmp_path_factory) -> dict[str, object]:
+    """The module's training runs that do not depend on one another, two at a time (each uses one thread,
+    this machine has two cores): a whole straight run, one stopped early, the first half of a resumed
+    one, and one whose VAE fails the analyzer. Each test asserts on its own run."""
+    folder = tmp_path_factory.mktemp("training")
+    jobs = {
+        "straight": lambda: train(folder / "straight" / "model", folder / "straight" / "checkpoint", 4),
+        "stopped": lambda: train(folder / "stopped" / "model", folder / "stopped" / "checkpoint", 4, "--stop-at", "2"),
+        "first half": lambda: train(folder / "resumed" / "model", folder / "resumed" / "checkpoint", 2),
+        "vae fails": lambda: run_training(*FAILING_VAE_ARGS, "--out", str(folder / "failed" / "model")),
+    }
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        return {"folder": folder, **{name: future.result() for name, future in futures.items()}}
+
+
+@pytest.fixture(scope="module")
+def straight(runs) -> Path:
+    assert "vae done: 2 steps" in runs["straight"] and "wrote " in runs["straight"]
+    return runs["folder"] / "straight" / "model"
 
 
 def test_the_folder_is_served_by_the_servers_own_loader(straight):
@@ -48,31 +73,27 @@ def test_the_folder_is_served_by_the_servers_own_loader(straight):
     assert images[0].size == (64, 64)
 
 
-def test_stop_at_ends_the_unet_phase_early_on_the_longer_schedule_and_writes_the_folder(tmp_path):
-    output = train(tmp_path / "model", tmp_path / "checkpoint", 4, "--stop-at", "2")
+def test_stop_at_ends_the_unet_phase_early_on_the_longer_schedule_and_writes_the_folder(runs):
+    output = runs["stopped"]
     assert "unet step 2 " in output and "unet step 4 " not in output
-    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert (runs["folder"] / "stopped" / "model" / "model_index.json").is_file()
 
 
-def test_the_unet_never_starts_on_a_vae_the_analyzer_fails(tmp_path):
-    command = [
-        sys.executable, "training/train.py", "--out", str(tmp_path / "model"), "--vae-batch", "2", "--vae-steps", "1",
-        "--vae-target", "0.5", "--threads", "1",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_the_unet_never_starts_on_a_vae_the_analyzer_fails(runs):
+    result = runs["vae fails"]
     assert result.returncode == 1
     assert "the VAE is below --vae-target 50%" in result.stderr
-    assert "unet step" not in result.stdout and not (tmp_path / "model").exists()
+    assert "unet step" not in result.stdout and not (runs["folder"] / "failed" / "model").exists()
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(straight, tmp_path):
-    first = train(tmp_path / "model", tmp_path / "checkpoint", unet_steps=2)
-    assert not any(line.startswith("resumed:") for line in first.splitlines())
-    second = train(tmp_path / "model", tmp_path / "checkpoint", unet_steps=4)
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(straight, runs):
+    folder = runs["folder"] / "resumed"
+    assert not any(line.startswith("resumed:") for line in runs["first half"].splitlines())
+    second = train(folder / "model", folder / "checkpoint", unet_steps=4)
     assert second.splitlines()[0].startswith("resumed: phase unet, step 2")
     for part in ("unet", "text_encoder", "vae"):
         (weights,) = (straight / part).glob("*.safetensors")
-        expected, resumed = load_file(weights), load_file(tmp_path / "model" / part / weights.name)
+        expected, resumed = load_file(weights), load_file(folder / "model" / part / weights.name)
         assert expected.keys() == resumed.keys()
         assert all((expected[key] == resumed[key]).all() for key in expected), part
 
