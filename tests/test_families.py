@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import Server, running_server, wait_for
+from tests.conftest import Server, server_env, wait_for
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
@@ -43,20 +43,35 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return built
 
 
+@pytest.fixture(scope="module")
+def servers(folders, model_cache, tmp_path_factory) -> Iterator[dict[str, Server]]:
+    """A one-worker server per family, all started at once so that their starts overlap (each is mostly
+    one process importing on one core), READY, and stopped by pid when the module ends."""
+    started: dict[str, Server] = {}
+    try:
+        for family in EXPECTED:
+            workdir = tmp_path_factory.mktemp(f"serve-{family}")
+            env = server_env(
+                model_cache,
+                workdir,
+                WEB_CONCURRENCY="1",
+                MODEL_ID=str(folders[family]),
+                MAX_IMAGE_SIZE=str(MAX_IMAGE_SIZE),
+                MAX_ONGOING="4",
+                MAX_BATCH_SIZE="4",
+            )
+            started[family] = Server(env, workdir / "gunicorn.log")
+        for server in started.values():
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
 @pytest.fixture(scope="module", params=list(EXPECTED))
-def served(request, folders, model_cache, tmp_path_factory) -> Iterator[tuple[str, Server]]:
-    family = request.param
-    workdir = tmp_path_factory.mktemp(f"serve-{family}")
-    with running_server(
-        model_cache,
-        workdir,
-        WEB_CONCURRENCY="1",
-        MODEL_ID=str(folders[family]),
-        MAX_IMAGE_SIZE=str(MAX_IMAGE_SIZE),
-        MAX_ONGOING="4",
-        MAX_BATCH_SIZE="4",
-    ) as server:
-        yield family, server
+def served(request, servers) -> tuple[str, Server]:
+    return request.param, servers[request.param]
 
 
 def pixels(b64: str) -> np.ndarray:
