@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import requests
 import traffic
@@ -133,8 +133,29 @@ def paired_images(cache: str, images: int) -> dict:
     return {"bare_s": bare_s, "http_s": http_s, "size": size}
 
 
+class Background:
+    """A client whose ``run`` loops on a thread of its own for the length of a ``with`` block, until
+    ``stopped()``."""
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(90)
+
+
 @dataclass
-class Checker:
+class Checker(Background):
     """Sends /readyz, and after each 200 at once a one-step /generate, until stopped. A /generate refused
     for want of a loaded pipeline right after a 200 is false readiness: the time from that 200 to the
     refusal is added up. Requests cut off by a kill are counted apart (the worker was ready when asked)."""
@@ -145,12 +166,11 @@ class Checker:
     false_ready_s: float = 0.0
     false_ready: list[str] = field(default_factory=list)
     cut_off: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
         session = requests.Session()
         job = {"prompt": "check", "num_inference_steps": 1, "timeout_s": 30}
-        while not self._stop.is_set():
+        while not self.stopped():
             said_ready = time.monotonic()
             try:
                 ready = session.get(self.url + "/readyz", timeout=10).status_code == 200
@@ -170,28 +190,18 @@ class Checker:
                 self.false_ready_s += time.monotonic() - said_ready
                 self.false_ready.append(response.json()["error"]["message"])
 
-    def __enter__(self) -> Checker:
-        self._thread = threading.Thread(target=self.run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(90)
-
 
 @dataclass
-class OneAtATime:
+class OneAtATime(Background):
     """A client sending one /generate at a time on a new connection each, until stopped (the peer harness's
     load): what it got back, an HTTP status or "cut off" (the connection died with a killed worker)."""
 
     url: str
     outcomes: list[int | str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
         job = {"prompt": "one at a time", "num_inference_steps": 1, "timeout_s": 30}
-        while not self._stop.is_set():
+        while not self.stopped():
             try:
                 self.outcomes.append(requests.post(self.url + "/generate", json=job, timeout=60).status_code)
             except requests.RequestException:
@@ -199,15 +209,6 @@ class OneAtATime:
 
     def failed(self) -> list[int | str]:
         return [outcome for outcome in self.outcomes if outcome not in (200, "cut off")]
-
-    def __enter__(self) -> OneAtATime:
-        self._thread = threading.Thread(target=self.run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(90)
 
 
 def two_workers(cache: str, samples: int, kills: int) -> dict:
