@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 from webapp.board import lifecycle, readiness
 from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import Board, State
+from webapp.engine import loader
 from webapp.engine.core import Engine
 from webapp.settings import Settings
 from webapp.telemetry import logs
@@ -74,13 +74,12 @@ def start_worker(
         engine = Engine(settings, worker, on_unhealthy)
         # Said before the threads start: once they run, the loader may already have moved the state on.
         # model_code says whether this worker inherited MODEL_LOADER's module from the master (§13).
-        inherited = settings.model_loader.partition(":")[0] in sys.modules
         log.info(
             "worker_started",
             slot=slot,
             pid=os.getpid(),
             state=worker.state.name,
-            model_code="inherited" if inherited else "imports",
+            model_code="inherited" if loader.model_code_imported(settings) else "imports",
         )
         engine.start()
     except Exception as exc:

@@ -77,13 +77,23 @@ def retrying(
     )
 
 
+def loader_module(settings: Settings) -> str:
+    """The module MODEL_LOADER names (``module:function``)."""
+    return settings.model_loader.partition(":")[0]
+
+
+def model_code_imported(settings: Settings) -> bool:
+    """Whether this process has MODEL_LOADER's module already: a worker forked after the master's
+    ``preimport`` inherits it (docs/architecture.md §13)."""
+    return loader_module(settings) in sys.modules
+
+
 def preimport(settings: Settings) -> list[str]:
     """Import MODEL_LOADER's module, and what its optional ``preimport(settings)`` names, in this process
     without loading anything: the gunicorn master does it so the workers it forks afterwards start with the
     model code already imported (docs/architecture.md §13). Returns what the loader's ``preimport`` listed."""
-    module_name = settings.model_loader.partition(":")[0]
     resolve_callable(settings.model_loader)  # imports the module, and checks the function is there
-    hook = getattr(sys.modules[module_name], "preimport", None)
+    hook = getattr(sys.modules[loader_module(settings)], "preimport", None)
     return list(hook(settings)) if callable(hook) else []
 
 

@@ -8,7 +8,6 @@ docs/architecture.md §13). One generation reads top to bottom in ``DiffusersMod
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -51,40 +50,43 @@ def choose_device(setting: str, slot: int, cuda_count: int) -> str:
     return setting
 
 
+def local_folder(settings: Settings) -> Path | None:
+    """The folder MODEL_ID names on this disk, without building anything: the trained embedded model, or a
+    local path (which may not exist); None for a hub id or a model still to be built."""
+    if settings.model_id == SCENES_MODEL:
+        return SCENES_MODEL_DIR
+    if settings.model_id.startswith(("/", "./", "../", "~")):
+        return Path(settings.model_id).expanduser()
+    return None
+
+
 def model_location(settings: Settings) -> str:
     """The folder or hub id to load: the trained embedded model ships inside the package, the random one is
     built into the cache on first use."""
-    if settings.model_id == SCENES_MODEL:
-        return str(SCENES_MODEL_DIR)
     if settings.model_id == BUILTIN_TINY_MODEL:
         from webapp.model.tiny_model import ensure_built
 
         return str(ensure_built(settings.model_cache_dir))
-    if settings.model_id.startswith("builtin:"):
-        raise ValueError(f"unknown built-in model {settings.model_id!r} (known: {', '.join(EMBEDDED_MODELS)})")
-    if settings.model_id.startswith(("/", "./", "../", "~")):
-        folder = Path(settings.model_id).expanduser()
+    folder = local_folder(settings)
+    if folder is not None:
         if not folder.is_dir():
             raise FileNotFoundError(f"MODEL_ID {settings.model_id} is not a folder")
         return str(folder)
+    if settings.model_id.startswith("builtin:"):
+        raise ValueError(f"unknown built-in model {settings.model_id!r} (known: {', '.join(EMBEDDED_MODELS)})")
     return settings.model_id
 
 
 def preimport(settings: Settings) -> list[str]:
     """Import the classes ``load`` will need for the configured model, without loading or touching a device:
     the gunicorn master calls this (``webapp.engine.loader.preimport``) so the workers it forks later inherit
-    them. Reads ``model_index.json`` only when the model is a folder already on disk (the embedded model, a
-    local path); a hub id or a model still to be built imports torch and diffusers alone. Only classes of
-    diffusers and transformers are imported, whatever the folder names. Returns the classes imported."""
-    if settings.model_id == SCENES_MODEL:
-        folder: Path | None = SCENES_MODEL_DIR
-    elif settings.model_id.startswith(("/", "./", "../", "~")):
-        folder = Path(settings.model_id).expanduser()
-    else:
-        folder = None
+    them. Reads ``model_index.json`` only when the model is a folder already on disk (``local_folder``); a
+    hub id or a model still to be built imports torch and diffusers alone. Only classes of diffusers and
+    transformers are imported, whatever the folder names. Returns the classes imported."""
+    folder = local_folder(settings)
     if folder is None or not (folder / "model_index.json").is_file():
         return []
-    index = json.loads((folder / "model_index.json").read_text())
+    index = DiffusionPipeline.load_config(str(folder))  # as ``load`` reads it
     wanted = [("diffusers", str(index.get("_class_name", "")))]
     wanted += [tuple(value) for value in index.values() if isinstance(value, list) and len(value) == 2]
     imported = []
