@@ -148,7 +148,8 @@ def test_a_replacement_that_is_loading_takes_no_connection_while_another_worker_
 
         def loading_replacement() -> dict | None:
             rows = server.readyz()[1]["workers"]
-            return next((w for w in rows if w["slot"] == victim["slot"] and w["pid"] != victim["pid"]), None)
+            # pre_fork writes the slot's STARTING record (pid 0) before the fork; the worker's own comes after
+            return next((w for w in rows if w["slot"] == victim["slot"] and w["pid"] not in (0, victim["pid"])), None)
 
         replacement = wait_for(loading_replacement, READY_DEADLINE_S, "the replacement to start loading")
         wait_for(lambda: gate_lines(server, replacement["pid"]), 10, "the replacement to stand by")
