@@ -43,6 +43,10 @@ def on_starting(server):
     server_hooks.on_starting(server)
 
 
+def when_ready(server):
+    server_hooks.when_ready(server)
+
+
 def pre_fork(server, worker):
     server_hooks.pre_fork(server, worker)
 

@@ -40,3 +40,19 @@ def test_the_architecture_doc_draws_the_same_layers():
     for layer in layers:
         for name in layer.split("|"):
             assert f"`{name.strip().removeprefix('webapp.')}" in section, name
+
+
+# What gunicorn's master may import before it binds its port: the config file's own imports (settings,
+# the hooks, the worker class, logging). The app and the libraries only a worker needs come after the bind
+# (ServerHooks.when_ready), so a TCP probe finds the port open sooner (docs/architecture.md §13).
+AFTER_THE_BIND = ("webapp.app", "webapp.runtime", "webapp.engine.core", "flask", "numpy", "torch", "diffusers")
+
+
+def test_the_config_file_imports_nothing_the_master_only_needs_after_binding():
+    probe = (
+        "import json, runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+        f"print(json.dumps([name for name in {AFTER_THE_BIND!r} if name in sys.modules]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -20,6 +20,7 @@ def test_the_suite_prints_its_table_and_finds_no_false_readiness():
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
     for measure in (
+        "start to the port open, a TCP probe passes (median of 1)",
         "start to /healthz 200 (median of 1)",
         "start to /readyz 200, 1 worker (median of 1)",
         "start to /readyz 200, 2 workers (median of 1)",

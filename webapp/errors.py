@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Response, has_request_context, jsonify, request
+if TYPE_CHECKING:
+    from flask import Response
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,10 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """The error answer in the shape of the route being answered."""
+    # Flask is imported here, on the first error answer, not with the codes: gunicorn's master reads them
+    # (webapp.server.gthread) before it binds its port, and loads Flask only after (docs/architecture.md §13).
+    from flask import has_request_context, jsonify, request
+
     headers = dict(headers or {})
     path = request.path if has_request_context() else ""
     response = jsonify(shaped_body(path, status, code, message, field))

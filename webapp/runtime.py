@@ -1,6 +1,6 @@
-"""One worker process's life: ``start_worker`` starts it, ``drain`` and ``stop`` end it. gunicorn's hooks
-call these (``webapp.server.hooks``), and so does a standalone app (``flask --app webapp run``) or a test: one way
-to start a worker, whoever asks.
+"""One worker process's life: ``start_worker`` starts it, ``Runtime.drain`` and ``Runtime.stop`` end it.
+gunicorn's hooks call these (``webapp.server.hooks``), and so does a standalone app (``flask --app webapp
+run``) or a test: one way to start a worker, whoever asks.
 
 A worker's state changes are the lifecycle's (``webapp.board.lifecycle``); this module only wires the pieces:
 the slot's lifecycle, the engine and its way out when it turns UNHEALTHY.
@@ -40,6 +40,20 @@ class Runtime:
     @property
     def slot(self) -> int:
         return self.lifecycle.slot
+
+    def drain(self) -> None:
+        """Shutdown begins: DRAINING, finish what is held, take nothing new."""
+        if self.engine is not None:
+            self.engine.drain()
+        else:
+            self.lifecycle.draining()
+
+    def stop(self) -> None:
+        """The worker exits now: drain, then give the engine's threads a moment to finish their step (none
+        when UNHEALTHY: its engine thread may be stuck in a step for good)."""
+        self.drain()
+        if self.engine is not None:
+            self.engine.stop(timeout=0 if self.engine.state is State.UNHEALTHY else 5)
 
     def gate(self) -> readiness.Gate:
         """Whether this worker takes new connections now (docs/architecture.md §14): its server's event
@@ -87,22 +101,6 @@ def start_worker(
         worker.failed(f"worker start failed: {exc!r}")
         return Runtime(settings, board, worker, None)
     return Runtime(settings, board, worker, engine)
-
-
-def drain(runtime: Runtime) -> None:
-    """Shutdown begins: DRAINING, finish what is held, take nothing new."""
-    if runtime.engine is not None:
-        runtime.engine.drain()
-    else:
-        runtime.lifecycle.draining()
-
-
-def stop(runtime: Runtime) -> None:
-    """The worker exits now: drain, then give the engine's threads a moment to finish their step (none when
-    UNHEALTHY: its engine thread may be stuck in a step for good)."""
-    drain(runtime)
-    if runtime.engine is not None:
-        runtime.engine.stop(timeout=0 if runtime.engine.state is State.UNHEALTHY else 5)
 
 
 def standalone(settings: Settings) -> Runtime:

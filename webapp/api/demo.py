@@ -16,7 +16,6 @@ from webapp.api import auth, context, jobs
 from webapp.api.params import FIELDS, InvalidRequest, form_fields
 from webapp.board import readiness
 from webapp.errors import ApiError
-from webapp.model import scenes
 from webapp.settings import SCENES_MODEL
 
 bp = Blueprint("demo", __name__)
@@ -59,6 +58,10 @@ def _payload_from_form(form: Any) -> dict[str, Any]:
 
 
 def _page(status: int = 200, **shown: Any) -> tuple[str, int]:
+    # The scenes module (numpy, PIL) on the first page, not with the app: gunicorn's master imports the
+    # app between binding and its first fork, and the first /healthz waits for it (docs/architecture.md §13).
+    from webapp.model import scenes
+
     runtime = context.runtime()
     verdict = readiness.observe(runtime.board, runtime.settings)
     now = time.monotonic()

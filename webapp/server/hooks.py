@@ -2,7 +2,8 @@
 of it in each hook, in one line; the logic lives here to be tested.
 
 Master: on_starting removes boards left by dead masters, creates this one and makes the shutdown signals
-flag it at once; pre_fork gives the new worker a free slot (``lifecycle.assign``); child_exit marks a dead
+flag it at once; gunicorn then binds the port, and when_ready imports the app (``APP_MODULE``) for every
+worker to inherit; pre_fork gives the new worker a free slot (``lifecycle.assign``); child_exit marks a dead
 worker's slot DEAD (it runs for every death, SIGKILL included; ``lifecycle.bury``) and folds its metrics;
 on_exit removes the board. Worker: post_fork starts the worker (``runtime.start_worker``) and returns at
 once; post_worker_init makes SIGTERM drain it first. Each worker inherits that object, with the board
@@ -15,28 +16,32 @@ board and slots of the workers still running.
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-
-from webapp import runtime
-from webapp.api import auth
-from webapp.app import create_app
 from webapp.board import lifecycle, metric_files
 from webapp.board.readiness import Gate, pid_alive
 from webapp.board.slots import BOARD_FILE, DIR_PREFIX, Board
-from webapp.engine import loader
-from webapp.runtime import Runtime
 from webapp.settings import Settings, SettingsError, refusal
 from webapp.telemetry import logs
 
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from webapp.runtime import Runtime
+
 log = logs.get(__name__)
+
+# The app and everything a worker runs (Flask, the routes, the engine; not the model code): imported by the
+# master once its port is bound (when_ready), before the first fork, so that each worker inherits it and a
+# TCP probe finds the port open meanwhile (docs/architecture.md §13). This module imports none of it.
+APP_MODULE = "webapp.app"
 
 
 def board_capacity(workers: int) -> int:
@@ -101,12 +106,21 @@ class ServerHooks:
         self.board = Board.create(settings.board_dir, board_capacity(workers), workers)
         metrics_folder = metric_files.prepare_multiprocess(self.board)
         log.info("board_created", path=str(self.board.path), slots=self.board.capacity, metrics=str(metrics_folder))
-        warning = auth.open_warning(settings)
-        if warning:
-            log.warning("api_keys_off", bind=settings.bind, message=warning)
         for name in ("term", "int", "quit"):
             self._flag_shutdown_first(server, name)
         self._preimport_after_first_fork(server)
+
+    def when_ready(self, server: Any) -> None:
+        """The port is bound: import the app for the workers to inherit, before the first fork."""
+        started = time.monotonic()
+        modules = len(sys.modules)
+        importlib.import_module(APP_MODULE)
+        log.info("app_imported", seconds=round(time.monotonic() - started, 3), modules=len(sys.modules) - modules)
+        from webapp.api import auth  # imported with the app, just now
+
+        warning = auth.open_warning(self.settings)
+        if warning:
+            log.warning("api_keys_off", bind=self.settings.bind, message=warning)
 
     def _preimport_after_first_fork(self, server: Any) -> None:
         """Once the first worker is forked (it answers probes and imports on its own), the master imports
@@ -131,6 +145,8 @@ class ServerHooks:
             return
         started = time.monotonic()
         modules = len(sys.modules)
+        from webapp.engine import loader  # imported with the app (when_ready)
+
         try:
             classes = loader.preimport(self.settings)
         except Exception as exc:  # the master must keep running: each worker will import (and fail) itself
@@ -188,12 +204,16 @@ class ServerHooks:
 
     def post_fork(self, server: Any, worker: Any) -> None:
         assert self.board is not None, "on_starting did not run"
-        self.runtime = runtime.start_worker(self.settings, self.board, self.slots[worker.age])
+        from webapp.runtime import start_worker  # inherited from the master (when_ready)
+
+        self.runtime = start_worker(self.settings, self.board, self.slots[worker.age])
 
     def app(self) -> Flask:
         """The worker's WSGI app, built with its runtime (``webapp.server.gthread`` calls this instead of importing
         an app by name)."""
         assert self.runtime is not None, "post_fork did not run"
+        from webapp.app import create_app  # inherited from the master (when_ready)
+
         return create_app(self.runtime)
 
     def gate(self) -> Gate:
@@ -207,7 +227,7 @@ class ServerHooks:
 
         def drain_then_exit(signum: int, frame: Any) -> None:
             if self.runtime is not None:
-                runtime.drain(self.runtime)
+                self.runtime.drain()
             if callable(previous):
                 previous(signum, frame)
 
@@ -216,8 +236,8 @@ class ServerHooks:
     def worker_int(self, worker: Any) -> None:
         """SIGINT/SIGQUIT: the worker is about to exit at once."""
         if self.runtime is not None:
-            runtime.drain(self.runtime)
+            self.runtime.drain()
 
     def worker_exit(self, server: Any, worker: Any) -> None:
         if self.runtime is not None:
-            runtime.stop(self.runtime)
+            self.runtime.stop()
