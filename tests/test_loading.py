@@ -213,3 +213,20 @@ def test_an_engine_on_the_real_tiny_model_becomes_ready_and_serves(tiny_folder, 
     assert [image.size for image in images] == [(64, 64), (64, 64)]
     record = engine_board.read(0)
     assert record.served == 1 and record.device == "cpu" and record.last_step_mono > 0
+
+
+def test_an_accelerator_gets_its_weights_read_straight_onto_it_and_the_cpu_maps_the_files(tiny_folder):
+    """docs/benchmarks.md, loading. No CUDA device runs here, so the GPU's placement is checked as the argument
+    the loader passes; the path it takes (from_pretrained with a device_map, then .to) runs for real with the
+    device map diffusers accepts on a CPU."""
+    import numpy as np
+    from diffusers import AutoPipelineForText2Image
+
+    from webapp.model import pipeline
+
+    assert pipeline.placement("cpu") == {}
+    assert pipeline.placement("cuda:1") == {"device_map": "cuda"}
+    assert pipeline.placement("cuda") == {"device_map": "cuda"}
+    mapped = AutoPipelineForText2Image.from_pretrained(tiny_folder, device_map="cpu").to("cpu")
+    drawn = mapped("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert drawn.shape == (1, 64, 64, 3) and np.isfinite(drawn).all()
