@@ -23,6 +23,10 @@ from webapp.settings import Settings
 DOCKER = ROOT / "docker"
 K8S_PRESTOP_S = 10
 CLOUD_RUN_SIGTERM_GRACE_S = 10  # Cloud Run sends SIGKILL this long after SIGTERM
+# A ready pod waits up to a startup probe's period to be let in, and /readyz answers in about a ms: probe often
+# (docs/deployment.md). ALB checks a target every 5 s at the most.
+STARTUP_PROBE_PERIOD_S = 2
+ALB_SHORTEST_INTERVAL_S = 5
 
 
 def load_yaml(name: str) -> list[dict]:
@@ -73,6 +77,12 @@ def probe_seconds(probe: dict) -> int:
     return probe["periodSeconds"] * probe["failureThreshold"]
 
 
+def startup_seconds(probe: dict) -> int:
+    """The startup probe's whole budget, after checking it probes often enough not to hold a ready pod back."""
+    assert probe["periodSeconds"] <= STARTUP_PROBE_PERIOD_S, probe
+    return probe_seconds(probe)
+
+
 def test_kubernetes_probes_ports_and_grace_agree_with_the_app(routes):
     deployment, service, _budget = load_yaml("kubernetes.yaml")
     assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
@@ -86,7 +96,7 @@ def test_kubernetes_probes_ports_and_grace_agree_with_the_app(routes):
         probe = container[kind]["httpGet"]
         assert probe["path"] == route and route in routes
         assert probe["port"] in ports
-    assert probe_seconds(container["startupProbe"]) >= settings.startup_budget_needed()
+    assert startup_seconds(container["startupProbe"]) >= settings.startup_budget_needed()
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(K8S_PRESTOP_S)]
     assert pod["terminationGracePeriodSeconds"] >= K8S_PRESTOP_S + settings.graceful_timeout
     for section in ("requests", "limits"):
@@ -111,7 +121,7 @@ def test_cloud_run_probes_concurrency_and_shutdown_agree_with_the_app(routes):
     assert "PORT" not in {item["name"] for item in container["env"]}, "Cloud Run sets PORT itself"
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz" in routes
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" in routes
-    assert probe_seconds(container["startupProbe"]) >= settings.startup_budget_needed()
+    assert startup_seconds(container["startupProbe"]) >= settings.startup_budget_needed()
     assert spec["containerConcurrency"] == settings.workers * (settings.max_ongoing + settings.max_queued)
     assert settings.graceful_timeout < CLOUD_RUN_SIGTERM_GRACE_S
     assert spec["timeoutSeconds"] >= settings.request_timeout
@@ -134,6 +144,7 @@ def test_fargate_health_checks_and_draining_agree_with_the_app(routes):
     assert service["healthCheckGracePeriodSeconds"] >= settings.startup_budget_needed()
     assert group["HealthCheckPath"] == "/readyz" in routes
     assert group["Matcher"]["HttpCode"] == "200"
+    assert group["HealthCheckIntervalSeconds"] == ALB_SHORTEST_INTERVAL_S
     # ECS deregisters the target, waits out the delay, then sends SIGTERM: in-flight requests (at most
     # REQUEST_TIMEOUT long) finish first, and gunicorn's drain fits in stopTimeout.
     delay = int(dict((a["Key"], a["Value"]) for a in group["Attributes"])["deregistration_delay.timeout_seconds"])
@@ -271,7 +282,7 @@ def test_the_kserve_inference_service_probes_over_http_and_scales_on_the_same_ta
     for kind, route in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         assert container[kind]["httpGet"] == {"path": route, "port": settings.port}, "not KServe's TCP default"
         assert route in routes
-    assert probe_seconds(container["startupProbe"]) >= settings.startup_budget_needed()
+    assert startup_seconds(container["startupProbe"]) >= settings.startup_budget_needed()
     assert settings.model_name == service["metadata"]["name"], "the name KServe's clients ask /v2/models about"
     assert {"/v2/health/live", "/v2/health/ready", "/v2/models/<path:name>/ready"} <= routes
     assert predictor["scaleMetric"] == "concurrency"  # in-flight requests per pod; one request is one job
