@@ -67,10 +67,15 @@ def test_the_quality_bench_checks_its_analyzer_and_prints_a_row_per_model(tmp_pa
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "analyzer on the renderer's own scenes: 100.0% right" in result.stdout
-    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| builtin:")]
+    assert "outline fit on the renderer's own scenes: 100.0% of shapes right" in result.stdout
+    lines = result.stdout.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| builtin:")]
     assert [row[0] for row in rows] == ["| builtin:scenes-64", "| builtin:scenes-64, guidance 1.0 (no CFG)",
                                         "| builtin:tiny-sd (random weights)"]  # fmt: skip
-    assert all(row[4].endswith("%") and float(row[5].rstrip(" |")) > 0 for row in rows)
+    assert all(row[4].endswith("%") and row[5].endswith("%") and float(row[6].rstrip(" |")) > 0 for row in rows)
+    table = lines.index("| asked shape: all three right | builtin:scenes-64 |")
+    shapes = [line.split(" | ")[0] for line in lines[table:]]
+    assert shapes[2:5] == ["| circle", "| square", "| triangle"], result.stdout
 
 
 def test_the_scaling_bench_prints_a_row_per_load_and_sets_the_policy_beside_them():

@@ -166,6 +166,11 @@ def main() -> None:
     parser.add_argument("--preview-every", type=int, default=400, help="write the diffusers folder this often")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="a diffusers folder this script wrote: start from its weights (VAE and scaling factor kept), UNet phase",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -177,6 +182,12 @@ def main() -> None:
     noise = DDPMScheduler(num_train_timesteps=1000, prediction_type=RECIPE.prediction_type, **tiny_model.SCHEDULE)
     state = {"phase": "vae", "step": 0, "scaling_factor": None, "seconds": 0.0}
     checkpoint = Checkpoint(args.checkpoint)
+    if args.init_from:
+        for name in ("vae", "text_encoder", "unet"):
+            parts[name].load_state_dict(type(parts[name]).from_pretrained(args.init_from / name).state_dict())
+        scale = AutoencoderKL.load_config(args.init_from / "vae")["scaling_factor"]
+        state = {"phase": "unet", "step": 0, "scaling_factor": scale, "seconds": 0.0}
+        print(f"starting from {args.init_from}: the UNet phase, latent scaling factor {scale:.4f}", flush=True)
     saved = checkpoint.load()
     if saved:
         for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
