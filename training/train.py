@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--vae-crop-steps", type=int, default=1500, help="VAE steps on windows; then whole images")
     parser.add_argument("--vae-whole-batch", type=int, default=16, help="whole images per later VAE step")
     parser.add_argument("--unet-steps", type=int, default=2000, help="UNet steps, the learning rate's schedule")
+    parser.add_argument("--unet-lr", type=float, default=5e-4, help="the UNet and text encoder's peak learning rate")
     parser.add_argument("--stop-at", type=int, help="end the UNet phase at this step of that schedule")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--preview-every", type=int, default=400, help="write the diffusers folder this often")
@@ -176,7 +177,7 @@ def main() -> None:
 
     parts = tiny_model.build_components(RECIPE, args.seed)
     vae, text_encoder, unet, tokenizer = parts["vae"], parts["text_encoder"], parts["unet"], parts["tokenizer"]
-    vae_lr, unet_lr = args.vae_lr, 5e-4
+    vae_lr, unet_lr = args.vae_lr, args.unet_lr
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=vae_lr)
     unet_optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=unet_lr)
     noise = DDPMScheduler(num_train_timesteps=1000, prediction_type=RECIPE.prediction_type, **tiny_model.SCHEDULE)
