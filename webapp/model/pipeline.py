@@ -34,9 +34,9 @@ from webapp.telemetry import logs
 log = logs.get(__name__)
 # The trained embedded model: weights, configs and model card (README.md), shipped as package data.
 SCENES_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "scenes-64"
-# The embedded model draws its shapes best at a lower guidance than Stable Diffusion's 7.5: measured with
-# bench/quality.py, 96.7 % right at 4.0 against 87.8 % at 7.5 (at 7.5 it leaves stray marks beside the
-# shape). DEFAULT_GUIDANCE still overrides it.
+# The embedded model draws its shapes best at a lower guidance than Stable Diffusion's 7.5: on captions and
+# seeds held out from bench/quality.py, 98.9 % right at 4.0 against 95.6 % at 7.5, which leaves stray marks
+# beside the shape (docs/models.md). DEFAULT_GUIDANCE still overrides it.
 SCENES_MODEL_GUIDANCE = 4.0
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -214,8 +214,9 @@ def load(settings: Settings, slot: int) -> DiffusersModel:
     family = family_of(str(index.get("_class_name", "")))
     dtype = choose_dtype(settings.dtype, device, family, has_transformer="transformer" in index)
     where = placement(device)
-    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
-        torch.cuda.set_device(device)  # device_map="cuda" means this worker's GPU, cuda:slot % count
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is not None:
+        torch.cuda.set_device(target)  # device_map="cuda" means this worker's GPU, cuda:slot % count
     log.info(
         "model_load_start", slot=slot, model=str(location), device=device, dtype=dtype, family=family.name, **where
     )

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 log = logs.get(__name__)
 
 # The app and everything a worker runs (Flask, the routes, the engine; not the model code): imported by the
-# master once its port is bound (when_ready), before the first fork, so that each worker inherits it and a
-# TCP probe finds the port open meanwhile (docs/architecture.md §13). This module imports none of it.
+# master once its port is bound (when_ready), before the first fork, so that each worker inherits it and
+# connections sent meanwhile wait in the listen queue instead of being refused (docs/architecture.md §13).
+# This module imports none of it.
 APP_MODULE = "webapp.app"
 
 
