@@ -31,7 +31,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     app = Flask(__name__)
     context.install(app, runtime)
     auth.install(app, runtime.settings)
-    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes + 1  # see jobs.read_json
+    # The largest body any route takes, one byte over (see jobs.read_json); each route checks its own limit.
+    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_upload_body_bytes + 1
 
     app.register_blueprint(health.bp)
     app.register_blueprint(generate.bp)

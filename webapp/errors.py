@@ -39,8 +39,15 @@ INVALID_BODY = _code("invalid_body", "422", "the body is JSON but not an object"
 INVALID_FIELD = _code("invalid_field", "422", "a field outside its type or limits, or one the model does not take")
 MISSING_FIELD = _code("missing_field", "422", "a required field is absent")
 UNKNOWN_FIELD = _code("unknown_field", "422", "a field no route declares: never silently dropped")
-UNSUPPORTED_MEDIA_TYPE = _code("unsupported_media_type", "415", "the body is not application/json")
-PAYLOAD_TOO_LARGE = _code("payload_too_large", "413", "the body is over MAX_BODY_BYTES (chunked too)")
+UNSUPPORTED_MEDIA_TYPE = _code(
+    "unsupported_media_type", "415", "the body is not application/json (multipart/form-data for /v1/images/edits)"
+)
+PAYLOAD_TOO_LARGE = _code(
+    "payload_too_large",
+    "413",
+    "the body is over its route's limit (chunked too), a file over MAX_UPLOAD_BYTES, or a multipart body of "
+    "too many parts",
+)
 NOT_ACCEPTABLE = _code(
     "not_acceptable", "406", "an Accept the server cannot produce, or one that disagrees with the body"
 )
@@ -64,6 +71,17 @@ REQUEST_TIMEOUT = _code("request_timeout", "408", "the request did not fully arr
 MISSING_API_KEY = _code("missing_api_key", "401", "the route needs an API key and the request carries none")
 INVALID_API_KEY = _code("invalid_api_key", "401", "the API key is not one the server accepts")
 MODEL_NOT_FOUND = _code("model_not_found", "404", "the OpenAI request names a model not served here")
+
+
+INVALID_IMAGE = _code(
+    "invalid_image",
+    "422",
+    "an input image or mask the server cannot take: not PNG, JPEG or WebP, corrupt or truncated, animated, "
+    "over MAX_UPLOAD_PIXELS, a mask of another size or marking nothing, or a size the model cannot draw",
+)
+BAD_MULTIPART = _code(
+    "bad_multipart", "400", "a multipart/form-data body without a boundary, or one that cannot be parsed"
+)
 
 
 def code_table() -> str:
@@ -96,6 +114,10 @@ class ApiError(Exception):
 
     def as_dict(self) -> dict[str, object]:
         return {"status": self.status, "code": self.code, "message": self.message, "field": self.field}
+
+
+class InvalidRequest(ApiError):
+    """A client error (4xx) naming the offending ``field`` where there is one."""
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, dict[str, str | None]]:

@@ -245,7 +245,26 @@ class _Traffic(_Group):
         "BATCH_WAIT_MS", 0, "How long an idle engine waits for more jobs to fill a batch.", ge=0, le=60000
     )
     max_body_bytes: int = _setting(
-        "MAX_BODY_BYTES", 65536, "Largest /generate body accepted (413 above).", ge=1024, le=64 * 1024 * 1024
+        "MAX_BODY_BYTES",
+        65536,
+        "Largest request body without its images (413 above); a route that takes images adds room for two "
+        "uploads (MAX_UPLOAD_BYTES each, base64 in JSON).",
+        ge=1024,
+        le=64 * 1024 * 1024,
+    )
+    max_upload_bytes: int = _setting(
+        "MAX_UPLOAD_BYTES",
+        8 * 1024 * 1024,
+        "Largest input image or mask file of an edit (413 above, naming the field).",
+        ge=1024,
+        le=256 * 1024 * 1024,
+    )
+    max_upload_pixels: int = _setting(
+        "MAX_UPLOAD_PIXELS",
+        4096 * 4096,
+        "Most pixels an input image or mask may declare: refused from its header, before it is decoded.",
+        ge=64 * 64,
+        le=1 << 28,
     )
     client_timeout: Number = _setting(
         "CLIENT_TIMEOUT",
@@ -330,6 +349,7 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
     default_size: tuple[int, int] | None = Field(None, exclude=True)
     takes_negative_prompt: bool = Field(True, exclude=True)
     takes_guidance: bool = Field(True, exclude=True)
+    takes_images: bool = Field(True, exclude=True)  # image-to-image and inpainting
     model_family: str = Field("", exclude=True)
 
     @model_validator(mode="before")
@@ -390,6 +410,13 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
     def serves(self, name: str) -> bool:
         """Whether a client asking for model ``name`` means the one served here: its served name or its id."""
         return name in {self.model_name, self.model_id}
+
+    @property
+    def max_upload_body_bytes(self) -> int:
+        """The largest body of a route that takes images: MAX_BODY_BYTES for everything else, plus an image
+        and a mask of MAX_UPLOAD_BYTES each in base64 (4 characters per 3 bytes), which also covers the same
+        files sent raw in a multipart body with their part headers."""
+        return self.max_body_bytes + 2 * 4 * -(-self.max_upload_bytes // 3)
 
     @property
     def bind(self) -> str:

@@ -54,7 +54,7 @@ def generate() -> Response:
     runtime = context.runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings.max_body_bytes)
+        payload = jobs.read_json(runtime.settings.max_upload_body_bytes)
         wants = _negotiate(payload)
         if wants != JSON:
             payload = {"output_format": images.BY_MEDIA_TYPE[wants], **payload}
@@ -80,11 +80,11 @@ def generate_stream() -> Response:
     runtime = context.runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings.max_body_bytes)
+        payload = jobs.read_json(runtime.settings.max_upload_body_bytes)
         admitted = jobs.admit(runtime, payload, request.headers.get(TIMEOUT_HEADER), received)
     except ApiError as exc:
         return exc.response()
-    total = admitted.params.num_inference_steps
+    total = admitted.params.steps_run
 
     def events() -> Iterator[str]:
         yield jobs.event({"total": total}, "queued")

@@ -10,7 +10,10 @@ one with hundreds of digits would overflow), and a client's value is shown cut s
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +25,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from webapp import errors
-from webapp.api import images
-from webapp.errors import ApiError
-from webapp.model.request import GenerationParams
+from webapp.api import images, uploads
+from webapp.errors import InvalidRequest
+from webapp.model.request import DEFAULT_STRENGTH, GenerationParams, edit_steps
 from webapp.settings import Settings
 
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
@@ -47,7 +50,7 @@ class RequestField:
     ``default`` likewise (None: absent means what ``meaning`` says); ``flag`` names the client's option."""
 
     name: str
-    kind: Literal["text", "integer", "number", "choice", "boolean"]
+    kind: Literal["text", "integer", "number", "choice", "boolean", "image"]  # image: a file, base64 in JSON
     label: str
     meaning: str
     default: Bound = None
@@ -82,6 +85,19 @@ def _resolve(value: Bound, settings: Settings) -> Any:
     return value(settings) if callable(value) else value
 
 
+def base64_chars(size: int) -> int:
+    """The length of ``size`` bytes in base64 (4 characters per 3 bytes, padded)."""
+    return 4 * -(-size // 3)
+
+
+DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]{1,32};base64,", re.IGNORECASE)
+DATA_URL_ROOM = 48  # the longest prefix DATA_URL takes, allowed on top of the base64 itself
+
+
+def _upload_chars(settings: Settings) -> int:
+    return base64_chars(settings.max_upload_bytes) + DATA_URL_ROOM
+
+
 def _side(name: str, axis: int) -> RequestField:
     """The ``width`` (axis 0) or ``height`` (axis 1) field: bounded by the loaded model's limits, on its side
     multiple, and its native size (within MAX_IMAGE_SIZE) when absent."""
@@ -99,6 +115,7 @@ def _side(name: str, axis: int) -> RequestField:
     )
 
 
+mode_names = {"image": "image-to-image", "inpaint": "inpainting"}
 FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "prompt", "text", "Prompt", "What to draw.", high=attrgetter("max_prompt_chars"), required=True, demo=False
@@ -151,6 +168,46 @@ FIELDS: tuple[RequestField, ...] = (
         flag="seed",
     ),
     RequestField(
+        "image",
+        "image",
+        "Image",
+        "An image to edit, PNG, JPEG or WebP, in base64 (a data: URL too): image-to-image, or inpainting with "
+        "a mask. Drawn at width x height when given (resized to it), else at its own size (docs/api.md, Edits).",
+        high=_upload_chars,
+        demo=False,
+        flag="image",
+        applies=attrgetter("takes_images"),
+        not_taken="diffusers maps no image-to-image or inpainting pipeline to it",
+    ),
+    RequestField(
+        "mask",
+        "image",
+        "Mask",
+        "With an image, where to repaint: its transparent pixels, or white ones in a mask without alpha; the "
+        "image's size.",
+        high=_upload_chars,
+        demo=False,
+        flag="mask",
+        applies=attrgetter("takes_images"),
+        not_taken="diffusers maps no inpainting pipeline to it",
+    ),
+    RequestField(
+        "strength",
+        "number",
+        "Strength",
+        "With an image, how much to change it: near 0 keeps it, 1 redraws it; the last strength x steps of the "
+        "schedule run ("
+        + ", ".join(f"{value:g} for {mode_names[mode]}" for mode, value in DEFAULT_STRENGTH.items())
+        + " when absent).",
+        low=0,
+        low_exclusive=True,
+        high=1,
+        demo=False,
+        flag="strength",
+        applies=attrgetter("takes_images"),
+        not_taken="diffusers maps no image-to-image or inpainting pipeline to it",
+    ),
+    RequestField(
         "output_format",
         "choice",
         "Format",
@@ -186,10 +243,6 @@ FIELDS: tuple[RequestField, ...] = (
 BY_NAME = {field.name: field for field in FIELDS}
 
 
-class InvalidRequest(ApiError):
-    """A client error (4xx) naming the offending ``field`` where there is one."""
-
-
 def _clean_text(value: str | None) -> str | None:
     """Text a tokenizer can take: no NUL, and valid Unicode (JSON's \\ud800 escapes decode to lone
     surrogates, which no tokenizer takes)."""
@@ -218,6 +271,9 @@ def _annotation(field: RequestField, settings: Settings) -> Any:
         return Literal[field.choices] | None  # type: ignore[valid-type]
     if field.kind == "boolean":
         return bool | None
+    if field.kind == "image":
+        encoded = {"contentEncoding": "base64", "contentMediaType": "image/*"}
+        return Annotated[str, Field(max_length=int(high), json_schema_extra=encoded)] | None  # type: ignore[arg-type]
     if field.kind == "text":
         checks: list[Any] = [Field(max_length=int(high))] if high is not None else []
         if field.pattern:
@@ -305,6 +361,14 @@ def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) ->
         return _invalid(name, f"must be one of {shown}, got {_shown(value)}. {field.meaning}")
     if field.kind == "boolean":
         return _invalid(name, f"must be true or false, got {_shown(value)}")
+    if field.kind == "image" and kind == "string_too_long":
+        message = (
+            f"{name}: is {len(value)} characters of base64; the limit is MAX_UPLOAD_BYTES="
+            f"{settings.max_upload_bytes} bytes ({error['ctx']['max_length']} characters)"
+        )
+        return InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message, name)
+    if field.kind == "image":
+        return _invalid(name, f"must be a base64 string (an image file), got {type(value).__name__}")
     if field.kind == "text":
         if kind == "string_too_long":
             return _invalid(name, f"must be at most {error['ctx']['max_length']} characters, got {len(value)}")
@@ -375,11 +439,71 @@ def generation_values(values: dict[str, Any], settings: Settings) -> dict[str, A
     }
 
 
+def decoded(name: str, text: str | None) -> bytes | None:
+    """An image field's base64 (a data: URL's too) as the file's bytes; 422 naming ``name`` when it is not
+    base64."""
+    if text is None:
+        return None
+    try:
+        return base64.b64decode(DATA_URL.sub("", text, count=1), validate=True)
+    except (binascii.Error, ValueError):
+        message = "is not valid base64 (RFC 4648, padded; a data:image/...;base64, URL is taken)"
+        raise _refuse_image(name, message) from None
+
+
+def _refuse_image(name: str, message: str) -> InvalidRequest:
+    return InvalidRequest(422, errors.INVALID_IMAGE, f"{name}: {message}", name)
+
+
+def edit_values(
+    image: bytes | None,
+    mask: bytes | None,
+    strength: float | None,
+    size: tuple[int, int] | None,
+    steps: int,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The edit's part of ``GenerationParams`` (empty for text-to-image): the input image and mask checked
+    and at the size to draw (``uploads.prepare``: ``size``, or the input's own when None), the strength
+    (its mode's default when None) and the denoising steps that strength runs, which must be at least one."""
+    if image is None:
+        if mask is not None:
+            raise _invalid("mask", "needs an image to repaint (image)")
+        if strength is not None:
+            raise _invalid("strength", "applies to edits only: give an image")
+        return {}
+    picture, marked, own = uploads.prepare(image, mask, size, settings)
+    mode = "image" if marked is None else "inpaint"
+    strength = DEFAULT_STRENGTH[mode] if strength is None else strength
+    run = edit_steps(steps, strength, settings.model_family)
+    if run < 1:
+        message = (
+            f"{strength:g} of {steps} steps runs no denoising step; ask for at least {1 / steps:.3g} "
+            "(1 / num_inference_steps), or for more steps"
+        )
+        raise _invalid("strength", message)
+    return {
+        "image": picture,
+        "mask": marked,
+        "strength": strength,
+        "denoising_steps": run,
+        "width": picture.width,
+        "height": picture.height,
+        "input_size": own,
+    }
+
+
 def parse(payload: object, settings: Settings) -> GenerationParams:
-    """Validate a decoded /generate body against a loaded model's ``settings`` (``Engine.limits``)."""
+    """Validate a decoded /generate body against a loaded model's ``settings`` (``Engine.limits``); an image
+    is decoded and checked here, on the request's thread."""
     values = validate("GenerateRequest", FIELDS, payload, settings)
+    asked = generation_values(values, settings)
+    sized = isinstance(payload, dict) and any(payload.get(side) is not None for side in ("width", "height"))
+    image, mask = decoded("image", values.get("image")), decoded("mask", values.get("mask"))
+    size = (asked["width"], asked["height"]) if sized else None
+    edit = edit_values(image, mask, values.get("strength"), size, asked["num_inference_steps"], settings)
     return GenerationParams(
-        **generation_values(values, settings),
+        **{**asked, **edit},
         seeds=seeds_from(values["seed"], values["num_images"]),
         timeout_s=values["timeout_s"],
         output_format=values["output_format"],
@@ -444,6 +568,8 @@ def request_table(settings: Settings, fields: tuple[RequestField, ...] = FIELDS)
             limits = "one of " + ", ".join(f"`{choice}`" for choice in field.choices)
         elif field.kind == "boolean":
             limits = "`true` or `false`"
+        elif field.kind == "image":
+            limits = f"base64 of at most MAX_UPLOAD_BYTES={settings.max_upload_bytes} bytes"
         else:
             multiple = field.multiple(settings)
             limits = _limits(field, settings) + (f", a multiple of {multiple}" if multiple else "")

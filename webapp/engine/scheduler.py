@@ -6,9 +6,9 @@ The engine serialises every call (it holds its condition's lock around each) and
 
 - Admission: at most ``max_ongoing`` jobs run and ``max_queued`` wait; ``admit`` refuses beyond that with
   ``Overloaded`` and a Retry-After of the images held times the measured seconds per image.
-- Batches: the oldest live job plus later jobs with the same key (size, steps, guidance), in arrival order,
-  up to ``max_batch_size`` images and ``max_ongoing`` jobs. A job that cannot join waits its turn: nothing
-  overtakes a job except jobs that share its batch.
+- Batches: the oldest live job plus later jobs with the same key (mode, size, steps, guidance, strength), in
+  arrival order, up to ``max_batch_size`` images and ``max_ongoing`` jobs. A job that cannot join waits its
+  turn: nothing overtakes a job except jobs that share its batch.
 - Deadlines: a job whose deadline passed, or whose client stopped waiting, is dropped from the queue unrun;
   a running batch whose jobs have all expired is reported so the engine interrupts it.
 """
@@ -63,10 +63,18 @@ class Job:
         self.future.add_done_callback(lambda _: self.updates.put(None))
 
     @property
-    def key(self) -> tuple[int, int, int, float]:
-        """Jobs with equal keys can share one pipeline call."""
+    def key(self) -> tuple[object, ...]:
+        """Jobs with equal keys can share one pipeline call: the same mode (one pipeline each), size, steps,
+        guidance and strength (which decides where an edit's schedule starts)."""
         params = self.params
-        return (params.width, params.height, params.num_inference_steps, params.guidance_scale)
+        return (
+            params.mode,
+            params.width,
+            params.height,
+            params.num_inference_steps,
+            params.guidance_scale,
+            params.strength,
+        )
 
     def expired(self, now: float) -> bool:
         return self.abandoned or now >= self.deadline or self.future.done()

@@ -1,4 +1,5 @@
-"""The diffusers text-to-image model behind the engine's small interface (see ``engine.Model``).
+"""The diffusers model behind the engine's small interface (see ``engine.Model``): text-to-image, and the
+image-to-image and inpainting pipelines built from it.
 
 This is the only module that imports torch and diffusers. A worker's engine thread imports it, after the
 worker is already answering probes, unless the worker inherited it from the gunicorn master (``preimport``,
@@ -20,14 +21,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "requires torch
 
 import numpy as np
 import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
 from diffusers.utils import logging as diffusers_logging
 from PIL.Image import Image
 from transformers.utils import logging as transformers_logging
 
 from webapp.model.faults import NonFiniteOutput
 from webapp.model.profile import ModelProfile, choose_dtype, family_of, profile
-from webapp.model.request import GenerationParams
+from webapp.model.request import GenerationParams, Mode
 from webapp.settings import BUILTIN_TINY_MODEL, EMBEDDED_MODELS, SCENES_MODEL, SIZE_MULTIPLE, Settings
 from webapp.telemetry import logs
 
@@ -141,27 +147,54 @@ def profile_of(pipe: DiffusionPipeline, dtype: str) -> ModelProfile:
     return profile(name, native, multiple, max_side, dtype, guidance_embeds)  # type: ignore[arg-type]
 
 
-class DiffusersModel:
-    """A loaded diffusers text-to-image pipeline on one device, with its ``profile``."""
+def edit_pipelines(pipe: DiffusionPipeline) -> dict[Mode, DiffusionPipeline]:
+    """The image-to-image and inpainting pipelines of a loaded text-to-image ``pipe``, built with ``from_pipe``:
+    they hold the same component objects (UNet or transformer, VAE, text encoders, scheduler config), so a
+    worker's memory does not grow with them (docs/benchmarks.md). Empty when diffusers maps no edit pipeline
+    to this one: the model then serves text-to-image alone, and requests with an image are refused by name."""
+    edits: dict[Mode, DiffusionPipeline] = {}
+    for mode, auto in (("image", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+        try:
+            edits[mode] = auto.from_pipe(pipe)
+        except ValueError as exc:  # AutoPipeline's "can't find a pipeline linked to ..."
+            log.warning("edit_pipeline_unavailable", mode=mode, pipeline=type(pipe).__name__, error=str(exc))
+            return {}
+        edits[mode].set_progress_bar_config(disable=True)
+    return edits
 
-    def __init__(self, pipe: DiffusionPipeline, device: str, profile: ModelProfile) -> None:
+
+class DiffusersModel:
+    """A loaded diffusers pipeline on one device, with its ``profile``: the text-to-image ``pipe`` and the
+    edit pipelines built from it (``edit_pipelines``), one per mode."""
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        device: str,
+        profile: ModelProfile,
+        edits: dict[Mode, DiffusionPipeline] | None = None,
+    ) -> None:
         self.pipe = pipe
         self.device = device
         self.profile = profile
+        self.pipelines: dict[Mode, DiffusionPipeline] = {"text": pipe, **(edits or {})}
 
     def generate(self, batch: Sequence[GenerationParams], on_step: Callable[[int], None]) -> list[list[Image]]:
-        """One pipeline call for requests that share size, steps and guidance: every image gets its own
-        generator seeded with its seed, so a seed gives the same image alone or in a batch (up to float
-        rounding: about 1e-6 on CPU). ``on_step(i)`` runs after each denoising step and may raise to stop.
+        """One pipeline call for requests that share mode, size, steps, guidance and strength (the
+        scheduler's batch key): every image gets its own generator seeded with its seed, so a seed gives the
+        same image alone or in a batch (up to float rounding: about 1e-6 on CPU), and an edit's images their
+        own request's input and mask. ``on_step(i)`` runs after each denoising step and may raise to stop.
         Raises NonFiniteOutput when any image has a NaN or infinite pixel: it is never returned as a picture
         (PIL would turn NaN into black)."""
         first = batch[0]
-        prompts, negatives, generators = [], [], []
+        prompts, negatives, generators, inputs, masks = [], [], [], [], []
         for params in batch:
             for seed in params.seeds:
                 prompts.append(params.prompt)
                 negatives.append(params.negative_prompt or "")  # "" is what the pipeline uses for None
                 generators.append(torch.Generator(device=self.device).manual_seed(seed))
+                inputs.append(params.image)
+                masks.append(params.mask)
 
         def step_end(pipe: object, step: int, timestep: object, kwargs: dict) -> dict:
             on_step(step)
@@ -170,8 +203,13 @@ class DiffusersModel:
         steering = {"guidance_scale": first.guidance_scale} if self.profile.guidance else {}
         if self.profile.negative_prompt and any(negatives):
             steering["negative_prompt"] = negatives
+        edit: dict[str, object] = {}
+        if first.mode != "text":
+            edit = {"image": inputs, "strength": first.strength}
+        if first.mode == "inpaint":
+            edit["mask_image"] = masks
         with torch.inference_mode():
-            result = self.pipe(
+            result = self.pipelines[first.mode](
                 prompt=prompts,
                 num_inference_steps=first.num_inference_steps,
                 width=first.width,
@@ -180,6 +218,7 @@ class DiffusersModel:
                 output_type="np",
                 callback_on_step_end=step_end,
                 **steering,
+                **edit,
             )
         pixels = result.images  # float, (images, height, width, channels), 0..1 when finite
         finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
@@ -223,7 +262,8 @@ def load(settings: Settings, slot: int) -> DiffusersModel:
     pipe = AutoPipelineForText2Image.from_pretrained(location, dtype=_DTYPES[dtype], **where)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)  # after device_map, a no-op; without it (the CPU), where the pipeline runs
-    read = profile_of(pipe, dtype)
+    edits = edit_pipelines(pipe)
+    read = dataclasses.replace(profile_of(pipe, dtype), edits=bool(edits))
     if settings.model_id == SCENES_MODEL:  # its own default, from bench/quality.py (docs/models.md)
         read = dataclasses.replace(read, default_guidance=SCENES_MODEL_GUIDANCE)
-    return DiffusersModel(pipe, device, read)
+    return DiffusersModel(pipe, device, read, edits)

@@ -114,6 +114,7 @@ class ModelProfile:
     guidance: bool
     default_steps: int
     default_guidance: float
+    edits: bool = True  # whether its image-to-image and inpainting pipelines were built (from_pipe)
 
     def summary(self) -> str:
         """One short line for the readiness board and the logs."""
@@ -133,6 +134,7 @@ class ModelProfile:
             "guidance": self.guidance,
             "default_steps": self.default_steps,
             "default_guidance": self.default_guidance,
+            "edits": self.edits,
         }
 
 
@@ -212,6 +214,7 @@ def request_limits(settings: Settings, model: ModelProfile) -> Settings:
             "default_guidance": guidance,
             "takes_negative_prompt": model.negative_prompt,
             "takes_guidance": model.guidance,
+            "takes_images": model.edits,
             "model_family": model.family,
         }
     )

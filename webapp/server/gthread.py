@@ -9,10 +9,11 @@ and only a whole request (headers and body) goes to a thread, whose parser then 
 
 A request that has not fully arrived within CLIENT_TIMEOUT seconds is answered 408 and closed (a connection
 that sent nothing is closed silently, as gunicorn closes idle kept-alive ones). Headers h11 cannot parse,
-or larger than its limit, are answered 400/431 from here. A body declared or sent larger than MAX_BODY_BYTES
-goes to the app at once (which answers 413) and the connection is closed after the answer, so no thread
-waits to drain it. The sockets request threads use carry CLIENT_TIMEOUT as their kernel send and receive
-timeouts, so a client that stops reading its answer holds a thread that long at most.
+or larger than its limit, are answered 400/431 from here. A body declared or sent larger than the largest any
+route takes (``Settings.max_upload_body_bytes``: MAX_BODY_BYTES plus two uploads) goes to the app at once
+(which answers 413) and the connection is closed after the answer, so no thread waits to drain it. The
+sockets request threads use carry CLIENT_TIMEOUT as their kernel send and receive timeouts, so a client that
+stops reading its answer holds a thread that long at most.
 
 TLS and HTTP/2 prior knowledge are left to gunicorn's own path: their bytes cannot be framed before a thread
 has done the handshake. (TLS is the platform's job in every deployment in docker/.)
@@ -128,7 +129,7 @@ class BufferedThreadWorker(ThreadWorker):
     from settings."""
 
     client_timeout: float  # CLIENT_TIMEOUT
-    max_body_bytes: int  # MAX_BODY_BYTES
+    max_body_bytes: int  # the largest body any route takes (Settings.max_upload_body_bytes)
     make_app: Callable[[], Any]  # builds this worker's WSGI app, once its runtime exists (after post_fork)
     gate: Callable[[], Gate]  # whether this worker takes new connections now (docs/architecture.md §14)
 

@@ -101,7 +101,7 @@ def _answer(admitted: jobs.Admitted, finished: list[Any]) -> dict[str, Any]:
 
 
 def _stream(admitted: jobs.Admitted) -> Response:
-    total = admitted.params.num_inference_steps
+    total = admitted.params.steps_run
 
     def events() -> Iterator[str]:
         for step in jobs.steps(admitted):
