@@ -41,7 +41,7 @@ def _payload_from_form(form: Any) -> dict[str, Any]:
     payload: dict[str, Any] = {}
     for field in FIELDS:
         raw = form.get(field.name, "")
-        if field.kind in ("text", "choice"):
+        if field.kind in ("text", "choice", "image"):
             if raw or field.required:
                 payload[field.name] = raw
             continue

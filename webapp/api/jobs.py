@@ -2,6 +2,7 @@
 the job to the engine, wait for it, and answer (docs/architecture.md §6).
 
     read_json(max_bytes)   413 size, 415 content type, 400 unparseable JSON
+    read_form(settings)    the same for a multipart/form-data body (an edit's uploads)
     admit(...)             503 + Retry-After while the worker is not READY or is full; 422 for a bad field
     wait(admitted)         the images, or 422 / 503 / 504 / 500 as ``wait`` says
     answer(admitted, ...)  the JSON body (base64 images, seeds, timings, batch, worker) and the image bytes
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import g, request
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
 
 from webapp import errors
 from webapp.api.images import encode
@@ -46,6 +50,10 @@ from webapp.telemetry.recorder import recorder
 
 log = logs.get(__name__)
 JSON = "application/json"
+MULTIPART = "multipart/form-data"
+# The most parts a multipart body may have: an edit has two files and two dozen fields at most. werkzeug
+# refuses more (413) as it parses, so thousands of empty parts cost no more than reading them.
+MAX_FORM_PARTS = 64
 
 
 def _reject_constant(name: str) -> None:
@@ -73,6 +81,40 @@ def read_json(max_bytes: int) -> object:
         raise InvalidRequest(400, errors.BAD_JSON, f"body is not valid JSON: {exc}") from None
     except RecursionError:  # a body of a few kilobytes can nest arrays thousands deep
         raise InvalidRequest(400, errors.BAD_JSON, "body is not valid JSON: nested too deeply") from None
+
+
+def read_form(settings: Settings) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage]]:
+    """A multipart/form-data body's fields and files; InvalidRequest (413, 415, 400) when it cannot be read:
+    over ``Settings.max_upload_body_bytes`` (from Content-Length, before anything is read), another content
+    type, no boundary, parts that cannot be parsed, more than MAX_FORM_PARTS parts, or a field (not a file)
+    over MAX_BODY_BYTES."""
+    limit = settings.max_upload_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        message = f"body is {request.content_length} bytes; the limit is {limit}"
+        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
+    if request.mimetype != MULTIPART:
+        shown = request.mimetype or "none"
+        raise InvalidRequest(415, errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {MULTIPART}, got {shown}")
+    if not request.mimetype_params.get("boundary"):
+        message = f"Content-Type {MULTIPART} needs its boundary parameter"
+        raise InvalidRequest(400, errors.BAD_MULTIPART, message)
+    parser = FormDataParser(
+        max_form_memory_size=settings.max_body_bytes,
+        max_content_length=limit,
+        silent=False,
+        max_form_parts=MAX_FORM_PARTS,
+    )
+    try:
+        _, form, files = parser.parse(request.stream, MULTIPART, request.content_length, request.mimetype_params)
+    except RequestEntityTooLarge:
+        message = (
+            f"multipart body over its limits: at most {MAX_FORM_PARTS} parts, {limit} bytes, and "
+            f"MAX_BODY_BYTES={settings.max_body_bytes} for a field that is not a file"
+        )
+        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message) from None
+    except ValueError as exc:
+        raise InvalidRequest(400, errors.BAD_MULTIPART, f"multipart body cannot be parsed: {exc}") from None
+    return form, files
 
 
 @dataclass
@@ -238,7 +280,21 @@ def answer(admitted: Admitted, images: list[Any]) -> tuple[dict[str, Any], list[
         "batch": batch(admitted),
         "worker": worker(admitted),
     }
+    if params.mode != "text":
+        body["edit"] = edit(params)
     return body, data
+
+
+def edit(params: GenerationParams) -> dict[str, Any]:
+    """What an edit did: its mode, strength, the steps that ran, and the input's size as uploaded (the image
+    was resized when it differs from the answer's width and height)."""
+    assert params.input_size is not None
+    return {
+        "mode": params.mode,
+        "strength": params.strength,
+        "denoising_steps": params.steps_run,
+        "input_size": f"{params.input_size[0]}x{params.input_size[1]}",
+    }
 
 
 def batch(admitted: Admitted) -> dict[str, int]:

@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from webapp.api import auth, context, images, params
 from webapp.api.health import OIP_FALSE
-from webapp.api.jobs import JSON
+from webapp.api.jobs import JSON, MULTIPART
 from webapp.api.openai import protocol
 from webapp.settings import Settings
 
@@ -61,7 +61,7 @@ def _answers(codes: dict[int, str], shape: str, retry: bool = True) -> dict[str,
 TRANSPORT = {
     400: "The request line, headers or JSON could not be parsed",
     408: "The request did not arrive within CLIENT_TIMEOUT",
-    413: "The body is larger than MAX_BODY_BYTES",
+    413: "The body is larger than the route's limit, or an image field is over MAX_UPLOAD_BYTES",
     415: "The body is not application/json",
 }
 GENERATING = {
@@ -87,7 +87,22 @@ def _request_schemas(settings: Settings) -> dict[str, Any]:
     return {
         "GenerateRequest": params.model_of("GenerateRequest", params.FIELDS, settings).model_json_schema(),
         "CreateImageRequest": params.model_of(protocol.TITLE, protocol.IMAGE_FIELDS, settings).model_json_schema(),
+        "CreateImageEditRequest": _edit_schema(settings),
     }
+
+
+def _edit_schema(settings: Settings) -> dict[str, Any]:
+    """/v1/images/edits' multipart body: its fields' schema, with the files as binary parts."""
+    schema = params.model_of(protocol.EDIT_TITLE, protocol.EDIT_FIELDS, settings).model_json_schema()
+    limit = f"at most MAX_UPLOAD_BYTES={settings.max_upload_bytes} bytes"
+    files = {
+        name: {"type": "string", "format": "binary", "description": f"{field.meaning} A file part, {limit}."}
+        for name, field in protocol.EDIT_FILES.items()
+        if name != "image[]"
+    }
+    schema["properties"] = {**files, **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
+    return schema
 
 
 def _error_schemas() -> dict[str, Any]:
@@ -118,6 +133,16 @@ def _answer_schemas(settings: Settings) -> dict[str, Any]:
     timings = {"type": "object", "additionalProperties": {"type": "number"}}
     worker = {"type": "object", "properties": {"state": {"type": "string"}, "slot": {"type": "integer"}}}
     image_keys = {f"{name}_base64": {"type": "string", "contentEncoding": "base64"} for name in images.FORMATS}
+    edit = {  # what an edit did (jobs.edit)
+        "type": "object",
+        "required": ["mode", "strength", "denoising_steps", "input_size"],
+        "properties": {
+            "mode": {"enum": ["image", "inpaint"]},
+            "strength": {"type": "number"},
+            "denoising_steps": {"type": "integer"},
+            "input_size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"},
+        },
+    }
     return {
         "Health": {
             "type": "object",
@@ -150,6 +175,7 @@ def _answer_schemas(settings: Settings) -> dict[str, Any]:
                 "timings": timings,
                 "batch": {"type": "object"},
                 "worker": {"type": "object"},
+                "edit": edit,
             },
         },
         "ImagesResponse": {
@@ -169,6 +195,7 @@ def _answer_schemas(settings: Settings) -> dict[str, Any]:
                 "output_format": {"enum": list(images.FORMATS)},
                 "size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"},
                 "timings": timings,
+                "edit": edit,
             },
         },
         "Model": {
@@ -334,6 +361,18 @@ def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str
                     "content": {**_json("ImagesResponse"), **_events("image_generation.completed", "error")},
                 },
                 **_answers({**OPENAI, **UNAUTHORIZED}, "OpenAIError"),
+            },
+        },
+        ("/v1/images/edits", "post"): {
+            "summary": "OpenAI's Images API: edit an uploaded image (with a mask: inpaint), multipart/form-data",
+            "parameters": [_timeout_header(settings)],
+            "requestBody": {"required": True, "content": {MULTIPART: {"schema": _ref("CreateImageEditRequest")}}},
+            "responses": {
+                "200": {
+                    "description": "The images",
+                    "content": {**_json("ImagesResponse"), **_events("image_edit.completed", "error")},
+                },
+                **_answers({**OPENAI, 415: "The body is not multipart/form-data", **UNAUTHORIZED}, "OpenAIError"),
             },
         },
         ("/v1/models", "get"): {

@@ -337,6 +337,8 @@ def _limits(field: RequestField, settings: Settings) -> str:
     low, high = field.bounds(settings)
     if field.name == "timeout_s":
         return f"more than 0 and at most REQUEST_TIMEOUT={_number(high)} s"
+    if field.low_exclusive:
+        return f"more than {_number(low)} and at most {_number(high)}"
     return f"from {_number(low)} to {_number(high)}"
 
 
@@ -416,6 +418,28 @@ def validate(title: str, fields: tuple[RequestField, ...], payload: object, sett
         lossy = " and ".join(images.LOSSY)
         raise _invalid("output_compression", f"applies to {lossy} only; {values.get('output_format')} is lossless")
     return values
+
+
+INTEGER_TEXT = re.compile(r"^[+-]?[0-9]+$")
+
+
+def form_value(field: RequestField, raw: str) -> Any:
+    """A form field's text as the JSON value its declaration takes, for ``validate`` to check like any body's:
+    digits as an integer, a finite number as a float, true/false as a boolean; what does not read as its kind
+    is left as text, which ``validate`` then refuses naming the field. Empty text means absent (None)."""
+    if raw == "":
+        return None
+    if field.kind in ("integer", "number"):
+        if INTEGER_TEXT.match(raw.strip()) and len(raw) <= 64:  # int() refuses thousands of digits itself
+            return int(raw)
+        try:
+            number = float(raw)
+        except ValueError:
+            return raw
+        return number if math.isfinite(number) else raw
+    if field.kind == "boolean":
+        return {"true": True, "false": False}.get(raw.strip().lower(), raw)
+    return raw
 
 
 def seeds_from(first: int | None, count: int) -> tuple[int, ...]:

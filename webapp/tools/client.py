@@ -11,6 +11,7 @@ retry policy is declared with tenacity, like the server's load policy.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -117,6 +118,18 @@ class Client:
         return headers
 
 
+def _file_base64(path: str) -> str:
+    """An image field's flag names a file; the request carries it in base64."""
+    try:
+        with open(path, "rb") as file:
+            return base64.b64encode(file.read()).decode("ascii")
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+
+
+KINDS = {"text": str, "choice": str, "integer": int, "number": float, "image": _file_base64}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The generate command's arguments: the request's flags come from its field declarations."""
     parser.add_argument("prompt")
@@ -126,9 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in FIELDS:
         if not field.flag:
             continue
-        kind = {"text": str, "choice": str, "integer": int, "number": float}[field.kind]
         choices = field.choices or None
-        parser.add_argument(f"--{field.flag}", type=kind, choices=choices, dest=field.name, help=field.meaning)
+        meaning = f"{field.meaning} Give a file's path." if field.kind == "image" else field.meaning
+        parser.add_argument(f"--{field.flag}", type=KINDS[field.kind], choices=choices, dest=field.name, help=meaning)
     parser.add_argument("--deadline", type=float, default=300.0, help="overall seconds to keep trying")
     parser.add_argument("--try-timeout", type=float, default=60.0, help="seconds for one try")
 

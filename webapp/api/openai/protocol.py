@@ -1,5 +1,5 @@
-"""The body of POST /v1/images/generations, as the ``openai`` package's ``images.generate`` sends it
-(docs/architecture.md §11).
+"""The bodies of POST /v1/images/generations and /v1/images/edits, as the ``openai`` package's
+``images.generate`` and ``images.edit`` send them (docs/architecture.md §11).
 
 ``IMAGE_FIELDS`` declares the OpenAI fields this server honours; the fields that steer a diffusion model
 (which OpenAI clients send through ``extra_body``) are /generate's own declarations, taken from
@@ -12,13 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
+
+from werkzeug.datastructures import FileStorage, MultiDict
 
 from webapp import errors
+from webapp.api import uploads
 from webapp.api.params import (
     BY_NAME,
     GenerationParams,
     InvalidRequest,
     RequestField,
+    edit_values,
+    form_value,
     generation_values,
     seeds_from,
     validate,
@@ -98,6 +104,31 @@ IMAGE_FIELDS: tuple[RequestField, ...] = (
 )
 
 
+EDIT_TITLE = "CreateImageEditRequest"
+# The form fields of an edit: a generation's, with ``size`` meaning the input's own size when auto, and
+# ``strength``; the files (``image``, or ``image[]`` as the package sends a list, and ``mask``) are parts of
+# their own (``EDIT_FILES``).
+EDIT_FIELDS: tuple[RequestField, ...] = (
+    *(
+        RequestField(
+            "size",
+            "text",
+            "Size",
+            "WIDTHxHEIGHT to draw at, the image resized to it: each side within MIN_IMAGE_SIZE..MAX_IMAGE_SIZE and "
+            "a multiple of the model's side multiple; or auto, the image's own size (which must be such a size).",
+            default="auto",
+            high=11,
+            pattern=SIZE_PATTERN,
+        )
+        if field.name == "size"
+        else field
+        for field in IMAGE_FIELDS
+    ),
+    BY_NAME["strength"],
+)
+EDIT_FILES: dict[str, RequestField] = {"image": BY_NAME["image"], "image[]": BY_NAME["image"], "mask": BY_NAME["mask"]}
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """A validated OpenAI request: what to generate, and how to answer."""
@@ -129,6 +160,81 @@ class ImageRequest:
         )
 
 
+@dataclass(frozen=True)
+class EditRequest(ImageRequest):
+    """A validated edit: an ``ImageRequest`` with its input image's and mask's bytes (not yet decoded)."""
+
+    image: bytes = b""
+    mask: bytes | None = None
+
+    def params(self) -> GenerationParams:
+        """What to draw: the generation's params with the edit's (``params.edit_values``: the upload decoded and
+        checked, at ``size`` or its own), against a loaded model's limits; 400 for a bad upload, as OpenAI
+        answers, 413 for one over MAX_UPLOAD_BYTES."""
+        asked = super().params()
+        try:
+            edit = edit_values(
+                self.image,
+                self.mask,
+                self.values["strength"],  # type: ignore[arg-type]
+                self.size,
+                asked.num_inference_steps,
+                self.limits,
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(400 if exc.status == 422 else exc.status, exc.code, exc.message, exc.field) from None
+        return GenerationParams(**{**vars(asked), **edit})
+
+
+@dataclass(frozen=True)
+class EditForm:
+    """A multipart edit as it arrived: its fields as JSON values (``params.form_value``) and its files' bytes."""
+
+    payload: dict[str, Any]
+    image: bytes
+    mask: bytes | None
+
+
+def _one(values: list[Any], name: str) -> Any:
+    if len(values) > 1:
+        raise InvalidRequest(400, errors.INVALID_FIELD, f"{name}: given {len(values)} times; give it once", name)
+    return values[0]
+
+
+def edit_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage], settings: Settings) -> EditForm:
+    """The parts of a multipart edit (``jobs.read_form``) sorted out: one image (as ``image``, or ``image[]``),
+    at most one mask, each file within MAX_UPLOAD_BYTES (413, read no further than that), every other part a
+    field given once. A file under another name, or an image sent as a text field, is a 400 naming it;
+    unknown fields are left for ``validate`` to refuse by name."""
+    by_name = {field.name: field for field in EDIT_FIELDS}
+    payload: dict[str, Any] = {}
+    for name in form:
+        if name in EDIT_FILES:
+            message = f"{name}: must be a file part (with a filename), not a text field"
+            raise InvalidRequest(400, errors.INVALID_FIELD, message, name.rstrip("[]"))
+        raw = _one(form.getlist(name), name)
+        payload[name] = form_value(by_name[name], raw) if name in by_name else raw
+    for name in files:
+        if name not in EDIT_FILES:
+            message = f"{name}: not a file this route takes (files: image, mask)"
+            raise InvalidRequest(400, errors.UNKNOWN_FIELD, message, name)
+    images = files.getlist("image") + files.getlist("image[]")
+    if not images:
+        raise InvalidRequest(400, errors.MISSING_FIELD, "image: is required (a PNG, JPEG or WebP file part)", "image")
+    if len(images) > 1:
+        message = f"image: this server edits one image per request, got {len(images)}"
+        raise InvalidRequest(400, errors.INVALID_FIELD, message, "image")
+    masks = files.getlist("mask")
+    mask = _read(_one(masks, "mask"), "mask", settings) if masks else None
+    return EditForm(payload, _read(images[0], "image", settings), mask)
+
+
+def _read(upload: FileStorage, name: str, settings: Settings) -> bytes:
+    data = upload.stream.read(settings.max_upload_bytes + 1)
+    uploads.check_length(len(data), name, settings)
+    return data
+
+
 def _size(text: str, settings: Settings) -> tuple[int, int] | None:
     """``WxH`` checked against /generate's width and height declarations; None for auto."""
     if text == "auto":
@@ -141,7 +247,7 @@ def _size(text: str, settings: Settings) -> tuple[int, int] | None:
         if not low <= side <= high or side % multiple:
             message = (
                 f"size: each side must be from {low:g} to {high:g} and a multiple of {multiple} "
-                f"(or auto for the model's native size), got {text!r}"
+                f"(or auto), got {text!r}"
             )
             raise InvalidRequest(400, errors.INVALID_FIELD, message, "size")
     return sides  # type: ignore[return-value]
@@ -160,3 +266,20 @@ def generation_params(payload: object, limits: Settings) -> GenerationParams:
     """What to generate for a decoded body, checked against a loaded model's ``limits`` (``Engine.limits``):
     the parser ``jobs.admit`` takes for this route."""
     return parse(payload, limits).params()
+
+
+def parse_edit(form: EditForm, settings: Settings) -> EditRequest:
+    """Validate an edit's fields (400 for every problem, naming the param); its files are checked when its
+    params are made, against a loaded model's limits."""
+    try:
+        values = validate(EDIT_TITLE, EDIT_FIELDS, form.payload, settings)
+    except InvalidRequest as exc:
+        raise InvalidRequest(400, exc.code, exc.message, exc.field) from None
+    return EditRequest(values, _size(str(values["size"]), settings), settings, form.image, form.mask)
+
+
+def edit_params(form: object, limits: Settings) -> GenerationParams:
+    """What to draw for an edit (an ``EditForm``), against a loaded model's ``limits``: the parser
+    ``jobs.admit`` takes for /v1/images/edits."""
+    assert isinstance(form, EditForm)
+    return parse_edit(form, limits).params()

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: POST /v1/images/generations and GET /v1/models (docs/architecture.md §11).
+"""The OpenAI-compatible API: POST /v1/images/generations, POST /v1/images/edits and GET /v1/models
+(docs/architecture.md §11).
 
 The generation path is /generate's (``webapp.api.jobs``: read, admit, wait, encode); what differs is the
 request's fields (``webapp.api.openai.protocol``), the answer's shape and the error envelope, which
@@ -7,8 +8,9 @@ plus this server's ``seed``; the body also carries ``timings``, ``batch`` and ``
 does. OpenAI's clients ignore keys they do not know.
 
 With ``stream: true`` the answer is server-sent events as the ``openai`` package reads them: one
-``image_generation.completed`` event per image, a comment line after each denoising step (so proxies
-see traffic), and on failure one ``{"error": {...}}`` event, which the package raises as an APIError.
+``image_generation.completed`` (``image_edit.completed`` for an edit) event per image, a comment line after
+each denoising step (so proxies see traffic), and on failure one ``{"error": {...}}`` event, which the
+package raises as an APIError.
 """
 
 from __future__ import annotations
@@ -97,10 +99,12 @@ def _answer(admitted: jobs.Admitted, finished: list[Any]) -> dict[str, Any]:
         "timings": jobs.timings(admitted),
         "batch": jobs.batch(admitted),
         "worker": jobs.worker(admitted),
+        **({"edit": jobs.edit(params)} if params.mode != "text" else {}),
     }
 
 
-def _stream(admitted: jobs.Admitted) -> Response:
+def _stream(admitted: jobs.Admitted, kind: str) -> Response:
+    """The answer as server-sent events; ``kind`` is the event family: image_generation or image_edit."""
     total = admitted.params.steps_run
 
     def events() -> Iterator[str]:
@@ -114,7 +118,7 @@ def _stream(admitted: jobs.Admitted) -> Response:
         answer = _answer(admitted, finished)
         for item in answer["data"]:
             completed = {
-                "type": "image_generation.completed",
+                "type": f"{kind}.completed",
                 "b64_json": item["b64_json"],
                 "seed": item["seed"],
                 "background": "opaque",
@@ -124,7 +128,7 @@ def _stream(admitted: jobs.Admitted) -> Response:
                 "size": answer["size"],
                 "timings": answer["timings"],
             }
-            yield jobs.event(completed, "image_generation.completed")
+            yield jobs.event(completed, f"{kind}.completed")
 
     response = Response(jobs.streamed(admitted, events()), mimetype="text/event-stream")
     response.headers["X-Accel-Buffering"] = "no"
@@ -142,9 +146,7 @@ def generations() -> Response:
         payload = jobs.read_json(runtime.settings.max_body_bytes)
         image_request: ImageRequest = protocol.parse(payload, runtime.settings)
         _check_model(image_request.model, runtime.settings)
-        who = image_request.values.get("user") or image_request.values.get("safety_identifier")
-        if who:
-            log.info("openai_user", user=who)
+        _log_user(image_request)
         admitted = jobs.admit(
             runtime,
             payload,
@@ -153,10 +155,43 @@ def generations() -> Response:
             parser=protocol.generation_params,
         )
         if image_request.stream:
-            return _stream(admitted)
+            return _stream(admitted, "image_generation")
         finished = jobs.wait(admitted)
     except ApiError as exc:
         return exc.response()
+    return _images_response(admitted, finished)
+
+
+def _images_response(admitted: jobs.Admitted, finished: list[Any]) -> Response:
     response = jsonify(_answer(admitted, finished))
     response.headers["X-Seeds"] = ",".join(str(seed) for seed in admitted.params.seeds)
     return response
+
+
+def _log_user(image_request: ImageRequest) -> None:
+    who = image_request.values.get("user") or image_request.values.get("safety_identifier")
+    if who:
+        log.info("openai_user", user=who)
+
+
+@bp.post("/images/edits")
+@auth.required
+def edits() -> Response:
+    """OpenAI's image edit: a multipart upload of one image (and a mask for inpainting) with a generation's
+    params. 400 for a bad param or upload (naming it), 413 for a file over MAX_UPLOAD_BYTES, and otherwise
+    the answers of /v1/images/generations."""
+    runtime = _runtime()
+    received = time.monotonic()
+    try:
+        form, files = jobs.read_form(runtime.settings)
+        edit = protocol.edit_form(form, files, runtime.settings)
+        edit_request = protocol.parse_edit(edit, runtime.settings)
+        _check_model(edit_request.model, runtime.settings)
+        _log_user(edit_request)
+        admitted = jobs.admit(runtime, edit, request.headers.get(TIMEOUT_HEADER), received, parser=protocol.edit_params)
+        if edit_request.stream:
+            return _stream(admitted, "image_edit")
+        finished = jobs.wait(admitted)
+    except ApiError as exc:
+        return exc.response()
+    return _images_response(admitted, finished)
