@@ -58,6 +58,12 @@ def test_the_openai_request_table_is_the_one_derived_from_its_declarations():
     assert request_table(Settings.from_env({}), IMAGE_FIELDS) in (DOCS / "api.md").read_text()
 
 
+def test_the_openai_edit_table_is_the_one_derived_from_its_declarations():
+    from webapp.api.openai.protocol import EDIT_FIELDS
+
+    assert request_table(Settings.from_env({}), EDIT_FIELDS) in (DOCS / "api.md").read_text()
+
+
 def test_the_error_code_table_is_the_one_derived_from_the_declarations():
     from webapp import errors
 

@@ -246,8 +246,7 @@ def _size(text: str, settings: Settings) -> tuple[int, int] | None:
         assert low is not None and high is not None and multiple
         if not low <= side <= high or side % multiple:
             message = (
-                f"size: each side must be from {low:g} to {high:g} and a multiple of {multiple} "
-                f"(or auto), got {text!r}"
+                f"size: each side must be from {low:g} to {high:g} and a multiple of {multiple} (or auto), got {text!r}"
             )
             raise InvalidRequest(400, errors.INVALID_FIELD, message, "size")
     return sides  # type: ignore[return-value]
