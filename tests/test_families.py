@@ -143,6 +143,48 @@ def test_progress_events_and_a_deadline_that_interrupts_the_run(served):
     )
 
 
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_image_to_image_and_inpainting_from_the_same_load(served):
+    """Both edit modes on every family, from pipelines built with from_pipe, offered only when they drew at
+    load (the tiny SD3 cannot inpaint, and says so by name): the answer's size is the input's,
+    its progress counts the steps the family's own schedule runs (SD3 and FLUX round the skipped steps down,
+    SDXL the run ones: 3 steps at strength 0.5 run 2 and 1), and the inpainted pixels outside the mask stay
+    closer to the input than those inside it."""
+    family, server = served
+    side = 64
+    rng = np.random.default_rng(5)
+    picture = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (0, 0, side // 2, side))  # repaint the left half
+    asked = {"prompt": "a red circle", "num_inference_steps": 3, "seed": 4, "image": png_base64(picture)}
+    expected_steps = 2 if family in ("sd3", "flux") else 1
+    with requests.post(server.url + "/generate/stream", json={**asked, "strength": 0.5}, stream=True) as response:
+        lines = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("event:")]
+    assert lines == ["event: queued"] + ["event: progress"] * expected_steps + ["event: done"], lines
+    image_to_image = server.post("/generate", json={**asked, "strength": 0.5})
+    assert image_to_image.status_code == 200, image_to_image.text
+    body = image_to_image.json()
+    assert (body["width"], body["height"]) == (side, side)
+    assert body["edit"] == {"mode": "image", "strength": 0.5, "denoising_steps": expected_steps, "input_size": "64x64"}
+    inpainted = server.post("/generate", json={**asked, "mask": png_base64(mask), "strength": 0.9})
+    (entry,) = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
+    if family == "sd3":  # diffusers' SD3 inpainting wants SD3's 16 latent channels; the tiny build has 4
+        assert entry["profile"]["edits"] == ["image"]
+        assert inpainted.status_code == 422 and inpainted.json()["error"]["field"] == "mask", inpainted.text
+        assert "edit_mode_unavailable" in inpainted.json()["error"]["message"]
+        return
+    assert entry["profile"]["edits"] == ["image", "inpaint"]
+    assert inpainted.status_code == 200, inpainted.text
+    assert inpainted.json()["edit"]["mode"] == "inpaint"
+    change = np.abs(pixels(inpainted.json()["images"][0]["png_base64"]) - np.asarray(picture, dtype=np.int16))
+    assert change[:, : side // 2].mean() > change[:, side // 2 :].mean()
+
+
 def test_the_openai_route_answers_through_the_official_client(served):
     family, server = served
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)

@@ -349,7 +349,7 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
     default_size: tuple[int, int] | None = Field(None, exclude=True)
     takes_negative_prompt: bool = Field(True, exclude=True)
     takes_guidance: bool = Field(True, exclude=True)
-    takes_images: bool = Field(True, exclude=True)  # image-to-image and inpainting
+    edit_modes: tuple[str, ...] = Field(("image", "inpaint"), exclude=True)  # the edits the loaded model draws
     model_family: str = Field("", exclude=True)
 
     @model_validator(mode="before")

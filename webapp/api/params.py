@@ -176,8 +176,8 @@ FIELDS: tuple[RequestField, ...] = (
         high=_upload_chars,
         demo=False,
         flag="image",
-        applies=attrgetter("takes_images"),
-        not_taken="diffusers maps no image-to-image or inpainting pipeline to it",
+        applies=attrgetter("edit_modes"),
+        not_taken="no edit pipeline of it drew at load (the worker's log says why: edit_mode_unavailable)",
     ),
     RequestField(
         "mask",
@@ -188,8 +188,8 @@ FIELDS: tuple[RequestField, ...] = (
         high=_upload_chars,
         demo=False,
         flag="mask",
-        applies=attrgetter("takes_images"),
-        not_taken="diffusers maps no inpainting pipeline to it",
+        applies=lambda settings: "inpaint" in settings.edit_modes,
+        not_taken="its inpainting pipeline did not draw at load (the worker's log says why: edit_mode_unavailable)",
     ),
     RequestField(
         "strength",
@@ -204,8 +204,8 @@ FIELDS: tuple[RequestField, ...] = (
         high=1,
         demo=False,
         flag="strength",
-        applies=attrgetter("takes_images"),
-        not_taken="diffusers maps no image-to-image or inpainting pipeline to it",
+        applies=attrgetter("edit_modes"),
+        not_taken="no edit pipeline of it drew at load (the worker's log says why: edit_mode_unavailable)",
     ),
     RequestField(
         "output_format",
@@ -496,8 +496,11 @@ def edit_values(
         if strength is not None:
             raise _invalid("strength", "applies to edits only: give an image")
         return {}
+    mode = "image" if mask is None else "inpaint"
+    if mode not in settings.edit_modes:  # the model inpaints but cannot do image-to-image alone
+        family = settings.model_family or "loaded"
+        raise _invalid("mask", f"is required: the {family} model served here only inpaints (docs/api.md, Edits)")
     picture, marked, own = uploads.prepare(image, mask, size, settings)
-    mode = "image" if marked is None else "inpaint"
     strength = DEFAULT_STRENGTH[mode] if strength is None else strength
     run = edit_steps(steps, strength, settings.model_family)
     if run < 1:

@@ -28,6 +28,7 @@ from diffusers import (
     DiffusionPipeline,
 )
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image as PILImage
 from PIL.Image import Image
 from transformers.utils import logging as transformers_logging
 
@@ -147,19 +148,41 @@ def profile_of(pipe: DiffusionPipeline, dtype: str) -> ModelProfile:
     return profile(name, native, multiple, max_side, dtype, guidance_embeds)  # type: ignore[arg-type]
 
 
-def edit_pipelines(pipe: DiffusionPipeline) -> dict[Mode, DiffusionPipeline]:
-    """The image-to-image and inpainting pipelines of a loaded text-to-image ``pipe``, built with ``from_pipe``:
-    they hold the same component objects (UNet or transformer, VAE, text encoders, scheduler config), so a
-    worker's memory does not grow with them (docs/benchmarks.md). Empty when diffusers maps no edit pipeline
-    to this one: the model then serves text-to-image alone, and requests with an image are refused by name."""
+def edit_pipelines(pipe: DiffusionPipeline, device: str, side: int) -> dict[Mode, DiffusionPipeline]:
+    """The image-to-image and inpainting pipelines of a loaded text-to-image ``pipe`` that draw: built with
+    ``from_pipe``, they hold the same component objects (UNet or transformer, VAE, text encoders), so a
+    worker's memory does not grow with them (docs/benchmarks.md), and each must draw one finite step at
+    ``side`` x ``side`` before the worker offers it. A mode diffusers maps no pipeline to, or whose pipeline
+    cannot run this model (SD3's inpainting wants 16 latent channels), is left out and logged: requests for
+    it are refused by name, never failed by the model."""
     edits: dict[Mode, DiffusionPipeline] = {}
-    for mode, auto in (("image", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+    grey = PILImage.new("RGB", (side, side), (128, 128, 128))
+    half = PILImage.new("L", (side, side), 0)
+    half.paste(255, (0, 0, side // 2, side))
+    for mode, auto, inputs in (
+        ("image", AutoPipelineForImage2Image, {"image": grey}),
+        ("inpaint", AutoPipelineForInpainting, {"image": grey, "mask_image": half}),
+    ):
         try:
-            edits[mode] = auto.from_pipe(pipe)
-        except ValueError as exc:  # AutoPipeline's "can't find a pipeline linked to ..."
-            log.warning("edit_pipeline_unavailable", mode=mode, pipeline=type(pipe).__name__, error=str(exc))
-            return {}
-        edits[mode].set_progress_bar_config(disable=True)
+            edit = auto.from_pipe(pipe)
+            edit.set_progress_bar_config(disable=True)
+            with torch.inference_mode():
+                drawn = edit(
+                    prompt="check",
+                    num_inference_steps=1,
+                    strength=1.0,
+                    width=side,
+                    height=side,
+                    generator=torch.Generator(device=device).manual_seed(0),
+                    output_type="np",
+                    **inputs,
+                ).images
+            if not np.isfinite(drawn).all():
+                raise ValueError("its one-step check drew non-finite pixels")
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the mode out, said in the log
+            log.warning("edit_mode_unavailable", mode=mode, pipeline=type(pipe).__name__, error=str(exc)[:300])
+            continue
+        edits[mode] = edit
     return edits
 
 
@@ -262,8 +285,9 @@ def load(settings: Settings, slot: int) -> DiffusersModel:
     pipe = AutoPipelineForText2Image.from_pretrained(location, dtype=_DTYPES[dtype], **where)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)  # after device_map, a no-op; without it (the CPU), where the pipeline runs
-    edits = edit_pipelines(pipe)
-    read = dataclasses.replace(profile_of(pipe, dtype), edits=bool(edits))
+    read = profile_of(pipe, dtype)
+    edits = edit_pipelines(pipe, device, max(64, read.size_multiple))
+    read = dataclasses.replace(read, edits=tuple(edits))
     if settings.model_id == SCENES_MODEL:  # its own default, from bench/quality.py (docs/models.md)
         read = dataclasses.replace(read, default_guidance=SCENES_MODEL_GUIDANCE)
     return DiffusersModel(pipe, device, read, edits)

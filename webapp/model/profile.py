@@ -114,7 +114,9 @@ class ModelProfile:
     guidance: bool
     default_steps: int
     default_guidance: float
-    edits: bool = True  # whether its image-to-image and inpainting pipelines were built (from_pipe)
+    # The edit modes it draws: image-to-image and inpainting, where diffusers maps a pipeline to it and that
+    # pipeline drew one step at load (webapp.model.pipeline.edit_pipelines).
+    edits: tuple[str, ...] = ("image", "inpaint")
 
     def summary(self) -> str:
         """One short line for the readiness board and the logs."""
@@ -134,7 +136,7 @@ class ModelProfile:
             "guidance": self.guidance,
             "default_steps": self.default_steps,
             "default_guidance": self.default_guidance,
-            "edits": self.edits,
+            "edits": list(self.edits),
         }
 
 
@@ -214,7 +216,7 @@ def request_limits(settings: Settings, model: ModelProfile) -> Settings:
             "default_guidance": guidance,
             "takes_negative_prompt": model.negative_prompt,
             "takes_guidance": model.guidance,
-            "takes_images": model.edits,
+            "edit_modes": model.edits,
             "model_family": model.family,
         }
     )
