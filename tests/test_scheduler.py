@@ -4,6 +4,7 @@ No model, no threads, no server: each test runs in microseconds."""
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from webapp.engine.scheduler import Job, Overloaded, Scheduler
 from webapp.model.request import GenerationParams
@@ -65,6 +66,32 @@ def test_only_jobs_with_the_same_size_steps_and_guidance_share_a_call():
     scheduler.admit(job("c", size=64, steps=3))
     scheduler.admit(job("d", size=64))
     assert names(take(scheduler)) == ["a", "d"]
+
+
+def edit(name: str, strength: float, inpaint: bool = False) -> Job:
+    picture = Image.new("RGB", (64, 64))
+    mask = Image.new("L", (64, 64), 255) if inpaint else None
+    params = GenerationParams(name, None, 2, 7.5, 64, 64, (0,), image=picture, mask=mask, strength=strength)
+    return Job(params, deadline=100.0, enqueued=0.0)
+
+
+def test_only_jobs_of_the_same_mode_and_strength_share_a_call():
+    """Each mode is its own pipeline, and strength decides where an edit's schedule starts."""
+    scheduler = Scheduler(max_ongoing=8, max_queued=8, max_batch_size=8)
+    for each in (
+        job("text"),
+        edit("image 0.5", 0.5),
+        edit("image 0.8", 0.8),
+        edit("inpaint 0.5", 0.5, inpaint=True),
+        edit("image 0.5 again", 0.5),
+        job("text again"),
+    ):
+        scheduler.admit(each)
+    order = []
+    while scheduler.pending:
+        order.append(names(take(scheduler)))
+        scheduler.finish("served", 2.0)
+    assert order == [["text", "text again"], ["image 0.5", "image 0.5 again"], ["image 0.8"], ["inpaint 0.5"]]
 
 
 def test_arrival_order_is_kept_a_job_is_only_overtaken_by_jobs_sharing_its_batch():

@@ -264,7 +264,7 @@ class _Traffic(_Group):
         4096 * 4096,
         "Most pixels an input image or mask may declare: refused from its header, before it is decoded.",
         ge=64 * 64,
-        le=1 << 28,
+        le=1 << 27,  # under PIL's own guard (2 x 89478485 pixels), so this limit is the one a client meets
     )
     client_timeout: Number = _setting(
         "CLIENT_TIMEOUT",

@@ -65,8 +65,15 @@ def check_length(length: int, field: str, settings: Settings) -> None:
         raise _refuse(field, message, 413)
 
 
+# The formats taken, by their first bytes: a file that starts as one and cannot be opened is corrupt.
+TAKEN = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"RIFF": "WebP"}
+
+
 def _what(data: bytes) -> str:
     head = data[:16].lstrip()
+    for magic, name in TAKEN.items():
+        if head.startswith(magic):
+            return f"it starts as a {name} but cannot be read (truncated or corrupt)"
     for magic, name in KNOWN_OTHERS.items():
         if head.startswith(magic):
             return f"it is {name}"
@@ -80,12 +87,13 @@ def open_upload(data: bytes, field: str, settings: Settings) -> PILImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked next
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise _refuse(field, f"declares too many pixels ({exc}); the limit is MAX_UPLOAD_PIXELS") from None
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS
+        message = f"declares too many pixels ({exc}); the limit is MAX_UPLOAD_PIXELS={settings.max_upload_pixels}"
+        raise _refuse(field, message) from None
     except UnidentifiedImageError:
         raise _refuse(field, f"must be a PNG, JPEG or WebP image; {_what(data)}") from None
     except Exception as exc:  # noqa: BLE001 - a header that cannot be read: the file is the client's
-        raise _refuse(field, f"is not a readable PNG, JPEG or WebP image: {exc}") from None
+        raise _refuse(field, f"could not be read (truncated or corrupt): {exc}") from None
     width, height = image.size
     if width * height > settings.max_upload_pixels:
         message = (
