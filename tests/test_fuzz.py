@@ -1,17 +1,22 @@
-"""A property-based fuzzer of /generate against a real two-worker server on the real pipeline: whatever the
-body and headers, the answer is 200, a 4xx with the documented error shape, 503 or 504, and the same two
-workers are still there at the end. Examples are derandomized, so CI runs the same ones every time."""
+"""A property-based fuzzer of /generate and /v1/images/edits against a real two-worker server on the real
+pipeline: whatever the body, headers and uploads, the answer is 200, a 4xx with the documented error shape,
+503 or 504, and the same two workers are still there at the end. Examples are derandomized, so CI runs the
+same ones every time."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import pytest
 import requests
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from tests.conftest import running_server
+from tests.test_uploads import HOSTILE as HOSTILE_FILES
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
@@ -28,6 +33,19 @@ json_values = st.recursive(
 )
 # Text a tokenizer may choke on: lone surrogates (valid as JSON escapes), controls, NUL, other scripts.
 hostile_text = st.text(st.characters(categories=["Cs", "Cc", "Zl", "Zp", "So", "Lo"]) | st.characters(), max_size=40)
+
+
+def png(size: tuple[int, int], mode: str = "RGB", colour: object = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# Files: images the server takes (within the fuzz server's sizes), every hostile file of tests/test_uploads.py,
+# and any bytes at all.
+good_files = st.sampled_from([png((64, 64)), png((128, 64), "RGBA", (0, 0, 255, 0)), png((64, 128), "L", 200)])
+any_files = good_files | st.sampled_from([data for data, _ in HOSTILE_FILES.values()]) | st.binary(max_size=300)
+base64_files = any_files.map(lambda data: base64.b64encode(data).decode())
 # Values within the fuzz server's limits (see the fixture), so a third of the examples really generate.
 VALID = {
     "prompt": st.text(min_size=1, max_size=30).filter(str.strip),
@@ -39,6 +57,8 @@ VALID = {
     "seed": st.integers(0, 2**32 - 1),
     "num_images": st.integers(1, 2),
     "timeout_s": st.floats(0.01, 30),
+    "image": good_files.map(lambda data: base64.b64encode(data).decode()),
+    "strength": st.floats(0.3, 1),
 }
 HOSTILE = {
     "prompt": hostile_text | json_values,
@@ -50,6 +70,9 @@ HOSTILE = {
     "seed": st.integers(-1, 2**40) | huge | json_values,
     "num_images": st.integers(-1, 100) | huge | json_values,
     "timeout_s": st.floats(-1, 1e6) | st.sampled_from(["5", "nan", 0]) | huge | json_values,
+    "image": base64_files | hostile_text | json_values,
+    "mask": base64_files | json_values,
+    "strength": st.floats(-1, 2) | st.sampled_from([0, 1e-9]) | huge | json_values,
 }
 
 
@@ -136,3 +159,69 @@ def test_any_body_gets_a_documented_answer_and_no_worker_is_lost(server, path):
     assert status == 200, body
     assert {w["slot"]: w["pid"] for w in body["workers"]} == before
     assert server.get("/healthz").status_code == 200
+
+
+# The form fields of an edit as text (multipart carries nothing else): valid ones, and anything at all.
+FORM_VALID = {
+    "n": st.sampled_from(["1", "2"]),
+    "size": st.sampled_from(["auto", "64x64", "128x64"]),
+    "strength": st.sampled_from(["0.5", "1", "0.9"]),
+    "num_inference_steps": st.sampled_from(["1", "2", "3"]),
+    "seed": st.integers(0, 2**32 - 1).map(str),
+    "output_format": st.sampled_from(["png", "jpeg", "webp"]),
+    "stream": st.sampled_from(["true", "false"]),
+}
+form_text = hostile_text | st.sampled_from(["", "1e999", "nan", "-1", "9" * 400, "true", "auto", "0x0"])
+
+
+@st.composite
+def edits(draw: st.DrawFn) -> tuple[dict[str, str], list[tuple[str, tuple[str, bytes, str]]]]:
+    """An edit's fields and file parts: a valid request (a third of them, so that some really draw), or one
+    with some fields made hostile and odd file parts (none, two images, under other names, as image[]) of
+    any bytes."""
+    fields = {"prompt": "a red circle"} | draw(st.fixed_dictionaries({}, optional=FORM_VALID))
+    if draw(st.integers(0, 2)) == 0:
+        return fields, [("image", ("in.png", draw(good_files), "image/png"))]
+    fields["prompt"] = draw(st.sampled_from(["a red circle", "x", " ", ""]) | hostile_text)
+    for name in draw(
+        st.lists(st.sampled_from([*FORM_VALID, "model", "quality", "user", "bogus", "image"]), max_size=3)
+    ):
+        fields[name] = draw(form_text)
+    names = draw(st.lists(st.sampled_from(["image", "image", "image[]", "mask", "markup"]), min_size=0, max_size=3))
+    files = [(name, (f"{name}.png", draw(any_files), "image/png")) for name in names]
+    return fields, files
+
+
+def check_openai_answer(response: requests.Response) -> None:
+    status = response.status_code
+    assert status == 200 or 400 <= status < 500 or status in (503, 504), (status, response.text)
+    if status == 200:
+        return
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["code"], str)
+
+
+def test_any_multipart_edit_gets_a_documented_answer_and_no_worker_is_lost(server):
+    before = {w["slot"]: w["pid"] for w in server.wait_ready()["workers"]}
+
+    @settings(
+        max_examples=120,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(edit=edits())
+    def answered(edit):
+        fields, files = edit
+        response = requests.post(server.url + "/v1/images/edits", data=fields, files=files or None, timeout=60)
+        check_openai_answer(response)
+        statuses.append(response.status_code)
+
+    statuses: list[int] = []
+    answered()
+    assert statuses.count(200) >= 5, f"the fuzzer must reach the model too: {sorted(set(statuses))}"
+    status, body = server.readyz()
+    assert status == 200, body
+    assert {w["slot"]: w["pid"] for w in body["workers"]} == before
