@@ -188,9 +188,28 @@ def test_probes_and_metrics_need_no_key(keyed_server):
         assert keyed_server.get(path).status_code == 200, path
 
 
+def docs_example(number: int, server) -> str:
+    """The docs' OpenAI example ``number`` (0: generations, 1: edits), pointed at ``server``."""
+    example = re.findall(r"```python\n(.+?)\n```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)[number]
+    return example.replace("http://localhost:8080", server.url).replace('"your-key"', repr(API_KEY))
+
+
+def test_the_edit_example_runs_as_written(keyed_server, tmp_path):
+    from tests.test_edits import RED_CIRCLE, background_mask
+    from webapp.model import scenes
+
+    RED_CIRCLE.save(tmp_path / "circle.png")
+    (tmp_path / "background.png").write_bytes(background_mask(alpha=True))
+    code = docs_example(1, keyed_server)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "edited.png") as image:
+        verdict = scenes.analyze(image)
+    assert (verdict.background, verdict.colour) == ("green", "red")
+
+
 def test_the_readme_example_runs_as_written(keyed_server, tmp_path):
-    (example,) = re.findall(r"```python\n(.+?)\n```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)
-    code = example.replace("http://localhost:8080", keyed_server.url).replace('"your-key"', repr(API_KEY))
+    code = docs_example(0, keyed_server)
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "lighthouse.jpg") as image:

@@ -92,6 +92,7 @@ def test_routes_that_generate_say_they_need_a_key_and_probes_do_not(document):
         ("/generate", "post"),
         ("/generate/stream", "post"),
         ("/v1/images/generations", "post"),
+        ("/v1/images/edits", "post"),
         ("/v1/models", "get"),
         ("/v1/models/{model}", "get"),
         ("/demo", "post"),

@@ -96,7 +96,7 @@ def _edit_schema(settings: Settings) -> dict[str, Any]:
     schema = params.model_of(protocol.EDIT_TITLE, protocol.EDIT_FIELDS, settings).model_json_schema()
     limit = f"at most MAX_UPLOAD_BYTES={settings.max_upload_bytes} bytes"
     files = {
-        name: {"type": "string", "format": "binary", "description": f"{field.meaning} A file part, {limit}."}
+        name: {"type": "string", "contentMediaType": "image/*", "description": f"{field.meaning} A file part, {limit}."}
         for name, field in protocol.EDIT_FILES.items()
         if name != "image[]"
     }
