@@ -113,6 +113,60 @@ def test_a_person_clicks_an_example_and_gets_the_scene_it_names_drawn_large_and_
     page.locator("main").screenshot(path=str(ARTIFACTS / "demo-example.png"))
 
 
+def set_strength(page: Page, value: float) -> None:
+    page.eval_on_selector(
+        "#strength", "(slider, value) => { slider.value = value; slider.dispatchEvent(new Event('input')); }", value
+    )
+
+
+def test_a_person_edits_a_result_then_an_uploaded_file(browser, ready_server):
+    page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
+    console_errors = []
+    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+    expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
+    expect(page.locator("#edit-box")).to_be_visible()
+    page.fill("#prompt", "a red circle on a white background")
+    page.uncheck("#random_seed")
+    page.fill("#seed", "7")
+    page.click("#generate-button")
+    expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
+    with Image.open(io.BytesIO(downloaded_png(page))) as image:
+        assert scenes.analyze(image) == scenes.Verdict("white", "red", "circle")
+
+    page.click("#results button.edit-this")  # the result goes back in as the image to edit
+    expect(page.locator("#input-preview")).to_be_visible()
+    expect(page.locator("#input-name")).to_have_text("seed 7")
+    page.fill("#prompt", "a blue circle on a white background")
+    set_strength(page, 0.5)
+    expect(page.locator("#strength-value")).to_have_text("0.5")
+    page.click("#generate-button")
+    expect(page.locator("#progress-text")).to_have_text("step 10 of 10", timeout=60_000)  # half of 20 steps
+    expect(page.locator("#results figcaption")).to_contain_text("seed 7")
+    with Image.open(io.BytesIO(downloaded_png(page))) as image:
+        assert scenes.analyze(image) == scenes.Verdict("white", "blue", "circle")
+    page.screenshot(path=str(ARTIFACTS / "demo-edit.png"), full_page=True)
+
+    expect(page.locator("#results figcaption")).to_contain_text("edited from 64x64, strength 0.5")
+
+    wide = io.BytesIO()
+    Image.new("RGB", (300, 64), (255, 0, 0)).save(wide, format="PNG")
+    page.set_input_files("#image", files=[{"name": "wide.png", "mimeType": "image/png", "buffer": wide.getvalue()}])
+    expect(page.locator("#input-name")).to_have_text("wide.png")  # read by the page, and shown
+    page.click("#generate-button")  # drawn at the form's 64x64, and the answer says from what
+    expect(page.locator("#results figcaption")).to_contain_text("edited from 300x64", timeout=60_000)
+    assert page.eval_on_selector("#results img", "img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+
+    assert console_errors == []  # before the refusal below, which Chromium logs as a failed load
+
+    renamed = [{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image at all"}]
+    page.set_input_files("#image", files=renamed)
+    expect(page.locator("#input-name")).to_have_text("notes.png")
+    page.click("#generate-button")
+    expect(page.locator('[data-error-for="image"]')).to_contain_text("image: must be a PNG, JPEG or WebP image")
+    page.click("#clear-input")
+    expect(page.locator("#input-box")).to_be_hidden()
+
+
 def test_without_javascript_an_example_link_fills_the_prompt(ready_server):
     response = ready_server.get("/", params={"prompt": scenes.EXAMPLES[1]})
     assert response.status_code == 200

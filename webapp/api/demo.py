@@ -16,6 +16,7 @@ from webapp.api import auth, context, jobs
 from webapp.api.params import FIELDS, InvalidRequest, form_fields
 from webapp.board import readiness
 from webapp.errors import ApiError
+from webapp.model.request import DEFAULT_STRENGTH
 from webapp.settings import SCENES_MODEL
 
 bp = Blueprint("demo", __name__)
@@ -76,6 +77,7 @@ def _page(status: int = 200, **shown: Any) -> tuple[str, int]:
             any_ready=any(worker.ready for worker in verdict.workers),
             needs_key=auth.keys().enabled,
             examples=scenes.EXAMPLES if runtime.settings.model_id == SCENES_MODEL else (),
+            edit_strength=DEFAULT_STRENGTH["image"],
             **shown,
         ),
         status,

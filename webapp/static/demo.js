@@ -1,10 +1,12 @@
 // The demo page: live worker states from /readyz, and generation with step-by-step progress streamed
-// from /generate/stream. Without JavaScript the form still posts to /demo.
+// from /generate/stream, from text or from an image (an upload, or a result sent back with "edit this").
+// Without JavaScript the form still posts to /demo.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let anyReady = false;
 let busy = false;
+let inputImage = null; // the image to edit, as a data: URL (the server takes one as the image field)
 
 function el(tag, props = {}, children = []) {
   const node = document.createElement(tag);
@@ -71,9 +73,29 @@ function showError(error, retryAfter, status) {
   $("message").classList.add("shown");
 }
 
+function setInput(dataUrl, name = "") {
+  inputImage = dataUrl;
+  $("input-box").hidden = !dataUrl;
+  $("input-name").textContent = name;
+  if (dataUrl) $("input-preview").src = dataUrl;
+  else $("image").value = "";
+}
+
+function readFile(input) {
+  const file = input.files[0];
+  if (!file) return setInput(null);
+  const reader = new FileReader();
+  reader.onload = () => setInput(reader.result, file.name);
+  reader.readAsDataURL(file);
+}
+
 function payloadFromForm(form) {
   const data = new FormData(form);
   const payload = { prompt: data.get("prompt") };
+  if (inputImage) {
+    payload.image = inputImage;
+    payload.strength = Number($("strength").value);
+  }
   if (data.get("negative_prompt")) payload.negative_prompt = data.get("negative_prompt");
   // The number fields and their kinds come from the server's declaration of the request (data-kind).
   for (const input of form.querySelectorAll("input[data-kind]")) {
@@ -93,7 +115,17 @@ function showImages(result) {
     const url = URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
     const img = el("img", { src: url, alt: `generated image, seed ${image.seed}`, width: result.width, height: result.height });
     const link = el("a", { href: url, download: `seed-${image.seed}.png`, textContent: "download" });
-    const caption = el("figcaption", {}, [`seed ${image.seed} · ${Math.round(result.timings.total_ms)} ms · `, link]);
+    const edited = result.edit ? ` · edited from ${result.edit.input_size}, strength ${result.edit.strength}` : "";
+    const parts = [`seed ${image.seed}${edited} · ${Math.round(result.timings.total_ms)} ms · `, link];
+    if ($("edit-box")) {
+      const again = el("button", { type: "button", className: "secondary edit-this", textContent: "edit this" });
+      again.addEventListener("click", () => {
+        setInput(`data:image/png;base64,${image.png_base64}`, `seed ${image.seed}`);
+        $("prompt").focus();
+      });
+      parts.push(" ", again);
+    }
+    const caption = el("figcaption", {}, parts);
     return el("figure", { className: "result" }, [img, caption]);
   });
   $("results").replaceChildren(...figures);
@@ -177,6 +209,12 @@ document.addEventListener("DOMContentLoaded", () => {
       $("prompt").value = example.dataset.prompt;
       $("prompt").focus();
     });
+  }
+  if ($("edit-box")) {
+    $("edit-box").hidden = false;
+    $("image").addEventListener("change", () => readFile($("image")));
+    $("clear-input").addEventListener("click", () => setInput(null));
+    $("strength").addEventListener("input", () => ($("strength-value").textContent = $("strength").value));
   }
   if ($("api_key")) $("api_key").value = sessionStorage.getItem("api_key") || "";
   syncSeed();
