@@ -110,3 +110,12 @@ def test_the_probe_bench_prints_both_priorities_and_the_images_they_drew():
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| 10 ", "| 0 "))]
     assert [row[0] for row in rows] == ["| 10", "| 0"], done.stdout
     assert all(float(row[1]) > 0 and float(row[3].rstrip(" |")) > 0 for row in rows), done.stdout
+
+
+def test_the_edit_bench_prints_memory_and_every_mode_beside_text_to_image():
+    command = [sys.executable, "bench/edits.py", "--runs", "1", "--steps", "4"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"RSS after images in every mode it serves", "PSS after images in every mode it serves"} <= rows
+    assert {"text-to-image", "image-to-image, strength 0.8", "inpainting, strength 1.0"} <= rows, done.stdout

@@ -260,3 +260,14 @@ def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(ready_serve
         while b"\r\n\r\n" not in answer:
             answer += sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def test_the_edit_pipelines_hold_the_loaded_components_themselves():
+    """One copy of the weights for three modes: from_pipe hands the same module objects to every pipeline."""
+    from webapp.model import pipeline
+
+    model = pipeline.load(SETTINGS, 0)
+    assert set(model.pipelines) == {"text", "image", "inpaint"} and model.profile.edits == ("image", "inpaint")
+    for mode in ("image", "inpaint"):
+        for name in ("unet", "vae", "text_encoder", "tokenizer"):
+            assert getattr(model.pipelines[mode], name) is getattr(model.pipe, name), (mode, name)
