@@ -84,3 +84,19 @@ def test_generate_writes_the_image_in_the_asked_format(keyed_server, tmp_path):
         assert (image.format, image.size) == ("JPEG", (64, 64))
     refused = cli("generate", "a boat", "--url", keyed_server.url, "--api-key", "wrong", "-o", str(output))
     assert refused.returncode == 1 and "invalid_api_key" in refused.stderr
+
+
+def test_generate_edits_a_file_given_by_its_path(keyed_server, tmp_path):
+    from webapp.model import scenes
+
+    source, output = tmp_path / "circle.png", tmp_path / "blue.png"
+    scenes.render(scenes.Scene("circle", "red", "white")).save(source)
+    result = cli(
+        "generate", "a blue circle on a white background", "--url", keyed_server.url, "--api-key", API_KEY,
+        "--image", str(source), "--strength", "0.5", "--seed", "1", "-o", str(output),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as image:
+        assert scenes.analyze(image) == scenes.Verdict("white", "blue", "circle")
+    missing = cli("generate", "x", "--url", keyed_server.url, "--image", str(tmp_path / "nowhere.png"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
