@@ -47,6 +47,9 @@ class FaultyModel:
         self.device = inner.device
         self.profile = inner.profile
 
+    def use_adapters(self, loras):
+        return self.inner.use_adapters(loras)
+
     def generate(self, batch, on_step):
         prompts = {params.prompt for params in batch}
         if self.sick or "sick" in prompts:

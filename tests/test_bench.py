@@ -119,3 +119,12 @@ def test_the_edit_bench_prints_memory_and_every_mode_beside_text_to_image():
     rows = {line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")}
     assert {"RSS after images in every mode it serves", "PSS after images in every mode it serves"} <= rows
     assert {"text-to-image", "image-to-image, strength 0.8", "inpainting, strength 1.0"} <= rows, done.stdout
+
+
+def test_the_lora_bench_prints_first_use_per_image_and_the_cycling_workload():
+    command = [sys.executable, "bench/loras.py", "--adapters", "3", "--cache", "1", "--requests", "6", "--runs", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[2].startswith("first use of an adapter") and rows[3].startswith("one image with an adapter held")
+    assert rows[4].startswith("6 requests cycling 3 adapters, cache 1"), done.stdout

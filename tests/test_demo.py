@@ -167,6 +167,19 @@ def test_a_person_edits_a_result_then_an_uploaded_file(browser, ready_server):
     expect(page.locator("#input-box")).to_be_hidden()
 
 
+def test_a_person_picks_the_shipped_adapter_and_gets_what_it_teaches(browser, ready_server):
+    page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
+    expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
+    page.fill("#prompt", "a red circle at night")
+    page.uncheck("#random_seed")
+    page.fill("#seed", "7")
+    page.select_option("#lora", "night")
+    page.click("#generate-button")
+    expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
+    with Image.open(io.BytesIO(downloaded_png(page))) as image:
+        assert scenes.analyze(image).background == "black"
+
+
 def test_without_javascript_an_example_link_fills_the_prompt(ready_server):
     response = ready_server.get("/", params={"prompt": scenes.EXAMPLES[1]})
     assert response.status_code == 200

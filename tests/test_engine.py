@@ -42,6 +42,9 @@ class FakeModel:
         self.gate = threading.Event()
         self.sick = False
 
+    def use_adapters(self, loras):
+        return 0.0
+
     def generate(self, batch, on_step):
         prompts = [params.prompt for params in batch]
         self.calls.append(prompts)

@@ -73,6 +73,12 @@ INVALID_API_KEY = _code("invalid_api_key", "401", "the API key is not one the se
 MODEL_NOT_FOUND = _code("model_not_found", "404", "the OpenAI request names a model not served here")
 
 
+ADAPTER_FAILED = _code(
+    "adapter_failed",
+    "422",
+    "a LoRA adapter the request names could not be used: corrupt, built for another base model, or gone; "
+    "remembered as bad until its file changes, while the worker stays READY",
+)
 INVALID_IMAGE = _code(
     "invalid_image",
     "422",

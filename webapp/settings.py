@@ -43,6 +43,8 @@ SIZE_MULTIPLE = 8  # the configured sizes' multiple; a loaded model may ask for 
 # the random one at 512x512 took 41 s for one step of two images on 2 CPUs (STALL_TIMEOUT is 60 s), and
 # 1024x1024 needs tens of GiB. Their MAX_IMAGE_SIZE defaults to this instead of 1024.
 TINY_MODEL_MAX_SIZE = 256
+# The embedded model's own LoRA adapters (training/train_lora.py), its LORA_DIR when none is set.
+EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "model" / "weights" / "loras"
 STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
 
 
@@ -69,6 +71,13 @@ def _default_board_dir(value: Any) -> Any:
 
 def _empty_is_none(value: Any) -> Any:
     return None if value in ("", None) else value
+
+
+def _folder(path: Path | None) -> Path | None:
+    """LORA_DIR must be a folder at start; what it holds is read at each request."""
+    if path is not None and not path.is_dir():
+        raise ValueError(f"{path} is not a folder")
+    return path
 
 
 def _key_file(path: Path | None) -> Path | None:
@@ -150,6 +159,19 @@ class _Model(_Group):
     )
     model_cache_dir: Annotated[Path, AfterValidator(Path.expanduser)] = _setting(
         "MODEL_CACHE_DIR", "~/.cache/honest-diffusion", f"Where {BUILTIN_TINY_MODEL} is built."
+    )
+    lora_dir: Annotated[Path | None, BeforeValidator(_empty_is_none), AfterValidator(_folder)] = _setting(
+        "LORA_DIR",
+        "",
+        "Folder of LoRA adapters requests may name (a .safetensors file or a folder each, named by it), read "
+        f"at each request; empty = none, or the embedded model's own when MODEL_ID is {SCENES_MODEL}.",
+    )
+    lora_cache_size: int = _setting(
+        "LORA_CACHE_SIZE", 4, "LoRA adapters a worker keeps loaded (least recently used evicted).", ge=1, le=256
+    )
+    max_loras: int = _setting("MAX_LORAS", 2, "Most LoRA adapters one request may name.", ge=1, le=16)
+    max_lora_scale: Number = _setting(
+        "MAX_LORA_SCALE", 2, "Largest LoRA scale a request may give (from -MAX_LORA_SCALE).", ge=0, le=100
     )
     model_loader: str = _setting(
         "MODEL_LOADER",
@@ -361,9 +383,23 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
         tiny = data.get("MODEL_ID", data.get("model_id", SCENES_MODEL)) in EMBEDDED_MODELS
         return {**data, "MAX_IMAGE_SIZE": TINY_MODEL_MAX_SIZE} if tiny else data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_loras(cls, data: Any) -> Any:
+        """An unset LORA_DIR for the trained embedded model is its own adapters' folder."""
+        if not isinstance(data, dict) or {"LORA_DIR", "lora_dir"} & set(data):
+            return data
+        embedded = data.get("MODEL_ID", data.get("model_id", SCENES_MODEL)) == SCENES_MODEL
+        return {**data, "LORA_DIR": str(EMBEDDED_LORA_DIR)} if embedded else data
+
     @model_validator(mode="after")
     def _relations(self) -> Settings:
         checks = [
+            (
+                self.max_loras <= self.lora_cache_size,
+                f"MAX_LORAS={self.max_loras} must not exceed LORA_CACHE_SIZE={self.lora_cache_size}: a request's "
+                "adapters must all fit in a worker's cache at once",
+            ),
             (
                 self.threads >= self.max_ongoing + self.max_queued + 2,
                 f"THREADS={self.threads} is too few: each admitted /generate holds a thread while it waits, so "

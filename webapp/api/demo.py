@@ -13,9 +13,10 @@ from flask import Blueprint, Response, render_template, request
 
 from webapp import errors
 from webapp.api import auth, context, jobs
-from webapp.api.params import FIELDS, InvalidRequest, form_fields
+from webapp.api.params import FIELDS, InvalidRequest, form_fields, form_value
 from webapp.board import readiness
 from webapp.errors import ApiError
+from webapp.model import adapters
 from webapp.model.request import DEFAULT_STRENGTH
 from webapp.settings import SCENES_MODEL
 
@@ -42,6 +43,10 @@ def _payload_from_form(form: Any) -> dict[str, Any]:
     payload: dict[str, Any] = {}
     for field in FIELDS:
         raw = form.get(field.name, "")
+        if field.kind == "adapters":
+            if raw.strip():
+                payload[field.name] = form_value(field, raw)
+            continue
         if field.kind in ("text", "choice", "image"):
             if raw or field.required:
                 payload[field.name] = raw
@@ -78,6 +83,7 @@ def _page(status: int = 200, **shown: Any) -> tuple[str, int]:
             needs_key=auth.keys().enabled,
             examples=scenes.EXAMPLES if runtime.settings.model_id == SCENES_MODEL else (),
             edit_strength=DEFAULT_STRENGTH["image"],
+            adapters=list(adapters.listing(runtime.settings.lora_dir)),
             **shown,
         ),
         status,

@@ -41,6 +41,7 @@ from webapp.engine.core import (
     WorkerUnhealthy,
 )
 from webapp.errors import ApiError
+from webapp.model.adapters import AdapterFailed
 from webapp.model.faults import NonFiniteOutput
 from webapp.model.request import GenerationParams
 from webapp.runtime import Runtime
@@ -187,6 +188,8 @@ def wait(admitted: Admitted) -> list[Any]:
         message = f"this worker turned UNHEALTHY before finishing: {exc}"
         headers = {"Retry-After": str(exc.retry_after_s)}
         raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
+    except AdapterFailed as exc:  # the request's fault: the worker stayed sound and its weights clean
+        raise ApiError(422, errors.ADAPTER_FAILED, f"loras: {exc}", "loras") from None
     except NonFiniteOutput as exc:  # counted against the worker by the runner
         message = (
             f"{exc}; no image is sent for a non-finite result, and the operator should check the model's dtype; "
@@ -252,12 +255,15 @@ def encoded(admitted: Admitted, images: list[Any]) -> list[bytes]:
 def timings(admitted: Admitted) -> dict[str, float]:
     """Where the request's time went, in milliseconds, once its images are encoded."""
     job = admitted.job
-    return {
+    spent = {
         "queue_ms": round((job.started - job.enqueued) * 1000, 1),
         "generate_ms": round((job.finished - job.started) * 1000, 1),
         "encode_ms": round(admitted.encode_s * 1000, 1),
         "total_ms": round((time.monotonic() - admitted.received) * 1000, 1),
     }
+    if admitted.params.loras:  # part of generate_ms: loading the adapters its batch needed (0 when held)
+        spent["adapter_load_ms"] = round(job.adapter_load_s * 1000, 1)
+    return spent
 
 
 def answer(admitted: Admitted, images: list[Any]) -> tuple[dict[str, Any], list[bytes]]:

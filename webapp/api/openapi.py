@@ -82,24 +82,40 @@ OPENAI = {
 UNAUTHORIZED = {401: "An API key is needed (API_KEYS or API_KEYS_FILE is set) and none or a wrong one was sent"}
 
 
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def _schema(title: str, fields: tuple[params.RequestField, ...], settings: Settings, found: dict) -> dict[str, Any]:
+    """The JSON Schema of the model validating ``fields``, its nested models (a LoRA adapter's) moved into
+    ``found``, the document's components, where its references point."""
+    schema = params.model_of(title, fields, settings).model_json_schema(ref_template=REF_TEMPLATE)
+    found.update(schema.pop("$defs", {}))
+    return schema
+
+
 def _request_schemas(settings: Settings) -> dict[str, Any]:
     """The request bodies: the JSON Schemas of the models that validate them."""
-    return {
-        "GenerateRequest": params.model_of("GenerateRequest", params.FIELDS, settings).model_json_schema(),
-        "CreateImageRequest": params.model_of(protocol.TITLE, protocol.IMAGE_FIELDS, settings).model_json_schema(),
-        "CreateImageEditRequest": _edit_schema(settings),
+    nested: dict[str, Any] = {}
+    bodies = {
+        "GenerateRequest": _schema("GenerateRequest", params.FIELDS, settings, nested),
+        "CreateImageRequest": _schema(protocol.TITLE, protocol.IMAGE_FIELDS, settings, nested),
+        "CreateImageEditRequest": _edit_schema(settings, nested),
     }
+    return {**nested, **bodies}
 
 
-def _edit_schema(settings: Settings) -> dict[str, Any]:
+def _edit_schema(settings: Settings, nested: dict[str, Any]) -> dict[str, Any]:
     """/v1/images/edits' multipart body: its fields' schema, with the files as binary parts."""
-    schema = params.model_of(protocol.EDIT_TITLE, protocol.EDIT_FIELDS, settings).model_json_schema()
+    schema = _schema(protocol.EDIT_TITLE, protocol.EDIT_FIELDS, settings, nested)
     limit = f"at most MAX_UPLOAD_BYTES={settings.max_upload_bytes} bytes"
     files = {
         name: {"type": "string", "contentMediaType": "image/*", "description": f"{field.meaning} A file part, {limit}."}
         for name, field in protocol.EDIT_FILES.items()
         if name != "image[]"
     }
+    if "loras" in schema["properties"]:  # a form field is text: the list travels as its JSON
+        meaning = schema["properties"]["loras"]["description"]
+        schema["properties"]["loras"] = {"type": "string", "contentMediaType": JSON, "description": meaning}
     schema["properties"] = {**files, **schema["properties"]}
     schema["required"] = ["image", *schema.get("required", [])]
     return schema

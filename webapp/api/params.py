@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 import secrets
@@ -27,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from webapp import errors
 from webapp.api import images, uploads
 from webapp.errors import InvalidRequest
+from webapp.model import adapters
 from webapp.model.request import DEFAULT_STRENGTH, GenerationParams, edit_steps
 from webapp.settings import Settings
 
@@ -50,7 +52,8 @@ class RequestField:
     ``default`` likewise (None: absent means what ``meaning`` says); ``flag`` names the client's option."""
 
     name: str
-    kind: Literal["text", "integer", "number", "choice", "boolean", "image"]  # image: a file, base64 in JSON
+    # image: a file, base64 in JSON; adapters: a list of LoRA adapters by name, each with a scale
+    kind: Literal["text", "integer", "number", "choice", "boolean", "image", "adapters"]
     label: str
     meaning: str
     default: Bound = None
@@ -208,6 +211,18 @@ FIELDS: tuple[RequestField, ...] = (
         not_taken="no edit pipeline of it drew at load (the worker's log says why: edit_mode_unavailable)",
     ),
     RequestField(
+        "loras",
+        "adapters",
+        "LoRA adapters",
+        "LoRA adapters to draw with, by name from LORA_DIR (GET /v1/models lists them), each with a scale "
+        '(1 when absent): [{"name": "night", "scale": 0.8}]. None when absent.',
+        low=lambda settings: -settings.max_lora_scale,
+        high=attrgetter("max_lora_scale"),
+        demo=False,
+        applies=lambda settings: settings.lora_dir is not None,
+        not_taken="LORA_DIR is not set",
+    ),
+    RequestField(
         "output_format",
         "choice",
         "Format",
@@ -271,6 +286,15 @@ def _annotation(field: RequestField, settings: Settings) -> Any:
         return Literal[field.choices] | None  # type: ignore[valid-type]
     if field.kind == "boolean":
         return bool | None
+    if field.kind == "adapters":
+        scale = Annotated[float, Field(ge=low, le=high, allow_inf_nan=False)]
+        item = create_model(
+            "Lora",
+            __config__=ConfigDict(strict=True, extra="forbid"),
+            name=(Annotated[str, Field(pattern=adapters.NAME.pattern, description="An adapter in LORA_DIR")], ...),
+            scale=(scale, 1.0),
+        )
+        return Annotated[list[item], Field(max_length=settings.max_loras)] | None  # type: ignore[valid-type]
     if field.kind == "image":
         encoded = {"contentEncoding": "base64", "contentMediaType": "image/*"}
         return Annotated[str, Field(max_length=int(high), json_schema_extra=encoded)] | None  # type: ignore[arg-type]
@@ -349,6 +373,9 @@ def _invalid(field: str, message: str) -> InvalidRequest:
 def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) -> InvalidRequest:
     """Our 422 for pydantic's first error: the field, what it takes, and what it got."""
     name, kind, value = str(error["loc"][0]), error["type"], error.get("input")
+    nested = len(error["loc"]) > 1  # inside a field's value (an adapter's keys): that field explains it
+    if nested and fields[name].kind == "adapters":
+        return _explain_adapters(error, fields[name], settings)
     if kind == "extra_forbidden" and name in fields:  # declared, but not taken by the loaded model
         family = settings.model_family or "loaded"
         return _invalid(name, f"the {family} model served here does not take it: {fields[name].not_taken}")
@@ -363,6 +390,8 @@ def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) ->
         return _invalid(name, f"must be one of {shown}, got {_shown(value)}. {field.meaning}")
     if field.kind == "boolean":
         return _invalid(name, f"must be true or false, got {_shown(value)}")
+    if field.kind == "adapters":
+        return _explain_adapters(error, field, settings)
     if field.kind == "image" and kind == "string_too_long":
         message = (
             f"{name}: is {len(value)} characters of base64; the limit is MAX_UPLOAD_BYTES="
@@ -393,6 +422,23 @@ def _explain(error: Any, fields: dict[str, RequestField], settings: Settings) ->
     if (field.kind == "integer" and not integer) or not number:
         return _invalid(name, f"must be {what} {_limits(field, settings)}, got {type(value).__name__}")
     return _invalid(name, f"must be {_limits(field, settings)}, got {_shown(value)}")
+
+
+def _explain_adapters(error: Any, field: RequestField, settings: Settings) -> InvalidRequest:
+    """Our 422 for a problem inside ``loras``, with where in it (``loras[0].scale``)."""
+    name, kind, value = field.name, error["type"], error.get("input")
+    where = name + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
+    if kind == "too_long":
+        return _invalid(name, f"at most MAX_LORAS={settings.max_loras} adapters, got {len(value)}")
+    if kind == "missing":
+        return _invalid(name, f"{where} is required")
+    if kind == "extra_forbidden":
+        return _invalid(name, f"{where}: unknown key (an adapter takes name and scale)")
+    if kind == "string_pattern_mismatch":
+        return _invalid(name, f"{where} must be an adapter's name (letters, digits, . _ -), got {_shown(value)}")
+    if where.endswith(".scale"):
+        return _invalid(name, f"{where} must be a number {_limits(field, settings)}, got {_shown(value)}")
+    return _invalid(name, f"{where}: must be a list of {{name, scale}} objects, got {_shown(value)}")
 
 
 def validate(title: str, fields: tuple[RequestField, ...], payload: object, settings: Settings) -> dict[str, Any]:
@@ -439,6 +485,11 @@ def form_value(field: RequestField, raw: str) -> Any:
         return number if math.isfinite(number) else raw
     if field.kind == "boolean":
         return {"true": True, "false": False}.get(raw.strip().lower(), raw)
+    if field.kind == "adapters":  # a form carries a list as its JSON text
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
     return raw
 
 
@@ -520,6 +571,23 @@ def edit_values(
     }
 
 
+def adapters_of(asked: list[dict[str, Any]] | None, settings: Settings) -> tuple[tuple[str, float], ...]:
+    """A request's validated ``loras`` as (name, scale) pairs, each name one LORA_DIR lists now (read at this
+    request: an adapter dropped into the folder is usable without a restart), none twice; 422 naming
+    ``loras`` otherwise."""
+    if not asked:
+        return ()
+    found = adapters.listing(settings.lora_dir)
+    names = [item["name"] for item in asked]
+    for index, name in enumerate(names):
+        if name not in found:
+            listed = ", ".join(found) or "none"
+            raise _invalid("loras", f"loras[{index}].name: no adapter {name!r} in LORA_DIR (listed: {listed})")
+        if names.index(name) != index:
+            raise _invalid("loras", f"loras[{index}].name: {name!r} is named twice")
+    return tuple((item["name"], float(item["scale"])) for item in asked)
+
+
 def parse(payload: object, settings: Settings) -> GenerationParams:
     """Validate a decoded /generate body against a loaded model's ``settings`` (``Engine.limits``); an image
     is decoded and checked here, on the request's thread."""
@@ -535,6 +603,7 @@ def parse(payload: object, settings: Settings) -> GenerationParams:
         timeout_s=values["timeout_s"],
         output_format=values["output_format"],
         output_compression=values["output_compression"],
+        loras=adapters_of(values.get("loras"), settings),
     )
 
 
@@ -597,6 +666,8 @@ def request_table(settings: Settings, fields: tuple[RequestField, ...] = FIELDS)
             limits = "`true` or `false`"
         elif field.kind == "image":
             limits = f"base64 of at most MAX_UPLOAD_BYTES={settings.max_upload_bytes} bytes"
+        elif field.kind == "adapters":
+            limits = f"at most MAX_LORAS={settings.max_loras}; each scale {_limits(field, settings)}"
         else:
             multiple = field.multiple(settings)
             limits = _limits(field, settings) + (f", a multiple of {multiple}" if multiple else "")

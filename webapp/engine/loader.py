@@ -54,6 +54,12 @@ class Model(Protocol):
         Raises ``faults.NonFiniteOutput`` rather than return an image with a NaN or infinite pixel."""
         ...
 
+    def use_adapters(self, loras: tuple[tuple[str, float], ...]) -> float:
+        """Make ``loras`` (name, scale) the LoRA adapters the next ``generate`` runs with, () for none; return
+        the seconds spent loading. Raises ``adapters.AdapterFailed`` when one cannot be used: the request's
+        fault, with the weights left clean."""
+        ...
+
 
 class _Refused(Exception):
     """The lifecycle refused a loading transition: the worker is draining."""

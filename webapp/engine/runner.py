@@ -10,7 +10,10 @@
   it fails too, the failure is the worker's (500), and MAX_CONSECUTIVE_FAILURES in a row (a served call
   resets the count) make it UNHEALTHY.
 - every job whose deadline passed or whose client left stops the call between two denoising steps, once
-  nobody in the batch still waits.
+  nobody in the batch still waits;
+- a LoRA adapter that cannot be used (``AdapterFailed``: corrupt, built for another base model, gone) fails
+  the batch's jobs (every job of a batch names the same adapters) with a 422 naming it, before the call,
+  counting nothing against the worker.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from webapp.engine import loader
 from webapp.engine.loader import Model
 from webapp.engine.scheduler import DeadlineExceeded, Job, Scheduler, images, settle
 from webapp.model import faults
+from webapp.model.adapters import AdapterFailed
 from webapp.settings import Settings
 from webapp.telemetry import logs
 from webapp.telemetry.recorder import recorder
@@ -90,7 +94,22 @@ class Runner:
         return self.model.generate([job.params for job in batch], self._on_step)
 
     def run(self, batch: list[Job]) -> None:
-        """Run the batch the scheduler started and settle its jobs; a failure is judged as the module says."""
+        """Run the batch the scheduler started and settle its jobs; a failure is judged as the module says.
+        Its LoRA adapters (the same for every job: the scheduler's key) are set first, loaded if need be,
+        and the load is charged to its jobs."""
+        try:
+            loading = self.model.use_adapters(batch[0].params.loras)
+        except AdapterFailed as bad:
+            self._finish("adapter_failed")
+            recorder().lora_failed.inc(len(batch))
+            for job in batch:
+                settle(job.future, exc=bad)
+            return
+        except Exception as exc:  # noqa: BLE001 - judged like a failed call
+            self._charge_or_split(batch, exc)
+            return
+        for job in batch:
+            job.adapter_load_s = loading
         try:
             results = self._call(batch)
         except _Interrupted as stop:
@@ -101,17 +120,20 @@ class Runner:
         except faults.NonFiniteOutput as bad:
             self._non_finite(batch, bad)
         except Exception as exc:  # noqa: BLE001 - any pipeline error is judged, never lost
-            if faults.is_fatal(exc):
-                self._fail(batch, exc)
-            elif len(batch) > 1:
-                self._split(batch, exc)
-            else:
-                self._charge(batch[0], exc)
+            self._charge_or_split(batch, exc)
         else:
             self._finish("served")
             self.failures = 0
             for job, result in zip(batch, results, strict=True):
                 settle(job.future, result=result)
+
+    def _charge_or_split(self, batch: list[Job], exc: Exception) -> None:
+        if faults.is_fatal(exc):
+            self._fail(batch, exc)
+        elif len(batch) > 1:
+            self._split(batch, exc)
+        else:
+            self._charge(batch[0], exc)
 
     def _non_finite(self, batch: list[Job], bad: faults.NonFiniteOutput) -> None:
         """Some images came out NaN or infinite: their jobs fail (500 ``non_finite_output``, never a black
@@ -155,6 +177,7 @@ class Runner:
         with self.lock:
             self.scheduler.run([canary], time.monotonic())
         try:
+            self.model.use_adapters(())  # the canary runs on the plain weights, as the load's warm-up did
             self._call([canary])
         except Exception as canary_exc:
             self._finish("canary")

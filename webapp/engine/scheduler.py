@@ -6,9 +6,9 @@ The engine serialises every call (it holds its condition's lock around each) and
 
 - Admission: at most ``max_ongoing`` jobs run and ``max_queued`` wait; ``admit`` refuses beyond that with
   ``Overloaded`` and a Retry-After of the images held times the measured seconds per image.
-- Batches: the oldest live job plus later jobs with the same key (mode, size, steps, guidance, strength), in
-  arrival order, up to ``max_batch_size`` images and ``max_ongoing`` jobs. A job that cannot join waits its
-  turn: nothing overtakes a job except jobs that share its batch.
+- Batches: the oldest live job plus later jobs with the same key (mode, size, steps, guidance, strength,
+  adapters), in arrival order, up to ``max_batch_size`` images and ``max_ongoing`` jobs. A job that cannot
+  join waits its turn: nothing overtakes a job except jobs that share its batch.
 - Deadlines: a job whose deadline passed, or whose client stopped waiting, is dropped from the queue unrun;
   a running batch whose jobs have all expired is reported so the engine interrupts it.
 """
@@ -56,6 +56,7 @@ class Job:
     batch_images: int = 0
     abandoned: bool = False  # its request stopped waiting (deadline, client gone): nobody needs the result
     steps_done: int = 0  # denoising steps finished, for progress reports
+    adapter_load_s: float = 0.0  # seconds its batch spent loading the LoRA adapters it named
     # Steps done, one entry per step, then None once the future is settled: a stream sends each at once.
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
@@ -65,7 +66,8 @@ class Job:
     @property
     def key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call: the same mode (one pipeline each), size, steps,
-        guidance and strength (which decides where an edit's schedule starts)."""
+        guidance, strength (which decides where an edit's schedule starts) and LoRA adapters with their scales
+        (set on the model for the whole call)."""
         params = self.params
         return (
             params.mode,
@@ -74,6 +76,7 @@ class Job:
             params.num_inference_steps,
             params.guidance_scale,
             params.strength,
+            params.loras,
         )
 
     def expired(self, now: float) -> bool:
@@ -190,7 +193,8 @@ class Scheduler:
         return now - max(self.started, self.last_step) if self.running else 0.0
 
     def finish(self, outcome: str, now: float) -> tuple[list[Job], float]:
-        """The running call ended with ``outcome`` (served, failed, interrupted, split or canary: a metric label):
+        """The running call ended with ``outcome`` (served, failed, interrupted, split, canary or adapter_failed:
+        a metric label):
         return its jobs and its duration."""
         batch, self.running = self.running, []
         elapsed = now - self.started

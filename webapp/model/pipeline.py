@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,11 +33,13 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 from transformers.utils import logging as transformers_logging
 
+from webapp.model import adapters, faults
 from webapp.model.faults import NonFiniteOutput
 from webapp.model.profile import ModelProfile, choose_dtype, family_of, profile
 from webapp.model.request import GenerationParams, Mode
 from webapp.settings import BUILTIN_TINY_MODEL, EMBEDDED_MODELS, SCENES_MODEL, SIZE_MULTIPLE, Settings
 from webapp.telemetry import logs
+from webapp.telemetry.recorder import recorder
 
 log = logs.get(__name__)
 # The trained embedded model: weights, configs and model card (README.md), shipped as package data.
@@ -196,11 +199,83 @@ class DiffusersModel:
         device: str,
         profile: ModelProfile,
         edits: dict[Mode, DiffusionPipeline] | None = None,
+        lora_dir: Path | None = None,
+        lora_cache_size: int = 1,
     ) -> None:
         self.pipe = pipe
         self.device = device
         self.profile = profile
         self.pipelines: dict[Mode, DiffusionPipeline] = {"text": pipe, **(edits or {})}
+        self.lora_dir = lora_dir
+        self.adapters = adapters.Cache(lora_cache_size)
+        self.active: adapters.Loras = ()  # the adapters the last call ran with
+
+    def use_adapters(self, loras: adapters.Loras) -> float:
+        """Make ``loras`` the adapters the next call runs with (none: plain weights), loading those not yet
+        held and evicting the least recently used beyond LORA_CACHE_SIZE (``delete_adapters``). Runs on the
+        engine thread between calls, never during one. Returns the seconds spent loading. Raises
+        ``adapters.AdapterFailed`` for an adapter that is gone, known bad, or fails to load (corrupt, or
+        shaped for another base model): whatever it half-loaded is removed first, so the weights are clean."""
+        recorded = recorder()
+        if not loras:
+            if self.active:
+                self.pipe.disable_lora()
+                self.active = ()
+            return 0.0
+        found = adapters.listing(self.lora_dir)
+        wanted = {name for name, _ in loras}
+        seconds = 0.0
+        for name, _ in loras:
+            adapter = found.get(name)
+            reason = "is no longer in LORA_DIR" if adapter is None else self.adapters.known_bad(adapter)
+            if reason is not None:
+                if self.active:  # the failed request's batch ran nothing; the next one starts from plain
+                    self.pipe.disable_lora()
+                    self.active = ()
+                known = "" if adapter is None else " (known bad until its file changes)"
+                raise adapters.AdapterFailed(name, reason + known)
+            if self.adapters.holds(adapter):
+                recorded.lora_cache.labels("hit").inc()
+                continue
+            recorded.lora_cache.labels("miss").inc()
+            if name in self.adapters.loaded:  # its file changed since it was loaded
+                self._unload(name)
+            for evicted in self.adapters.evictions(wanted):
+                self._unload(evicted)
+                recorded.lora_cache.labels("eviction").inc()
+            seconds += self._load(adapter)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([name for name, _ in loras], adapter_weights=[scale for _, scale in loras])
+        self.active = loras
+        return seconds
+
+    def _load(self, adapter: adapters.Adapter) -> float:
+        started = time.monotonic()
+        try:
+            self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+        except Exception as exc:
+            if adapter.name in self._loaded_names():
+                self.pipe.delete_adapters(adapter.name)
+            if self.adapters.loaded:  # those still held stay loaded, but none is active until a batch sets it
+                self.pipe.disable_lora()
+            self.active = ()
+            reason = f"failed to load: {faults.describe(exc)}"[:500]
+            self.adapters.bad[adapter.name] = (adapter.stamp, reason)
+            log.warning("adapter_failed", adapter=adapter.name, error=reason)
+            raise adapters.AdapterFailed(adapter.name, reason) from exc
+        elapsed = time.monotonic() - started
+        self.adapters.loaded[adapter.name] = adapter.stamp
+        self.adapters.bad.pop(adapter.name, None)
+        recorder().lora_load_seconds.observe(elapsed)
+        log.info("adapter_loaded", adapter=adapter.name, seconds=round(elapsed, 3), held=len(self.adapters.loaded))
+        return elapsed
+
+    def _unload(self, name: str) -> None:
+        self.pipe.delete_adapters(name)
+        self.adapters.loaded.pop(name, None)
+
+    def _loaded_names(self) -> set[str]:
+        return {name for names in self.pipe.get_list_adapters().values() for name in names}
 
     def generate(self, batch: Sequence[GenerationParams], on_step: Callable[[int], None]) -> list[list[Image]]:
         """One pipeline call for requests that share mode, size, steps, guidance and strength (the
@@ -290,4 +365,4 @@ def load(settings: Settings, slot: int) -> DiffusersModel:
     read = dataclasses.replace(read, edits=tuple(edits))
     if settings.model_id == SCENES_MODEL:  # its own default, from bench/quality.py (docs/models.md)
         read = dataclasses.replace(read, default_guidance=SCENES_MODEL_GUIDANCE)
-    return DiffusersModel(pipe, device, read, edits)
+    return DiffusersModel(pipe, device, read, edits, settings.lora_dir, settings.lora_cache_size)

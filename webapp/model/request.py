@@ -53,6 +53,7 @@ class GenerationParams:
     strength: float | None = None
     denoising_steps: int = 0  # an edit's; a text-to-image request runs num_inference_steps
     input_size: tuple[int, int] | None = None  # an edit's input as uploaded (upright), before any resize
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters by name, each with its scale (webapp.model.adapters)
 
     @property
     def num_images(self) -> int:

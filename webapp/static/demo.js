@@ -92,6 +92,7 @@ function readFile(input) {
 function payloadFromForm(form) {
   const data = new FormData(form);
   const payload = { prompt: data.get("prompt") };
+  if ($("lora") && $("lora").value) payload.loras = [{ name: $("lora").value }];
   if (inputImage) {
     payload.image = inputImage;
     payload.strength = Number($("strength").value);
@@ -210,6 +211,7 @@ document.addEventListener("DOMContentLoaded", () => {
       $("prompt").focus();
     });
   }
+  if ($("lora-box")) $("lora-box").hidden = false;
   if ($("edit-box")) {
     $("edit-box").hidden = false;
     $("image").addEventListener("change", () => readFile($("image")));

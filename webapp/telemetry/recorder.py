@@ -74,6 +74,19 @@ class Recorder:
         self.state_changes = Counter(
             PREFIX + "worker_state_changes", "Worker state changes, by the state entered.", ["state"]
         )
+        self.lora_cache = Counter(
+            PREFIX + "lora_cache",
+            "LoRA adapters a batch asked for, by event: hit (already loaded), miss (loaded for it), eviction.",
+            ["event"],
+        )
+        self.lora_load_seconds = Histogram(
+            PREFIX + "lora_load_duration_seconds",
+            "Loading one LoRA adapter on a miss (load_lora_weights), charged to the requests that needed it.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.lora_failed = Counter(
+            PREFIX + "lora_failed", "Requests answered 422 because an adapter they named could not be used."
+        )
 
 
 _recorder: Recorder | None = None

@@ -23,12 +23,14 @@ from webapp.api.params import (
     GenerationParams,
     InvalidRequest,
     RequestField,
+    adapters_of,
     edit_values,
     form_value,
     generation_values,
     seeds_from,
     validate,
 )
+from webapp.model import adapters
 from webapp.settings import Settings
 
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
@@ -101,6 +103,7 @@ IMAGE_FIELDS: tuple[RequestField, ...] = (
     BY_NAME["guidance_scale"],
     BY_NAME["seed"],
     BY_NAME["timeout_s"],
+    BY_NAME["loras"],
 )
 
 
@@ -157,7 +160,26 @@ class ImageRequest:
             timeout_s=values["timeout_s"],  # type: ignore[arg-type]
             output_format=str(values["output_format"]),
             output_compression=int(values["output_compression"]),  # type: ignore[call-overload]
+            loras=self.adapters(),
         )
+
+    def adapters(self) -> tuple[tuple[str, float], ...]:
+        """The request's ``loras``, and the adapter its ``model`` names (at scale 1), as vLLM serves a LoRA
+        module listed by /v1/models."""
+        try:
+            loras = adapters_of(self.values.get("loras"), self.limits)  # type: ignore[arg-type]
+        except InvalidRequest as exc:  # 400, as OpenAI answers a bad param
+            raise InvalidRequest(400, exc.code, exc.message, exc.field) from None
+        named = self.model
+        if named is not None and named in adapters.listing(self.limits.lora_dir):
+            if any(name == named for name, _ in loras):
+                message = f"model: names the adapter {named!r}, which loras names too; give it once"
+                raise InvalidRequest(400, errors.INVALID_FIELD, message, "model")
+            loras = ((named, 1.0), *loras)
+        if len(loras) > self.limits.max_loras:
+            message = f"at most MAX_LORAS={self.limits.max_loras} adapters, with the one model names"
+            raise InvalidRequest(400, errors.INVALID_FIELD, message, "loras")
+        return loras
 
 
 @dataclass(frozen=True)

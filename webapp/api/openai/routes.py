@@ -28,6 +28,7 @@ from webapp.api.openai import protocol
 from webapp.api.openai.protocol import ImageRequest
 from webapp.api.params import TIMEOUT_HEADER, InvalidRequest
 from webapp.errors import ApiError
+from webapp.model import adapters
 from webapp.model.request import GenerationParams
 from webapp.runtime import Runtime
 from webapp.settings import Settings
@@ -55,9 +56,29 @@ def _entry(runtime: Runtime) -> dict[str, Any]:
     return entry
 
 
+def _adapter_entries(runtime: Runtime) -> list[dict[str, Any]]:
+    """Each LoRA adapter in LORA_DIR as a model whose ``parent`` is the served one, as vLLM lists its LoRA
+    modules: a request naming it as ``model`` draws with it at scale 1."""
+    base = runtime.settings.model_name
+    return [
+        {
+            "id": name,
+            "object": "model",
+            "created": adapter.stamp[0] // 1_000_000_000,
+            "owned_by": OWNED_BY,
+            "parent": base,
+            "root": name,
+        }
+        for name, adapter in adapters.listing(runtime.settings.lora_dir).items()
+    ]
+
+
 def _check_model(asked: str | None, settings: Settings) -> None:
-    if asked is not None and not settings.serves(asked):
-        message = f"model {asked!r} is not served here; this server serves {settings.model_name!r} (see /v1/models)"
+    if asked is not None and not settings.serves(asked) and asked not in adapters.listing(settings.lora_dir):
+        message = (
+            f"model {asked!r} is not served here; this server serves {settings.model_name!r} and the LoRA "
+            "adapters /v1/models lists"
+        )
         raise InvalidRequest(404, errors.MODEL_NOT_FOUND, message, "model")
 
 
@@ -65,7 +86,8 @@ def _check_model(asked: str | None, settings: Settings) -> None:
 @auth.required
 def models() -> Response:
     """The served model, as OpenAI's model list."""
-    return jsonify({"object": "list", "data": [_entry(_runtime())]})
+    runtime = _runtime()
+    return jsonify({"object": "list", "data": [_entry(runtime), *_adapter_entries(runtime)]})
 
 
 @bp.get("/models/<path:model>")
@@ -77,7 +99,8 @@ def model(model: str) -> Response:
         _check_model(model, runtime.settings)
     except ApiError as exc:
         return exc.response()
-    return jsonify(_entry(runtime))
+    named = [entry for entry in _adapter_entries(runtime) if entry["id"] == model]
+    return jsonify(named[0] if named and not runtime.settings.serves(model) else _entry(runtime))
 
 
 def _size(params: GenerationParams) -> str:

@@ -1,0 +1,55 @@
+"""LORA_DIR's listing and a worker's adapter bookkeeping, without torch (webapp.model.adapters)."""
+
+from __future__ import annotations
+
+import os
+
+from webapp.model import adapters
+
+
+def test_the_listing_names_files_and_folders_and_nothing_a_request_could_turn_into_a_path(tmp_path):
+    (tmp_path / "night.safetensors").write_bytes(b"x")
+    (tmp_path / "styles").mkdir()
+    (tmp_path / "styles" / "pytorch_lora_weights.safetensors").write_bytes(b"xy")
+    (tmp_path / "one-file").mkdir()
+    (tmp_path / "one-file" / "weights.safetensors").write_bytes(b"xyz")
+    (tmp_path / "two-files").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / "two-files" / name).write_bytes(b"x")  # which one is meant? neither is listed
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    (tmp_path / ".hidden.safetensors").write_bytes(b"x")
+    (tmp_path / "sp ace.safetensors").write_bytes(b"x")
+    found = adapters.listing(tmp_path)
+    assert list(found) == ["night", "one-file", "styles"]
+    assert found["night"].path == tmp_path / "night.safetensors" and found["night"].stamp[1] == 1
+    assert found["styles"].path == tmp_path / "styles" and found["styles"].stamp[1] == 2
+    assert adapters.listing(None) == {} and adapters.listing(tmp_path / "missing") == {}
+
+
+def test_a_changed_file_has_another_stamp(tmp_path):
+    path = tmp_path / "night.safetensors"
+    path.write_bytes(b"first")
+    before = adapters.listing(tmp_path)["night"]
+    path.write_bytes(b"second!")
+    os.utime(path, ns=(before.stamp[0] + 10**9, before.stamp[0] + 10**9))
+    assert adapters.listing(tmp_path)["night"].stamp != before.stamp
+
+
+def test_the_cache_evicts_the_least_recently_used_that_the_batch_does_not_need():
+    cache = adapters.Cache(size=2)
+    a, b, c = (adapters.Adapter(name, None, (1, 1)) for name in "abc")
+    cache.loaded["a"] = a.stamp
+    cache.loaded["b"] = b.stamp
+    assert cache.holds(a)  # a is now the most recently used
+    assert cache.evictions({"c"}) == ["b"]
+    assert cache.evictions({"b", "c"}) == ["a"]
+    assert not cache.holds(c)
+    assert not cache.holds(adapters.Adapter("a", None, (2, 1))), "a changed file is not the one loaded"
+
+
+def test_a_bad_adapter_is_remembered_until_its_file_changes():
+    cache = adapters.Cache(size=1)
+    cache.bad["x"] = ((1, 10), "failed to load: size mismatch")
+    assert cache.known_bad(adapters.Adapter("x", None, (1, 10))) == "failed to load: size mismatch"
+    assert cache.known_bad(adapters.Adapter("x", None, (2, 10))) is None
