@@ -218,10 +218,12 @@ def _answer_schemas(settings: Settings) -> dict[str, Any]:
             "type": "object",
             "required": ["id", "object", "created", "owned_by"],
             "properties": {
-                "id": {"const": settings.model_name},
+                "id": {"type": "string", "description": f"{settings.model_name}, or a LoRA adapter in LORA_DIR"},
                 "object": {"const": "model"},
                 "created": {"type": "integer"},
                 "owned_by": {"type": "string"},
+                "parent": {"const": settings.model_name, "description": "An adapter's base model"},
+                "root": {"type": "string"},
             },
         },
         "ModelList": {
