@@ -106,7 +106,9 @@ def test_another_model_is_not_found(keyed_server):
 
 def test_models_list_names_the_served_model_and_generate_takes_it(keyed_server):
     models = client(keyed_server).models.list()
-    assert [model.id for model in models.data] == ["builtin:scenes-64"]
+    # The served model, then the embedded model's LoRA adapter (LORA_DIR defaults to its folder).
+    assert [model.id for model in models.data] == ["builtin:scenes-64", "night"]
+    assert models.data[1].model_extra["parent"] == "builtin:scenes-64"
     assert models.data[0].object == "model" and models.data[0].created > 0
     assert client(keyed_server).models.retrieve("builtin:scenes-64").id == "builtin:scenes-64"
     result = client(keyed_server).images.generate(
