@@ -109,3 +109,20 @@ def test_the_shipped_model_is_safetensors_within_25_mb_with_its_model_card():
     card = (SCENES_MODEL_DIR / "README.md").read_text(encoding="utf-8")
     for needed in ("license", "training/train.py", "bench/quality.py", "cannot"):
         assert needed in card, needed
+
+
+def test_the_lora_script_writes_an_adapter_the_server_loads_and_resumes_where_it_stopped(tmp_path):
+    """Two steps, then two more from the checkpoint: the file is one diffusers LoRA safetensors file that the
+    server's own use_adapters loads onto the embedded model."""
+    from webapp.model import pipeline
+    from webapp.settings import Settings
+
+    out, checkpoint = tmp_path / "loras" / "taught.safetensors", tmp_path / "checkpoint"
+    command = [sys.executable, "training/train_lora.py", "--out", str(out), "--checkpoint", str(checkpoint)]
+    command += ["--batch", "2", "--judge", "0"]
+    first = subprocess.run([*command, "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    resumed = subprocess.run([*command, "--steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resumed at step 2" in resumed.stdout, resumed.stdout + resumed.stderr
+    model = pipeline.load(Settings.from_env({"LORA_DIR": str(out.parent)}), 0)
+    assert model.use_adapters((("taught", 1.0),)) > 0
