@@ -168,33 +168,28 @@ def generations() -> Response:
     try:
         payload = jobs.read_json(runtime.settings.max_body_bytes)
         image_request: ImageRequest = protocol.parse(payload, runtime.settings)
-        _check_model(image_request.model, runtime.settings)
-        _log_user(image_request)
-        admitted = jobs.admit(
-            runtime,
-            payload,
-            request.headers.get(TIMEOUT_HEADER),
-            received,
-            parser=protocol.generation_params,
-        )
-        if image_request.stream:
-            return _stream(admitted, "image_generation")
-        finished = jobs.wait(admitted)
+        return _serve(runtime, received, image_request, payload, protocol.generation_params, "image_generation")
     except ApiError as exc:
         return exc.response()
-    return _images_response(admitted, finished)
 
 
-def _images_response(admitted: jobs.Admitted, finished: list[Any]) -> Response:
-    response = jsonify(_answer(admitted, finished))
-    response.headers["X-Seeds"] = ",".join(str(seed) for seed in admitted.params.seeds)
-    return response
-
-
-def _log_user(image_request: ImageRequest) -> None:
+def _serve(
+    runtime: Runtime, received: float, image_request: ImageRequest, payload: object, parser: jobs.Parser, kind: str
+) -> Response:
+    """An OpenAI image request whose fields are valid, from there on: the model it names, admission with
+    ``parser``, and the answer, or ``kind`` events (image_generation, image_edit) when streamed. Raises
+    ApiError."""
+    _check_model(image_request.model, runtime.settings)
     who = image_request.values.get("user") or image_request.values.get("safety_identifier")
     if who:
         log.info("openai_user", user=who)
+    admitted = jobs.admit(runtime, payload, request.headers.get(TIMEOUT_HEADER), received, parser=parser)
+    if image_request.stream:
+        return _stream(admitted, kind)
+    finished = jobs.wait(admitted)
+    response = jsonify(_answer(admitted, finished))
+    response.headers["X-Seeds"] = ",".join(str(seed) for seed in admitted.params.seeds)
+    return response
 
 
 @bp.post("/images/edits")
@@ -209,12 +204,6 @@ def edits() -> Response:
         form, files = jobs.read_form(runtime.settings)
         edit = protocol.edit_form(form, files, runtime.settings)
         edit_request = protocol.parse_edit(edit, runtime.settings)
-        _check_model(edit_request.model, runtime.settings)
-        _log_user(edit_request)
-        admitted = jobs.admit(runtime, edit, request.headers.get(TIMEOUT_HEADER), received, parser=protocol.edit_params)
-        if edit_request.stream:
-            return _stream(admitted, "image_edit")
-        finished = jobs.wait(admitted)
+        return _serve(runtime, received, edit_request, edit, protocol.edit_params, "image_edit")
     except ApiError as exc:
         return exc.response()
-    return _images_response(admitted, finished)
