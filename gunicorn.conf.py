@@ -24,7 +24,7 @@ bind = [settings.bind]
 # gthread (request threads keep answering probes while the engine thread generates), handing a thread only
 # requests that have fully arrived, so slow or idle clients cannot take the threads probes need.
 worker_class = gthread.buffered_worker(
-    settings.client_timeout, settings.max_upload_body_bytes, server_hooks.app, server_hooks.gate
+    settings.client_timeout, settings.body_limit, server_hooks.app, server_hooks.gate
 )
 threads = settings.threads
 timeout = int(settings.worker_timeout)

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import Server, running_server, wait_for
+from webapp.settings import Settings
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
@@ -132,6 +133,23 @@ def test_a_body_declared_too_large_is_refused_at_once_and_never_drained(server):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), data
     assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+def test_each_route_buffers_at_most_its_own_limit(server):
+    """A body over MAX_BODY_BYTES is refused from its header on a route that takes no images, so no
+    connection holds more than that in the event loop; a route that takes images waits for its whole body."""
+    settings = Settings.from_env({})
+    size = settings.max_body_bytes + 1000
+    head = f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+    sock = connect(server, HEAD.replace(b"/generate", b"/v1/images/generations") + head)
+    data = answer(sock)  # answered although none of the body was sent
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 413"), data
+    body = b'{"prompt": "' + b"x" * (size - 14) + b'"}'
+    sock = connect(server, HEAD + head + body)
+    data = answer(sock)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 422") and b"prompt: must be at most" in data, data[:300]
 
 
 def test_headers_that_cannot_be_parsed_get_the_json_error_shape(server):

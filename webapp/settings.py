@@ -43,6 +43,9 @@ SIZE_MULTIPLE = 8  # the configured sizes' multiple; a loaded model may ask for 
 # the random one at 512x512 took 41 s for one step of two images on 2 CPUs (STALL_TIMEOUT is 60 s), and
 # 1024x1024 needs tens of GiB. Their MAX_IMAGE_SIZE defaults to this instead of 1024.
 TINY_MODEL_MAX_SIZE = 256
+# The routes that take images (an edit's input and mask): their bodies may reach Settings.max_upload_body_bytes,
+# every other route's MAX_BODY_BYTES (Settings.body_limit, which the worker's event loop and the routes ask).
+UPLOAD_ROUTES = ("/generate", "/generate/stream", "/v1/images/edits")
 # The embedded model's own LoRA adapters (training/train_lora.py), its LORA_DIR when none is set.
 EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "model" / "weights" / "loras"
 STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
@@ -453,6 +456,11 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
         and a mask of MAX_UPLOAD_BYTES each in base64 (4 characters per 3 bytes), which also covers the same
         files sent raw in a multipart body with their part headers."""
         return self.max_body_bytes + 2 * 4 * -(-self.max_upload_bytes // 3)
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a request to ``path`` may send: room for two uploads on UPLOAD_ROUTES,
+        MAX_BODY_BYTES elsewhere."""
+        return self.max_upload_body_bytes if path in UPLOAD_ROUTES else self.max_body_bytes
 
     @property
     def bind(self) -> str:

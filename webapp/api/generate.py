@@ -54,7 +54,7 @@ def generate() -> Response:
     runtime = context.runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings.max_upload_body_bytes)
+        payload = jobs.read_json(runtime.settings)
         wants = _negotiate(payload)
         if wants != JSON:
             payload = {"output_format": images.BY_MEDIA_TYPE[wants], **payload}
@@ -80,7 +80,7 @@ def generate_stream() -> Response:
     runtime = context.runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings.max_upload_body_bytes)
+        payload = jobs.read_json(runtime.settings)
         admitted = jobs.admit(runtime, payload, request.headers.get(TIMEOUT_HEADER), received)
     except ApiError as exc:
         return exc.response()

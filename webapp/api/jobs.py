@@ -1,7 +1,7 @@
 """One generation request's path through a worker, for every route that generates: read the body, admit
 the job to the engine, wait for it, and answer (docs/architecture.md §6).
 
-    read_json(max_bytes)   413 size, 415 content type, 400 unparseable JSON
+    read_json(settings)    413 size (the route's limit), 415 content type, 400 unparseable JSON
     read_form(settings)    the same for a multipart/form-data body (an edit's uploads)
     admit(...)             503 + Retry-After while the worker is not READY or is full; 422 for a bad field
     wait(admitted)         the images, or 422 / 503 / 504 / 500 as ``wait`` says
@@ -61,8 +61,10 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_json(max_bytes: int) -> object:
-    """The request's JSON body, decoded; InvalidRequest (413, 415, 400) when it cannot be."""
+def read_json(settings: Settings) -> object:
+    """The request's JSON body, decoded; InvalidRequest (413, 415, 400) when it cannot be. Its size limit is
+    its route's (``Settings.body_limit``)."""
+    max_bytes = settings.body_limit(request.path)
     if request.content_length is not None and request.content_length > max_bytes:
         message = f"body is {request.content_length} bytes; the limit is {max_bytes}"
         raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
@@ -86,10 +88,10 @@ def read_json(max_bytes: int) -> object:
 
 def read_form(settings: Settings) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage]]:
     """A multipart/form-data body's fields and files; InvalidRequest (413, 415, 400) when it cannot be read:
-    over ``Settings.max_upload_body_bytes`` (from Content-Length, before anything is read), another content
+    over its route's limit (``Settings.body_limit``, from Content-Length, before anything is read), another content
     type, no boundary, parts that cannot be parsed, more than MAX_FORM_PARTS parts, or a field (not a file)
     over MAX_BODY_BYTES."""
-    limit = settings.max_upload_body_bytes
+    limit = settings.body_limit(request.path)
     if request.content_length is not None and request.content_length > limit:
         message = f"body is {request.content_length} bytes; the limit is {limit}"
         raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)

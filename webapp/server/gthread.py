@@ -9,9 +9,10 @@ and only a whole request (headers and body) goes to a thread, whose parser then 
 
 A request that has not fully arrived within CLIENT_TIMEOUT seconds is answered 408 and closed (a connection
 that sent nothing is closed silently, as gunicorn closes idle kept-alive ones). Headers h11 cannot parse,
-or larger than its limit, are answered 400/431 from here. A body declared or sent larger than the largest any
-route takes (``Settings.max_upload_body_bytes``: MAX_BODY_BYTES plus two uploads) goes to the app at once
-(which answers 413) and the connection is closed after the answer, so no thread waits to drain it. The
+or larger than its limit, are answered 400/431 from here. A body declared or sent larger than its route's
+limit (``Settings.body_limit``: MAX_BODY_BYTES, or room for two uploads on the routes that take images) goes
+to the app at once (which answers 413) and the connection is closed after the answer, so no thread waits to
+drain it, and no connection holds more than its route's limit in memory. The
 sockets request threads use carry CLIENT_TIMEOUT as their kernel send and receive timeouts, so a client that
 stops reading its answer holds a thread that long at most.
 
@@ -59,6 +60,7 @@ class _Arrival:
     framing: h11.Connection = field(default_factory=lambda: h11.Connection(h11.SERVER, MAX_HEADER_BYTES))
     data: bytearray = field(default_factory=bytearray)
     body_bytes: int = 0
+    body_limit: int = 0  # its route's (Settings.body_limit), known once its headers have arrived
     polled: bool = False  # registered with the worker's poller
 
 
@@ -129,7 +131,7 @@ class BufferedThreadWorker(ThreadWorker):
     from settings."""
 
     client_timeout: float  # CLIENT_TIMEOUT
-    max_body_bytes: int  # the largest body any route takes (Settings.max_upload_body_bytes)
+    body_limit: Callable[[str], int]  # the largest body a request to a path may send (Settings.body_limit)
     make_app: Callable[[], Any]  # builds this worker's WSGI app, once its runtime exists (after post_fork)
     gate: Callable[[], Gate]  # whether this worker takes new connections now (docs/architecture.md §14)
 
@@ -238,13 +240,14 @@ class BufferedThreadWorker(ThreadWorker):
                     framing.client_is_waiting_for_100_continue = False
                 return False
             if isinstance(event, h11.Request):
+                arrival.body_limit = self.body_limit(event.target.split(b"?", 1)[0].decode("latin-1"))
                 declared = dict(event.headers).get(b"content-length")
-                if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                if declared is not None and declared.isdigit() and int(declared) > arrival.body_limit:
                     self.close_after.add(arrival.conn)
                     return self._dispatch(arrival)  # the app answers 413 from the header alone
             elif isinstance(event, h11.Data):
                 arrival.body_bytes += len(event.data)
-                if arrival.body_bytes > self.max_body_bytes:  # chunked, past the limit: the app sees enough
+                if arrival.body_bytes > arrival.body_limit:  # chunked, past the limit: the app sees enough
                     self.close_after.add(arrival.conn)
                     return self._dispatch(arrival)
             elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
@@ -316,13 +319,16 @@ class BufferedThreadWorker(ThreadWorker):
 
 
 def buffered_worker(
-    client_timeout: float, max_body_bytes: int, make_app: Callable[[], Any], gate: Callable[[], Gate]
+    client_timeout: float,
+    body_limit: Callable[[str], int],
+    make_app: Callable[[], Any],
+    gate: Callable[[], Gate],
 ) -> type[BufferedThreadWorker]:
     """The worker class for gunicorn's ``worker_class``: the limits from settings, the function that
     builds each worker's app, and the one that reads its gate."""
     attributes = {
         "client_timeout": client_timeout,
-        "max_body_bytes": max_body_bytes,
+        "body_limit": staticmethod(body_limit),
         "make_app": staticmethod(make_app),
         "gate": staticmethod(gate),
     }

@@ -166,7 +166,7 @@ def generations() -> Response:
     runtime = _runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings.max_body_bytes)
+        payload = jobs.read_json(runtime.settings)
         image_request: ImageRequest = protocol.parse(payload, runtime.settings)
         return _serve(runtime, received, image_request, payload, protocol.generation_params, "image_generation")
     except ApiError as exc:
