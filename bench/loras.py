@@ -6,7 +6,7 @@ Run from the repository root:
 
 It loads the embedded model with the server's loader, in this process, and drives the engine's own calls
 (``DiffusersModel.use_adapters`` then ``generate``, as the engine thread runs a batch), one image per call
-at the model's defaults (64x64, 20 steps). The adapters are copies of the shipped ``night`` adapter
+at 64x64 and ``--steps`` steps (20, the model's default). The adapters are copies of the shipped ``night`` adapter
 (webapp/model/weights/loras) under ``--adapters`` names in a temporary LORA_DIR:
 
 - **first use**: the load of an adapter not held (``load_lora_weights``), median over the copies;
@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("--cache", type=int, default=2, help="LORA_CACHE_SIZE of the cycling run")
     parser.add_argument("--requests", type=int, default=36, help="requests in each cycling run")
     parser.add_argument("--runs", type=int, default=9, help="images per configuration of the per-image row")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from webapp.model import pipeline
@@ -60,7 +61,7 @@ def main() -> int:
             return pipeline.load(settings, 0)
 
         def request(model: pipeline.DiffusersModel, loras: tuple, seed: int = 0) -> tuple[float, float]:
-            params = GenerationParams("a red circle at night", None, 20, 4.0, 64, 64, (seed,), loras=loras)
+            params = GenerationParams("a red circle at night", None, args.steps, 4.0, 64, 64, (seed,), loras=loras)
             began = time.monotonic()
             loading = model.use_adapters(loras)
             model.generate([params], lambda step: None)
@@ -73,7 +74,7 @@ def main() -> int:
         for _ in range(args.runs):
             plain.append(request(model, ())[1])
             adapted.append(request(model, ((names[0], 1.0),))[1])
-        print(f"Embedded model, CPU, 64x64, 20 steps; adapter file {size / 1e3:.0f} kB (rank 8, float32)\n")
+        print(f"Embedded model, CPU, 64x64, {args.steps} steps; adapter file {size / 1e3:.0f} kB (rank 8, float32)\n")
         print("| measure | value | compared to | ratio |")
         print("|---|---|---|---|")
         median_load = statistics.median(first_use)

@@ -123,6 +123,7 @@ def test_the_edit_bench_prints_memory_and_every_mode_beside_text_to_image():
 
 def test_the_lora_bench_prints_first_use_per_image_and_the_cycling_workload():
     command = [sys.executable, "bench/loras.py", "--adapters", "3", "--cache", "1", "--requests", "6", "--runs", "1"]
+    command += ["--steps", "2"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
