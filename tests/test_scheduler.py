@@ -94,6 +94,25 @@ def test_only_jobs_of_the_same_mode_and_strength_share_a_call():
     assert order == [["text", "text again"], ["image 0.5", "image 0.5 again"], ["image 0.8"], ["inpaint 0.5"]]
 
 
+def test_only_jobs_naming_the_same_adapters_at_the_same_scales_share_a_call():
+    """A pipeline call runs with one adapter set: set_adapters is called once per batch."""
+    scheduler = Scheduler(max_ongoing=8, max_queued=8, max_batch_size=8)
+    for name, loras in (
+        ("plain", ()),
+        ("night", (("night", 1.0),)),
+        ("night at half", (("night", 0.5),)),
+        ("night again", (("night", 1.0),)),
+        ("plain again", ()),
+    ):
+        params = GenerationParams(name, None, 2, 7.5, 64, 64, (0,), loras=loras)
+        scheduler.admit(Job(params, deadline=100.0, enqueued=0.0))
+    order = []
+    while scheduler.pending:
+        order.append(names(take(scheduler)))
+        scheduler.finish("served", 2.0)
+    assert order == [["plain", "plain again"], ["night", "night again"], ["night at half"]]
+
+
 def test_arrival_order_is_kept_a_job_is_only_overtaken_by_jobs_sharing_its_batch():
     scheduler = Scheduler(max_ongoing=8, max_queued=8, max_batch_size=8)
     for name, size in (("a", 64), ("b", 128), ("c", 64), ("d", 128), ("e", 256)):
