@@ -92,7 +92,7 @@ def test_a_person_generates_an_image_and_watches_the_progress(browser, ready_ser
 def test_a_person_clicks_an_example_and_gets_the_scene_it_names_drawn_large_and_sharp(browser, ready_server):
     page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
     expect(page.locator("#workers li.state-ready")).to_have_count(2, timeout=30_000)
-    examples = page.locator("a.example")
+    examples = page.locator("a.example:not([data-lora])")
     expect(examples).to_have_count(len(scenes.EXAMPLES))
     examples.first.click()
     expect(page.locator("#prompt")).to_have_value(scenes.EXAMPLES[0])
@@ -170,10 +170,11 @@ def test_a_person_edits_a_result_then_an_uploaded_file(browser, ready_server):
 def test_a_person_picks_the_shipped_adapter_and_gets_what_it_teaches(browser, ready_server):
     page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
     expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
-    page.fill("#prompt", "a red circle at night")
+    page.click("a.example[data-lora='night']")  # fills the prompt and picks the adapter
+    expect(page.locator("#prompt")).to_have_value(scenes.ADAPTER_EXAMPLES["night"])
+    expect(page.locator("#lora")).to_have_value("night")
     page.uncheck("#random_seed")
     page.fill("#seed", "7")
-    page.select_option("#lora", "night")
     page.click("#generate-button")
     expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
     with Image.open(io.BytesIO(downloaded_png(page))) as image:

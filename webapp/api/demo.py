@@ -84,6 +84,7 @@ def _page(status: int = 200, **shown: Any) -> tuple[str, int]:
             examples=scenes.EXAMPLES if runtime.settings.model_id == SCENES_MODEL else (),
             edit_strength=DEFAULT_STRENGTH["image"],
             adapters=list(adapters.listing(runtime.settings.lora_dir)),
+            adapter_examples=scenes.ADAPTER_EXAMPLES if runtime.settings.model_id == SCENES_MODEL else {},
             **shown,
         ),
         status,

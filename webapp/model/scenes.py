@@ -44,6 +44,11 @@ EXAMPLES = (
 )
 
 
+# A prompt for each LoRA adapter shipped with the embedded model (webapp/model/weights/loras), which the demo
+# offers beside the adapter: what it teaches (training/train_lora.py).
+ADAPTER_EXAMPLES = {"night": "a red circle at night"}
+
+
 def article(colour: str) -> str:
     return "an" if colour[0] in "aeiou" else "a"
 

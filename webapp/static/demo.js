@@ -208,6 +208,7 @@ document.addEventListener("DOMContentLoaded", () => {
     example.addEventListener("click", (event) => {
       event.preventDefault();
       $("prompt").value = example.dataset.prompt;
+      if ($("lora")) $("lora").value = example.dataset.lora || "";
       $("prompt").focus();
     });
   }
