@@ -59,6 +59,9 @@ VALID = {
     "timeout_s": st.floats(0.01, 30),
     "image": good_files.map(lambda data: base64.b64encode(data).decode()),
     "strength": st.floats(0.3, 1),
+    "loras": st.lists(
+        st.fixed_dictionaries({"name": st.just("night")}, optional={"scale": st.floats(-2, 2)}), max_size=1
+    ),
 }
 HOSTILE = {
     "prompt": hostile_text | json_values,
@@ -73,6 +76,14 @@ HOSTILE = {
     "image": base64_files | hostile_text | json_values,
     "mask": base64_files | json_values,
     "strength": st.floats(-1, 2) | st.sampled_from([0, 1e-9]) | huge | json_values,
+    "loras": json_values
+    | st.lists(
+        st.fixed_dictionaries(
+            {"name": st.sampled_from(["night", "../night", "missing", "", "night/../x"]) | hostile_text},
+            optional={"scale": st.floats(-1e308, 1e308) | huge | json_values, "path": json_values},
+        ),
+        max_size=4,
+    ),
 }
 
 
