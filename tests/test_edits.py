@@ -54,19 +54,15 @@ def verdicts(images: list[Image.Image]) -> list[scenes.Verdict]:
     return [scenes.analyze(image) for image in images]
 
 
-def test_image_to_image_turns_a_red_circle_blue(ready_server):
-    response = ready_server.post(
-        "/generate",
-        json={
-            "prompt": "a blue circle on a white background",
-            "image": b64(encoded(RED_CIRCLE)),
-            "strength": 0.5,
-            "seed": 1,
-            "num_images": 3,
-        },
-    )
+def edit_red_circle(server, prompt: str, **fields) -> dict:
+    """/generate's answer for RED_CIRCLE edited with ``prompt`` and ``fields``, which must succeed."""
+    response = server.post("/generate", json={"prompt": prompt, "image": b64(encoded(RED_CIRCLE)), **fields})
     assert response.status_code == 200, response.text
-    body = response.json()
+    return response.json()
+
+
+def test_image_to_image_turns_a_red_circle_blue(ready_server):
+    body = edit_red_circle(ready_server, "a blue circle on a white background", strength=0.5, seed=1, num_images=3)
     assert body["edit"] == {"mode": "image", "strength": 0.5, "denoising_steps": 10, "input_size": "64x64"}
     drawn = [decoded(item["png_base64"]) for item in body["images"]]
     assert verdicts(drawn) == [scenes.Verdict("white", "blue", "circle")] * 3
@@ -75,20 +71,11 @@ def test_image_to_image_turns_a_red_circle_blue(ready_server):
 def test_strength_near_zero_gives_back_nearly_the_input(ready_server):
     changes = {}
     for strength in (0.05, 0.9):
-        response = ready_server.post(
-            "/generate",
-            json={
-                "prompt": "a blue circle on a white background",
-                "image": b64(encoded(RED_CIRCLE)),
-                "strength": strength,
-                "seed": 3,
-            },
-        )
-        assert response.status_code == 200, response.text
-        drawn = decoded(response.json()["images"][0]["png_base64"])
+        body = edit_red_circle(ready_server, "a blue circle on a white background", strength=strength, seed=3)
+        drawn = decoded(body["images"][0]["png_base64"])
         changes[strength] = np.abs(np.asarray(drawn, float) - np.asarray(RED_CIRCLE, float)).mean()
         if strength == 0.05:
-            assert response.json()["edit"]["denoising_steps"] == 1
+            assert body["edit"]["denoising_steps"] == 1
             assert scenes.analyze(drawn) == scenes.Verdict("white", "red", "circle")
     assert changes[0.05] < 10, changes  # of 255: one step of twenty, at the end of the schedule
     assert changes[0.9] > 3 * changes[0.05], changes
@@ -104,19 +91,10 @@ def test_a_strength_that_runs_no_step_is_refused_naming_it(ready_server):
 
 
 def test_inpainting_repaints_the_background_and_keeps_the_shape(ready_server):
-    response = ready_server.post(
-        "/generate",
-        json={
-            "prompt": "a red circle on a green background",
-            "image": b64(encoded(RED_CIRCLE)),
-            "mask": b64(background_mask(alpha=False)),
-            "seed": 1,
-            "num_images": 3,
-        },
-    )
-    assert response.status_code == 200, response.text
-    assert response.json()["edit"]["mode"] == "inpaint"
-    drawn = [decoded(item["png_base64"]) for item in response.json()["images"]]
+    mask = b64(background_mask(alpha=False))
+    body = edit_red_circle(ready_server, "a red circle on a green background", mask=mask, seed=1, num_images=3)
+    assert body["edit"]["mode"] == "inpaint"
+    drawn = [decoded(item["png_base64"]) for item in body["images"]]
     assert [(verdict.background, verdict.colour) for verdict in verdicts(drawn)] == [("green", "red")] * 3
 
 

@@ -144,21 +144,12 @@ def _error_schemas() -> dict[str, Any]:
     }
 
 
-def _answer_schemas(settings: Settings) -> dict[str, Any]:
-    """The answers that are not errors."""
+def _answer_schemas() -> dict[str, Any]:
+    """The answers that are not errors, besides /v1/models' (``_model_schemas``)."""
     timings = {"type": "object", "additionalProperties": {"type": "number"}}
     worker = {"type": "object", "properties": {"state": {"type": "string"}, "slot": {"type": "integer"}}}
     image_keys = {f"{name}_base64": {"type": "string", "contentEncoding": "base64"} for name in images.FORMATS}
-    edit = {  # what an edit did (jobs.edit)
-        "type": "object",
-        "required": ["mode", "strength", "denoising_steps", "input_size"],
-        "properties": {
-            "mode": {"enum": ["image", "inpaint"]},
-            "strength": {"type": "number"},
-            "denoising_steps": {"type": "integer"},
-            "input_size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"},
-        },
-    }
+    edit = _ref("Edit")  # EDIT_ANSWER
     return {
         "Health": {
             "type": "object",
@@ -214,6 +205,24 @@ def _answer_schemas(settings: Settings) -> dict[str, Any]:
                 "edit": edit,
             },
         },
+    }
+
+
+EDIT_ANSWER = {  # what an edit did (jobs.edit)
+    "type": "object",
+    "required": ["mode", "strength", "denoising_steps", "input_size"],
+    "properties": {
+        "mode": {"enum": ["image", "inpaint"]},
+        "strength": {"type": "number"},
+        "denoising_steps": {"type": "integer"},
+        "input_size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"},
+    },
+}
+
+
+def _model_schemas(settings: Settings) -> dict[str, Any]:
+    """/v1/models' answers: the served model, and each LoRA adapter as a model whose parent it is."""
+    return {
         "Model": {
             "type": "object",
             "required": ["id", "object", "created", "owned_by"],
@@ -235,7 +244,8 @@ def _answer_schemas(settings: Settings) -> dict[str, Any]:
 
 
 def _component_schemas(settings: Settings) -> dict[str, Any]:
-    return {**_request_schemas(settings), **_error_schemas(), **_answer_schemas(settings)}
+    answers = {**_answer_schemas(), "Edit": EDIT_ANSWER, **_model_schemas(settings)}
+    return {**_request_schemas(settings), **_error_schemas(), **answers}
 
 
 def _timeout_header(settings: Settings) -> dict[str, Any]:

@@ -74,6 +74,12 @@ class Recorder:
         self.state_changes = Counter(
             PREFIX + "worker_state_changes", "Worker state changes, by the state entered.", ["state"]
         )
+        self._adapter_metrics()
+
+    def _adapter_metrics(self) -> None:
+        """The LoRA adapters' cache and loads (webapp.model.pipeline.DiffusersModel.use_adapters)."""
+        from prometheus_client import Counter, Histogram
+
         self.lora_cache = Counter(
             PREFIX + "lora_cache",
             "LoRA adapters a batch asked for, by event: hit (already loaded), miss (loaded for it), eviction.",
