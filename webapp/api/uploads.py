@@ -91,7 +91,10 @@ def open_upload(data: bytes, field: str, settings: Settings) -> PILImage:
         message = f"declares too many pixels ({exc}); the limit is MAX_UPLOAD_PIXELS={settings.max_upload_pixels}"
         raise _refuse(field, message) from None
     except UnidentifiedImageError:
-        raise _refuse(field, f"must be a PNG, JPEG or WebP image; {_what(data)}") from None
+        what = _what(data)
+        if what.startswith("it starts as"):  # a taken format, damaged: say so rather than ask for that format
+            raise _refuse(field, f"could not be read: {what}") from None
+        raise _refuse(field, f"must be a PNG, JPEG or WebP image; {what}") from None
     except Exception as exc:  # noqa: BLE001 - a header that cannot be read: the file is the client's
         raise _refuse(field, f"could not be read (truncated or corrupt): {exc}") from None
     width, height = image.size
