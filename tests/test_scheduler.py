@@ -228,3 +228,21 @@ def test_clearing_hands_back_every_job_held_running_forming_and_queued():
     scheduler.fill(1.0)
     assert names(scheduler.clear()) == ["a", "b", "c"]
     assert scheduler.counts()["queued"] == 0 and scheduler.counts()["in_flight"] == 0
+
+
+def test_a_place_held_for_a_job_still_decoding_counts_against_capacity_until_given_back():
+    """A request holds its place (``reserve``) before its upload is decoded, so a full worker refuses it
+    before it costs a decode; the place is queued work on the board, and is given back when its job is
+    queued or when it will never be."""
+    scheduler = Scheduler(max_ongoing=1, max_queued=1, max_batch_size=1)
+    scheduler.reserve()
+    scheduler.admit(job())
+    assert scheduler.counts()["queued"] == 2
+    with pytest.raises(Overloaded):
+        scheduler.reserve()
+    with pytest.raises(Overloaded):
+        scheduler.admit(job())
+    scheduler.release()
+    assert scheduler.counts()["queued"] == 1
+    scheduler.reserve()
+    assert scheduler.shed == 2

@@ -59,7 +59,8 @@ def frames(count: int) -> list[Image.Image]:
 HOSTILE = {
     "a decompression bomb": (png_declaring(100_000, 100_000), "(10000000000 pixels)"),
     "a bomb under PIL's own guard": (png_declaring(12_000, 12_000), "declares 12000x12000 = 144000000 pixels"),
-    "just over MAX_UPLOAD_PIXELS": (png_declaring(4097, 4096), "the limit is MAX_UPLOAD_PIXELS=16777216"),
+    # The default limit is (4 x the largest side the model draws) squared: 1024x1024 for the embedded model's 256.
+    "just over MAX_UPLOAD_PIXELS": (png_declaring(1025, 1024), "the limit is MAX_UPLOAD_PIXELS=1048576"),
     "a GIF": (encoded(RED_CIRCLE, "GIF"), "must be a PNG, JPEG or WebP image; it is a GIF"),
     "an SVG": (b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>', "it is an SVG"),
     "a BMP": (encoded(RED_CIRCLE, "BMP"), "it is a BMP"),
@@ -178,3 +179,17 @@ def test_an_image_is_resized_to_an_asked_size_and_says_its_own():
     assert own == (1000, 750) and image.size == marked.size == (128, 96)
     assert image.getpixel((64, 48)) == (0, 0, 255)
     assert (marked.getpixel((10, 48)), marked.getpixel((120, 48))) == (255, 0)
+
+
+def test_the_pixel_limit_follows_the_model_unless_the_operator_sets_one():
+    """Unset, MAX_UPLOAD_PIXELS is (4 x MAX_IMAGE_SIZE) squared (under a loaded model's limits, its largest
+    side): a bomb just under the old fixed 16.7 MP is refused from its header on a 256-pixel model. An operator
+    can raise it, and then the header check alone passes a file of that size."""
+    assert SETTINGS.upload_pixels == 1024 * 1024
+    assert Settings.from_env({"MAX_IMAGE_SIZE": "1024"}).upload_pixels == 4096 * 4096
+    assert "MAX_UPLOAD_PIXELS=1048576" in refused(png_declaring(4096, 4095)).message
+    raised = Settings.from_env({"MAX_UPLOAD_PIXELS": str(4096 * 4096)})
+    over = refused(png_declaring(4097, 4096), settings=raised)
+    assert "the limit is MAX_UPLOAD_PIXELS=16777216" in over.message
+    upload = uploads.inspect(png_declaring(4096, 4095), None, (64, 64), raised)  # its header is all that is read
+    assert upload.size == (64, 64)

@@ -7,7 +7,7 @@ import time
 import uuid
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webapp import errors
 from webapp import runtime as worker_runtime
@@ -31,8 +31,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     app = Flask(__name__)
     context.install(app, runtime)
     auth.install(app, runtime.settings)
-    # The largest body any route takes, one byte over (see jobs.read_json); each route checks its own limit.
-    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_upload_body_bytes + 1
+    settings = runtime.settings
 
     app.register_blueprint(health.bp)
     app.register_blueprint(generate.bp)
@@ -48,6 +47,21 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         logs.bind_request(g.request_id)
 
+    @app.before_request
+    def limit_body() -> None:
+        """Every route's body limit, kept here for all of them (``Settings.body_limit``): 413 from a declared
+        length over it, before anything is read; a chunked body is cut one byte past it, so whoever reads it
+        (``jobs.read_json``, a form parser) sees it was too long rather than a silently shortened body."""
+        limit = settings.body_limit(request.path)
+        request.max_content_length = limit + 1
+        if request.content_length is not None and request.content_length > limit:
+            message = f"body is {request.content_length} bytes; the limit for {request.path} is {limit}"
+            raise errors.InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
+
+    @app.errorhandler(errors.ApiError)
+    def api_error(exc: errors.ApiError) -> Response:
+        return exc.response()
+
     @app.after_request
     def stamp(response: Response) -> Response:
         response.headers["Cache-Control"] = "no-store"
@@ -61,6 +75,10 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):  # a chunked body read past its route's limit
+            limit = settings.body_limit(request.path)
+            message = f"body exceeds the limit of {limit} bytes for {request.path}"
+            return errors.error_response(413, errors.PAYLOAD_TOO_LARGE, message)
         code = (exc.name or "error").lower().replace(" ", "_")
         response = errors.error_response(exc.code or 500, code, exc.description or exc.name)
         for name, value in exc.get_headers():  # a 405 must say Allow (RFC 9110 15.5.6)

@@ -126,6 +126,14 @@ class InvalidRequest(ApiError):
     """A client error (4xx) naming the offending ``field`` where there is one."""
 
 
+def for_route(exc: InvalidRequest, path: str) -> InvalidRequest:
+    """``exc`` as the route at ``path`` answers it: under /v1/ a 422 is OpenAI's 400 (its API has no 422 for
+    a bad param or file), with the same code, message and field."""
+    if exc.status == 422 and path.startswith(OPENAI_PREFIX):
+        return InvalidRequest(400, exc.code, exc.message, exc.field, exc.headers)
+    return exc
+
+
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, dict[str, str | None]]:
     """The body every error answer carries."""
     return {"error": {"code": code, "message": message, "field": field}}

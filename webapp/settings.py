@@ -48,6 +48,10 @@ TINY_MODEL_MAX_SIZE = 256
 UPLOAD_ROUTES = ("/generate", "/generate/stream", "/v1/images/edits")
 # The embedded model's own LoRA adapters (training/train_lora.py), its LORA_DIR when none is set.
 EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "model" / "weights" / "loras"
+# When MAX_UPLOAD_PIXELS is unset, an edit's input may be this many times the largest side the model draws, each
+# way: a 12 MP phone photo for SDXL's 1024 (16.7 MP), 1024x1024 for the embedded model's 256. Room to resize, and a
+# bound on what one decode costs (about 3 bytes a pixel, times the few conversions).
+UPLOAD_SIDE_FACTOR = 4
 STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
 
 
@@ -284,12 +288,21 @@ class _Traffic(_Group):
         ge=1024,
         le=256 * 1024 * 1024,
     )
-    max_upload_pixels: int = _setting(
+    max_upload_pixels: Annotated[int | None, BeforeValidator(_empty_is_none)] = _setting(
         "MAX_UPLOAD_PIXELS",
-        4096 * 4096,
-        "Most pixels an input image or mask may declare: refused from its header, before it is decoded.",
+        "",
+        f"Most pixels an input image or mask may declare: refused from its header, before it is decoded; empty = "
+        f"({UPLOAD_SIDE_FACTOR} x the largest side the loaded model draws) squared.",
         ge=64 * 64,
         le=1 << 27,  # under PIL's own guard (2 x 89478485 pixels), so this limit is the one a client meets
+    )
+    max_decodes: int = _setting(
+        "MAX_DECODES",
+        2,
+        "Input images a worker decodes at once, on threads ENGINE_NICE below the request threads; an upload is "
+        "decoded only once its job holds a place in the worker.",
+        ge=1,
+        le=64,
     )
     client_timeout: Number = _setting(
         "CLIENT_TIMEOUT",
@@ -456,6 +469,12 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
         and a mask of MAX_UPLOAD_BYTES each in base64 (4 characters per 3 bytes), which also covers the same
         files sent raw in a multipart body with their part headers."""
         return self.max_body_bytes + 2 * 4 * -(-self.max_upload_bytes // 3)
+
+    @property
+    def upload_pixels(self) -> int:
+        """The most pixels an upload may declare: MAX_UPLOAD_PIXELS, or (UPLOAD_SIDE_FACTOR x MAX_IMAGE_SIZE)
+        squared (under a loaded model's limits, the largest side it draws)."""
+        return self.max_upload_pixels or (UPLOAD_SIDE_FACTOR * self.max_image_size) ** 2
 
     def body_limit(self, path: str) -> int:
         """The largest body a request to ``path`` may send: room for two uploads on UPLOAD_ROUTES,

@@ -29,6 +29,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from webapp import errors
+from webapp.api import context
 from webapp.api.images import encode
 from webapp.api.params import InvalidRequest, parse, timeout_from_header
 from webapp.engine.core import (
@@ -148,19 +149,37 @@ def admit(
 ) -> Admitted:
     """Validate ``payload`` with ``parser`` against the loaded model's limits (``Engine.limits``: the
     settings with its sizes, multiple and defaults) and queue it on this worker's engine, or raise ApiError
-    (503 + Retry-After while not READY or full, 4xx for a bad field)."""
+    (503 + Retry-After while not READY or full, 4xx for a bad field). An edit's files are checked from their
+    headers first, and decoded only once the job holds its place (``Engine.reserve``), by the worker's
+    ``Decoder``: a request shed for a full worker costs no decode (docs/architecture.md §15)."""
     settings, engine = runtime.settings, runtime.engine
     if engine is None:
         raise _not_ready(runtime.lifecycle.state.name, NOT_READY_RETRY_AFTER_S)
     try:
-        params = parser(payload, engine.limits())
+        limits = engine.limits()
+        params = parser(payload, limits)
         from_header = timeout_from_header(header_timeout, settings)
         timeout = min(t for t in (settings.request_timeout, params.timeout_s, from_header) if t is not None)
-        job = engine.submit(params, deadline=received + timeout)
+        deadline = received + timeout
+        if params.upload is None:
+            job = engine.submit(params, deadline=deadline)
+        else:
+            engine.reserve()
+            try:
+                params = context.decoder().decode(params, limits, deadline)
+            except BaseException:
+                engine.release()
+                raise
+            job = engine.submit(params, deadline=deadline, reserved=True)
     except NotReady as exc:
         raise _not_ready(exc.state.name, exc.retry_after_s) from None
     except Overloaded as exc:
         raise ApiError(503, errors.OVERLOADED, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+    except TimeoutError as exc:
+        recorder().timed_out.labels("queued").inc()
+        raise ApiError(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed: {exc}") from None
+    except InvalidRequest as exc:  # under /v1/ a file the server cannot take is a 400, as OpenAI answers
+        raise errors.for_route(exc, request.path) from None
     return Admitted(runtime, job, timeout, received)
 
 

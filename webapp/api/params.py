@@ -538,9 +538,10 @@ def edit_values(
     steps: int,
     settings: Settings,
 ) -> dict[str, Any]:
-    """The edit's part of ``GenerationParams`` (empty for text-to-image): the input image and mask checked
-    and at the size to draw (``uploads.prepare``: ``size``, or the input's own when None), the strength
-    (its mode's default when None) and the denoising steps that strength runs, which must be at least one."""
+    """The edit's part of ``GenerationParams`` (empty for text-to-image): the input image and mask as an
+    ``Upload`` whose headers are checked (``uploads.inspect``; decoded, at ``size`` or the input's own when
+    None, once its job holds a place: ``jobs.admit``), the strength (its mode's default when None) and the
+    denoising steps that strength runs, which must be at least one."""
     if image is None:
         if mask is not None:
             raise _invalid("mask", "needs an image to repaint (image)")
@@ -551,7 +552,7 @@ def edit_values(
     if mode not in settings.edit_modes:  # the model inpaints but cannot do image-to-image alone
         family = settings.model_family or "loaded"
         raise _invalid("mask", f"is required: the {family} model served here only inpaints (docs/api.md, Edits)")
-    picture, marked, own = uploads.prepare(image, mask, size, settings)
+    upload = uploads.inspect(image, mask, size, settings)
     strength = DEFAULT_STRENGTH[mode] if strength is None else strength
     run = edit_steps(steps, strength, settings.model_family)
     if run < 1:
@@ -560,15 +561,7 @@ def edit_values(
             "(1 / num_inference_steps), or for more steps"
         )
         raise _invalid("strength", message)
-    return {
-        "image": picture,
-        "mask": marked,
-        "strength": strength,
-        "denoising_steps": run,
-        "width": picture.width,
-        "height": picture.height,
-        "input_size": own,
-    }
+    return {"upload": upload, "strength": strength, "denoising_steps": run}
 
 
 def adapters_of(asked: list[dict[str, Any]] | None, settings: Settings) -> tuple[tuple[str, float], ...]:
@@ -589,8 +582,8 @@ def adapters_of(asked: list[dict[str, Any]] | None, settings: Settings) -> tuple
 
 
 def parse(payload: object, settings: Settings) -> GenerationParams:
-    """Validate a decoded /generate body against a loaded model's ``settings`` (``Engine.limits``); an image
-    is decoded and checked here, on the request's thread."""
+    """Validate a decoded /generate body against a loaded model's ``settings`` (``Engine.limits``); an image's
+    header is checked here, on the request's thread, and its pixels decoded once admitted (``jobs.admit``)."""
     values = validate("GenerateRequest", FIELDS, payload, settings)
     asked = generation_values(values, settings)
     sized = isinstance(payload, dict) and any(payload.get(side) is not None for side in ("width", "height"))

@@ -25,14 +25,20 @@ raises InvalidRequest naming the field:
 from __future__ import annotations
 
 import io
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from webapp import errors
+from webapp.engine.priority import lower_thread_priority
 from webapp.errors import InvalidRequest
+from webapp.model.request import GenerationParams, Upload
 from webapp.settings import Settings
 
 if TYPE_CHECKING:
@@ -80,15 +86,17 @@ def _what(data: bytes) -> str:
     return "its bytes are none of these" if data else "it is empty"
 
 
-def open_upload(data: bytes, field: str, settings: Settings) -> PILImage:
-    """The upload decoded and turned upright, in its own mode; InvalidRequest (413, 422) naming ``field``."""
+def _header(data: bytes, field: str, settings: Settings) -> PILImage:
+    """The upload opened from its header alone, nothing decoded: InvalidRequest (413, 422) naming ``field``
+    for a file over MAX_UPLOAD_BYTES, another format, more pixels than the limit, or several frames."""
     check_length(len(data), field, settings)
+    limit = settings.upload_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked next
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS
-        message = f"declares too many pixels ({exc}); the limit is MAX_UPLOAD_PIXELS={settings.max_upload_pixels}"
+        message = f"declares too many pixels ({exc}); the limit is MAX_UPLOAD_PIXELS={limit}"
         raise _refuse(field, message) from None
     except UnidentifiedImageError:
         what = _what(data)
@@ -98,20 +106,36 @@ def open_upload(data: bytes, field: str, settings: Settings) -> PILImage:
     except Exception as exc:  # noqa: BLE001 - a header that cannot be read: the file is the client's
         raise _refuse(field, f"could not be read (truncated or corrupt): {exc}") from None
     width, height = image.size
-    if width * height > settings.max_upload_pixels:
+    if width * height > limit:
         message = (
-            f"declares {width}x{height} = {width * height} pixels; the limit is "
-            f"MAX_UPLOAD_PIXELS={settings.max_upload_pixels} (refused before decoding)"
+            f"declares {width}x{height} = {width * height} pixels; the limit is MAX_UPLOAD_PIXELS={limit} "
+            "(refused before decoding)"
         )
         raise _refuse(field, message)
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
         raise _refuse(field, f"is animated ({frames} frames); send one still image")
+    return image
+
+
+def open_upload(data: bytes, field: str, settings: Settings) -> PILImage:
+    """The upload decoded and turned upright, in its own mode; InvalidRequest (413, 422) naming ``field``."""
+    image = _header(data, field, settings)
     try:
         image.load()
         return ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001 - truncated, a broken stream, bad EXIF: all the client's file
         raise _refuse(field, f"could not be decoded (truncated or corrupt): {exc}") from None
+
+
+def inspect(image: bytes, mask: bytes | None, size: tuple[int, int] | None, settings: Settings) -> Upload:
+    """An edit's files checked as far as their headers go (size in bytes, format, pixels declared, frames),
+    on the request's thread and before its job is admitted: what a refused request costs. The pixels are
+    decoded later, by ``decode``."""
+    _header(image, "image", settings)
+    if mask is not None:
+        _header(mask, "mask", settings)
+    return Upload(image, mask, size)
 
 
 def _eight_bit(image: PILImage) -> PILImage:
@@ -185,3 +209,40 @@ def prepare(
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
         marked = marked.resize(size, Image.Resampling.NEAREST) if marked is not None else None
     return rgb, marked, own
+
+
+def decode(params: GenerationParams, settings: Settings) -> GenerationParams:
+    """``params`` with its upload decoded (``prepare``): the image and mask at the size to draw, the size and
+    the input's own; the same ``params`` when it carries no upload."""
+    upload = params.upload
+    if upload is None:
+        return params
+    image, mask, own = prepare(upload.image, upload.mask, upload.size, settings)
+    width, height = image.size
+    return replace(params, image=image, mask=mask, width=width, height=height, input_size=own, upload=None)
+
+
+class Decoder:
+    """Where a worker decodes its uploads: at most ``concurrency`` at once, on threads ``nice`` steps below
+    the request threads (as the engine's), so a burst of uploads can neither fill the memory with pixels
+    nor take the CPU a probe needs (docs/architecture.md §15). Threads start on first use."""
+
+    def __init__(self, concurrency: int, nice: int) -> None:
+        self._pool = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="decode", initializer=lower_thread_priority, initargs=(nice,)
+        )
+
+    def decode(self, params: GenerationParams, settings: Settings, deadline: float) -> GenerationParams:
+        """``params`` decoded (``decode``), waiting for a decoding thread until ``deadline`` (time.monotonic) at
+        most: TimeoutError past it (an unstarted decode is dropped), InvalidRequest for a bad file."""
+        if params.upload is None:
+            return params
+        future = self._pool.submit(decode, params, settings)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError("the deadline passed before the upload was decoded") from None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

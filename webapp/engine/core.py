@@ -16,7 +16,6 @@ them, and turns the worker UNHEALTHY (every job held fails at once with 503, ano
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import State
 from webapp.engine import loader
 from webapp.engine.loader import Model
+from webapp.engine.priority import lower_thread_priority
 from webapp.engine.runner import RejectedByModel, Runner, WorkerUnhealthy
 from webapp.engine.scheduler import DeadlineExceeded, Job, Overloaded, Scheduler, settle
 from webapp.model import faults
@@ -96,20 +96,8 @@ class Engine:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _lower_priority(self) -> None:
-        """Run this thread, and the torch threads it will start (a new thread takes its creator's nice
-        value), ENGINE_NICE steps below the request threads: when the CPU is short, a probe or a request
-        being read is scheduled before more generation (docs/architecture.md §5)."""
-        if not self.settings.engine_nice:
-            return
-        thread = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + self.settings.engine_nice)
-        except (AttributeError, OSError) as exc:  # no per-thread priorities here: the same priority, said once
-            log.warning("engine_priority_unchanged", error=repr(exc))
-
     def _run(self) -> None:
-        self._lower_priority()
+        lower_thread_priority(self.settings.engine_nice)  # generation waits behind probes (§5)
         try:
             model = loader.load(self.settings, self.lifecycle, self._stop)
             if model is not None:  # the loader checked that these limits can be built
@@ -165,13 +153,36 @@ class Engine:
         assert self.request_limits is not None
         return self.request_limits
 
-    def submit(self, params: GenerationParams, deadline: float = math.inf) -> Job:
-        """Queue a job; raise NotReady unless READY (it may have changed since ``limits``), Overloaded
-        when MAX_ONGOING + MAX_QUEUED jobs are already here. Never waits."""
+    def reserve(self) -> None:
+        """Hold a place for a job whose request is still preparing it (decoding its upload): NotReady unless
+        READY, Overloaded when MAX_ONGOING + MAX_QUEUED are already held, as ``submit``. The place is given
+        back by ``submit(..., reserved=True)`` or by ``release``."""
         self._check_ready()
+        with self._lock:
+            try:
+                self.scheduler.reserve()
+            except Overloaded:
+                recorder().shed.inc()
+                raise
+            finally:
+                self._publish()
+
+    def release(self) -> None:
+        """Give back a place ``reserve`` held for a job that will not be submitted."""
+        with self._lock:
+            self.scheduler.release()
+            self._publish()
+
+    def submit(self, params: GenerationParams, deadline: float = math.inf, reserved: bool = False) -> Job:
+        """Queue a job (in the place ``reserve`` held for it when ``reserved``, which is given back whatever
+        happens); raise NotReady unless READY (it may have changed since ``limits``), Overloaded when
+        MAX_ONGOING + MAX_QUEUED jobs are already here. Never waits."""
         job = Job(params, deadline)
         with self._lock:
             try:
+                if reserved:
+                    self.scheduler.release()
+                self._check_ready()
                 self.scheduler.admit(job)
             except Overloaded:
                 recorder().shed.inc()

@@ -113,6 +113,7 @@ class Scheduler:
         self.pending: deque[Job] = deque()  # arrival order
         self.forming: list[Job] = []  # taken off the queue, not running yet (waiting for BATCH_WAIT_MS)
         self.running: list[Job] = []
+        self.reserved = 0  # places held by requests still decoding their uploads, not yet jobs
         self.started = 0.0  # when the running batch started
         self.last_step = 0.0  # when it last finished a denoising step
         self.seconds_per_image = 0.0  # moving average over served calls, batching's gain included
@@ -121,7 +122,7 @@ class Scheduler:
     def counts(self) -> dict[str, int]:
         """What the board shows of this worker's load."""
         return {
-            "queued": len(self.pending) + len(self.forming),
+            "queued": len(self.pending) + len(self.forming) + self.reserved,
             "in_flight": len(self.running),
             "served": self.served,
             "failed": self.failed,
@@ -133,14 +134,28 @@ class Scheduler:
         held = images(self.pending) + images(self.forming) + images(self.running)
         return max(1, math.ceil(round((self.seconds_per_image or 1.0) * held, 3)))  # 9.000000000000002 is 9
 
-    def admit(self, job: Job) -> None:
-        """Queue ``job``, or raise Overloaded when MAX_ONGOING + MAX_QUEUED jobs are already held."""
+    def _make_room(self) -> None:
+        """Overloaded when MAX_ONGOING + MAX_QUEUED jobs (places held included) are already here."""
         capacity = self.max_ongoing + self.max_queued
-        held = len(self.pending) + len(self.forming) + len(self.running)
+        held = len(self.pending) + len(self.forming) + len(self.running) + self.reserved
         if held >= capacity:
             self.shed += 1
             message = f"this worker holds {held} jobs (MAX_ONGOING + MAX_QUEUED = {capacity})"
             raise Overloaded(message, self.retry_after())
+
+    def reserve(self) -> None:
+        """Hold a place for a job still being prepared (its upload decoded), or raise Overloaded as ``admit``
+        does: a request is refused before it costs a decode."""
+        self._make_room()
+        self.reserved += 1
+
+    def release(self) -> None:
+        """Give back a place ``reserve`` held (its job was queued, or will never be)."""
+        self.reserved = max(0, self.reserved - 1)
+
+    def admit(self, job: Job) -> None:
+        """Queue ``job``, or raise Overloaded when MAX_ONGOING + MAX_QUEUED jobs are already held."""
+        self._make_room()
         self.pending.append(job)
 
     def fill(self, now: float) -> list[Job]:

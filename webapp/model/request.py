@@ -33,6 +33,17 @@ def edit_steps(steps: int, strength: float, family: str) -> int:
 
 
 @dataclass(frozen=True)
+class Upload:
+    """An edit's files as they arrived, their headers checked, not yet decoded: the request's thread checks
+    what the headers say, and the pixels are decoded only once its job holds a place in the worker
+    (docs/architecture.md §15). ``size`` is the size asked for (None: the input's own)."""
+
+    image: bytes = field(repr=False)
+    mask: bytes | None = field(default=None, repr=False)
+    size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """A validated request. ``seeds`` holds one seed per image. An edit carries its input ``image`` (RGB,
     already ``width`` x ``height``), for inpainting its ``mask`` (mode L, 255 where to repaint, the same
@@ -54,6 +65,9 @@ class GenerationParams:
     denoising_steps: int = 0  # an edit's; a text-to-image request runs num_inference_steps
     input_size: tuple[int, int] | None = None  # an edit's input as uploaded (upright), before any resize
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters by name, each with its scale (webapp.model.adapters)
+    # An edit whose files are still to be decoded (then ``image`` is None): what ``uploads.decode`` turns into
+    # ``image``, ``mask``, the size and ``input_size``. The engine never sees one.
+    upload: Upload | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_images(self) -> int:
@@ -61,6 +75,8 @@ class GenerationParams:
 
     @property
     def mode(self) -> Mode:
+        if self.upload is not None:
+            return "image" if self.upload.mask is None else "inpaint"
         if self.image is None:
             return "text"
         return "image" if self.mask is None else "inpaint"
