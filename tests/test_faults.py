@@ -74,6 +74,7 @@ def test_a_frozen_worker_goes_stale_on_readyz_and_recovers_after_sigcont(start_s
     stale = tmp_path / "honest-diffusion-leftover"
     stale.mkdir()
     (stale / "board").write_bytes(b"HDBOARD1" + bytes(100))
+    (stale / "master.lock").touch()  # its master's lock file, which nobody holds any more
     server = start_server(HEARTBEAT_INTERVAL="0.2", HEARTBEAT_TIMEOUT="1.5", WORKER_TIMEOUT="600")
     body = server.wait_ready()
     assert not stale.exists()

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import mmap
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -32,6 +34,10 @@ MAGIC = b"HDBOARD1"
 VERSION = 5
 BOARD_FILE = "board"
 DIR_PREFIX = "honest-diffusion-"
+# The master holds an exclusive flock on this file in its board's folder for as long as it (or a worker it
+# forked, which inherits the descriptor) lives: how a later master tells a live board from a stale one, in any
+# pid namespace (a pid can be reused, or belong to another container sharing /dev/shm).
+LOCK_FILE = "master.lock"
 
 # magic, version, capacity, expected workers, shutting down, master pid, created (wall clock)
 _HEADER = struct.Struct("<8sHHHBxid")
@@ -149,11 +155,14 @@ class Board:
             raise ValueError(f"{path} is not a readiness board of version {VERSION}")
         self.capacity = capacity
         self.master_pid = master_pid
+        self._held: int | None = None  # the master's lock on LOCK_FILE (``create``), inherited by its workers
 
     @classmethod
     def create(cls, directory: Path, capacity: int, expected_workers: int) -> Board:
         """Make a private 0700 folder in ``directory`` holding a 0600 board of ``capacity`` empty slots."""
         private = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=directory))
+        held = os.open(private / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a folder of its own: nobody else can hold it yet
         path = private / BOARD_FILE
         size = _HEADER_SIZE + capacity * RECORD_SIZE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -164,6 +173,7 @@ class Board:
             os.close(fd)
         _HEADER.pack_into(mapping, 0, MAGIC, VERSION, capacity, expected_workers, 0, os.getpid(), time.time())
         board = cls(path, mapping, owner=True)
+        board._held = held
         for slot in range(capacity):
             board.reset(slot)  # an all-zero record does not match its checksum: give each a valid empty one
         return board
@@ -283,6 +293,9 @@ class Board:
 
     def close(self) -> None:
         self._map.close()
+        if self._held is not None:
+            os.close(self._held)  # the lock goes with the last descriptor: a forked worker may still hold it
+            self._held = None
 
     @property
     def folder(self) -> Path:
@@ -296,3 +309,25 @@ class Board:
             os.unlink(self.path)
         if self.folder.name.startswith(DIR_PREFIX):  # never delete a folder this module did not make
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def master_holds(folder: Path) -> bool:
+    """Whether a live master (or a worker it forked) still holds the lock of the board in ``folder``
+    (``LOCK_FILE``). FileNotFoundError when there is no lock file; ValueError when it is not a regular file
+    (a symlink, a fifo: never followed or opened for reading); OSError when it cannot be opened."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{LOCK_FILE} is a symlink") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{LOCK_FILE} is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False  # taken at once: nobody holds it; closing the descriptor lets it go again
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ board and slots of the workers still running.
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import signal
 import sys
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from webapp.board import lifecycle, metric_files
-from webapp.board.readiness import Gate, pid_alive
-from webapp.board.slots import BOARD_FILE, DIR_PREFIX, Board
+from webapp.board.readiness import Gate
+from webapp.board.slots import DIR_PREFIX, Board, master_holds
 from webapp.settings import Settings, SettingsError, refusal
 from webapp.telemetry import logs
 
@@ -51,19 +52,58 @@ def board_capacity(workers: int) -> int:
     return 2 * workers + 2
 
 
+# A board folder without a lock file may be one a master is making right now (the lock follows its folder by
+# microseconds): one older than this is left by an earlier version or is not a board at all.
+LOCKLESS_GRACE_S = 60.0
+
+
 def remove_stale_boards(directory: Path) -> None:
-    """Delete boards whose master is gone (a crashed earlier run): they are never trusted or reused."""
-    for folder in Path(directory).glob(DIR_PREFIX + "*"):
+    """Delete the board folders in ``directory`` whose master is gone (a crashed earlier run): they are never
+    trusted or reused. A master proves it lives by the lock it holds (``slots.master_holds``), not by a pid.
+    BOARD_DIR is /dev/shm by default, which any local user may write: every entry is input, and whatever it
+    holds (an empty file, a short or garbage board, a symlink, a fifo, another user's folder) is skipped or
+    removed with a warning; nothing found there stops the server."""
+    try:
+        entries = [entry for entry in os.scandir(directory) if entry.name.startswith(DIR_PREFIX)]
+    except OSError as exc:
+        log.warning("stale_board_sweep_skipped", path=str(directory), reason=repr(exc))
+        return
+    for entry in entries:
         try:
-            board = Board.attach(folder / BOARD_FILE)
-            master = board.master_pid
-            board.close()
-        except (OSError, ValueError):
-            master = 0  # unreadable or not a board of ours: nothing can be trusted in it
-        if master and pid_alive(master):
+            reason = _stale(entry)
+        except Exception as exc:  # noqa: BLE001 - whatever the entry is, the server starts
+            log.warning("stale_board_skipped", path=entry.path, reason=f"cannot be judged: {exc!r}")
             continue
-        shutil.rmtree(folder, ignore_errors=True)
-        log.warning("stale_board_removed", path=str(folder), master_pid=master)
+        if reason is None:
+            continue
+        if reason.startswith("skip: "):
+            log.warning("stale_board_skipped", path=entry.path, reason=reason.removeprefix("skip: "))
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if os.path.lexists(entry.path):
+            log.warning("stale_board_skipped", path=entry.path, reason=f"{reason}, but it could not be removed")
+        else:
+            log.warning("stale_board_removed", path=entry.path, reason=reason)
+
+
+def _stale(entry: os.DirEntry[str]) -> str | None:
+    """Why ``entry`` is a stale board folder to remove; ``skip: why`` for one left alone with a warning; None
+    for a live board."""
+    if entry.is_symlink():
+        return "skip: a symlink (never followed)"
+    if not entry.is_dir(follow_symlinks=False):
+        return "skip: not a folder"
+    info = entry.stat(follow_symlinks=False)
+    if info.st_uid != os.geteuid():
+        return f"skip: another user's (uid {info.st_uid})"
+    try:
+        return None if master_holds(Path(entry.path)) else "no master holds its lock"
+    except FileNotFoundError:
+        if time.time() - info.st_mtime < LOCKLESS_GRACE_S:
+            return "skip: no lock yet (a master may be making it now)"
+        return "no lock file: an earlier version's board, or none"
+    except ValueError as exc:
+        return f"its lock is not a lock ({exc})"
 
 
 _current: ServerHooks | None = None
