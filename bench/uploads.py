@@ -136,9 +136,10 @@ def row(label: str, limit: int, idle_mb: float, alone_s: float, result: dict) ->
     shed = sum(1 for status, retry, _ in answers if status == 503 and retry)
     other = len(answers) - len(served) - shed
     under = statistics.median(served) if served else float("nan")
+    peak = result["peak_mb"]
     return (
         f"| {label} | {limit} | {len(latencies)} | {statistics.median(latencies):.1f} / {p99:.1f} / "
-        f"{latencies[-1]:.1f} | {failed} | {idle_mb:.0f} | {result['peak_mb']:.0f} (+{result['peak_mb'] - idle_mb:.0f}) "
+        f"{latencies[-1]:.1f} | {failed} | {idle_mb:.0f} | {peak:.0f} (+{peak - idle_mb:.0f}) "
         f"| {len(served)} / {shed} / {other} | {under:.2f} s | {alone_s:.2f} s |"
     )
 

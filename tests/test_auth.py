@@ -3,6 +3,12 @@ the logs. Real gunicorn servers; the demo's key field is in tests/test_demo.py."
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import requests
 
@@ -69,12 +75,45 @@ def test_probes_stay_open_and_true_after_a_burst_of_refusals(keyed_server):
 
 
 def test_keys_never_reach_the_log_and_their_fingerprints_do(keyed_server):
+    """A fingerprint is a keyed hash with the server's own secret: the operator finds which key it is by its
+    position in api_keys_set; someone holding the logs cannot test a guess against it (before this change it
+    was sha256(key)[:8], which anyone could compute)."""
     keyed_server.post("/generate", json=GENERATE, headers={"X-API-Key": API_KEY})
     keyed_server.post("/generate", json=GENERATE, headers={"X-API-Key": "a-wrong-guess"})
     log = "\n".join(keyed_server.log_lines())
     assert API_KEY not in log and "second-key" not in log and "a-wrong-guess" not in log
-    assert f"key={auth.fingerprint(API_KEY)}" in log
-    assert f"key={auth.fingerprint('a-wrong-guess')}" in log
+    announced = next(line for line in log.splitlines() if "event=api_keys_set" in line)
+    first = announced.split("fingerprints=")[1].strip("[]'\" ").split("'")[0]
+    assert len(first) == 12 and f"key={first}" in log
+    refused = next(line for line in log.splitlines() if "reason='unknown key'" in line or "unknown key" in line)
+    for guess in (API_KEY, "a-wrong-guess"):
+        unsalted = hashlib.sha256(guess.encode()).hexdigest()
+        assert unsalted[:8] not in log and unsalted[:12] not in log
+        assert auth.fingerprint(guess) not in log  # this process's secret is not the server's
+    assert "key=" in refused
+
+
+def test_brief_probes_show_the_verdict_alone_and_a_key_sees_every_row(start_server):
+    """PROBE_DETAIL=brief: an open probe gets the verdict and a reason with no pid, device, model or error
+    text; a request with a valid key, and the operator's command given one, still get every row."""
+    server = start_server(WEB_CONCURRENCY="1", API_KEYS=API_KEY, PROBE_DETAIL="brief")
+    wait_for(lambda: server.get("/healthz").status_code == 200 or None, 120, "/healthz 200")
+    wait_for(lambda: requests.get(server.url + "/readyz", timeout=5).status_code == 200 or None, 120, "ready")
+    for path in ("/readyz", "/healthz"):
+        open_body = requests.get(server.url + path, timeout=5).json()
+        assert "workers" not in open_body and open_body["detail"] == "brief", open_body
+        assert set(open_body) == {"status", "reason", "policy", "required_ready", "detail"}
+        keyed = requests.get(server.url + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).json()
+        pid = keyed["workers"][0]["pid"]
+        assert pid and str(pid) not in json.dumps(open_body)
+        wrong = requests.get(server.url + path, headers={"X-API-Key": "guess"}, timeout=5).json()
+        assert "workers" not in wrong
+    command = [sys.executable, "-m", "webapp.tools.cli", "status", "--url", server.url]
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "API_KEYS": ""})
+    assert shown.returncode == 0 and "PROBE_DETAIL=brief" in shown.stdout, shown.stdout + shown.stderr
+    keyed = {**os.environ, "HONEST_DIFFUSION_API_KEY": API_KEY}
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=60, env=keyed)
+    assert shown.returncode == 0 and str(pid) in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_a_rotated_key_file_takes_effect_without_a_restart(start_server, tmp_path):

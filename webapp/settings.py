@@ -349,6 +349,12 @@ class _Access(_Group):
     """Logs, API keys and the served model's name."""
 
     access_log: bool = _setting("ACCESS_LOG", True, "1 = access log on stdout, 0 = off.")
+    probe_detail: Annotated[Literal["full", "brief"], BeforeValidator(_lower)] = _setting(
+        "PROBE_DETAIL",
+        "full",
+        "What the open probes show: full = one row per worker (pid, device, model, error text); brief = the verdict "
+        "and its reason alone, the rows only to a request with an API key (and to `honest-diffusion status`).",
+    )
     log_probes: bool = _setting("LOG_PROBES", False, "1 = log /healthz and /readyz requests in the access log too.")
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = _setting(
         "LOG_LEVEL", "info", "gunicorn and app log level."

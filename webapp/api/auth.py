@@ -5,8 +5,8 @@ with # are skipped). The file is read again when its modification time or size c
 Kubernetes or Docker secret takes effect without a restart; if it cannot be read, the keys read last stay.
 A client sends ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Keys are compared by their SHA-256
 digests with ``hmac.compare_digest`` against every key, so neither the time taken nor an early exit says
-how much of a key matched. A key is never logged; its fingerprint (the first 8 hex digits of its digest)
-is.
+how much of a key matched. A key is never logged; its fingerprint (12 hex digits of an HMAC keyed with a secret
+the server makes at start and never writes down) is.
 
 With no key configured every route is open, as the probes always are: /healthz, /readyz and /metrics
 never ask for one (a platform's probe cannot send a secret).
@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -64,9 +65,16 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+# The secret of the keys' fingerprints: made when the master imports the app (its workers inherit it), never
+# written anywhere. Someone holding the logs cannot test guesses of weak keys against them; the operator maps a
+# fingerprint to a key by its position, which ``api_keys_loaded`` logs at each start.
+_FINGERPRINT_SECRET = secrets.token_bytes(32)
+
+
 def fingerprint(key: str) -> str:
-    """A short name for a key that is safe to log: it cannot be turned back into the key."""
-    return _digest(key).hex()[:8]
+    """A short name for a key that is safe to log: a keyed hash (HMAC-SHA256 with a secret this server holds
+    for its life), so neither the key nor a guess at it can be checked against it without that secret."""
+    return hmac.new(_FINGERPRINT_SECRET, key.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
 
 
 def _split(text: str, separator: str) -> list[str]:
@@ -78,7 +86,10 @@ class Keys:
 
     def __init__(self, settings: Settings) -> None:
         self._enabled = needs_keys(settings)
-        self._fixed = [_digest(key) for key in _split(settings.api_keys.get_secret_value(), ",")]
+        fixed = _split(settings.api_keys.get_secret_value(), ",")
+        self._fixed = [_digest(key) for key in fixed]
+        if fixed:  # by position in API_KEYS, so the operator can tell which key a logged fingerprint is
+            log.info("api_keys_set", keys=len(fixed), fingerprints=[fingerprint(key) for key in fixed])
         self._path: Path | None = settings.api_keys_file
         self._lock = threading.Lock()
         self._seen: tuple[float, int] | None = None
@@ -103,7 +114,13 @@ class Keys:
             return
         with self._lock:
             self._seen, self._from_file = (stat.st_mtime, stat.st_size), [_digest(key) for key in keys]
-        log.info("api_keys_loaded", path=str(self._path), keys=len(keys), fixed=len(self._fixed))
+        log.info(
+            "api_keys_loaded",
+            path=str(self._path),
+            keys=len(keys),
+            fixed=len(self._fixed),
+            fingerprints=[fingerprint(key) for key in keys],  # by line, as api_keys_set by position
+        )
 
     def accepts(self, key: str) -> bool:
         self._reload()

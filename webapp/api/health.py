@@ -13,7 +13,7 @@ import time
 from flask import Blueprint, Response, jsonify
 
 from webapp import errors
-from webapp.api import context
+from webapp.api import auth, context
 from webapp.board import readiness
 from webapp.board.readiness import Verdict
 
@@ -26,15 +26,27 @@ def current_verdict() -> Verdict:
     return readiness.observe(runtime.board, runtime.settings)
 
 
-def _body(verdict: Verdict, status: str, reason: str) -> dict[str, object]:
+def full_detail() -> bool:
+    """Whether this probe may see each worker's row (pid, device, model, error text): always under
+    PROBE_DETAIL=full; under brief, only with a valid API key (docs/operations.md, "What the probes show")."""
+    runtime = context.runtime()
+    if runtime.settings.probe_detail == "full":
+        return True
+    key = auth.presented_key()
+    return key is not None and auth.keys().accepts(key)
+
+
+def _body(verdict: Verdict, status: str, reason: str, brief: str) -> dict[str, object]:
     now = time.monotonic()
-    return {
+    body: dict[str, object] = {
         "status": status,
         "reason": reason,
         "policy": context.runtime().settings.ready_policy,
         "required_ready": verdict.required_ready,
-        "workers": [worker.as_row(now) for worker in verdict.workers],
     }
+    if not full_detail():
+        return {**body, "reason": brief, "detail": "brief"}
+    return {**body, "workers": [worker.as_row(now) for worker in verdict.workers]}
 
 
 @bp.get("/healthz")
@@ -42,7 +54,7 @@ def healthz() -> tuple[Response, int]:
     """200 while the container can still become or stay ready without a restart; 503 when it cannot
     (a load FAILED for good, a worker UNHEALTHY, the master gone)."""
     verdict = current_verdict()
-    body = _body(verdict, "alive" if verdict.alive else "dead", verdict.alive_reason)
+    body = _body(verdict, "alive" if verdict.alive else "dead", verdict.alive_reason, verdict.alive_brief)
     return jsonify(body), 200 if verdict.alive else 503
 
 
@@ -50,7 +62,7 @@ def healthz() -> tuple[Response, int]:
 def readyz() -> tuple[Response, int]:
     """200 when READY_POLICY holds over the live workers; 503 at once otherwise, with the reason."""
     verdict = current_verdict()
-    body = _body(verdict, "ready" if verdict.ready else "not_ready", verdict.ready_reason)
+    body = _body(verdict, "ready" if verdict.ready else "not_ready", verdict.ready_reason, verdict.ready_brief)
     return jsonify(body), 200 if verdict.ready else 503
 
 
@@ -61,10 +73,10 @@ def readyz() -> tuple[Response, int]:
 OIP_FALSE = 400
 
 
-def _oip(field: str, value: bool, reason: str, **extra: object) -> tuple[Response, int]:
+def _oip(field: str, value: bool, reason: str, brief: str, **extra: object) -> tuple[Response, int]:
     body: dict[str, object] = {**extra, field: value}
     if not value:
-        body["reason"] = reason
+        body["reason"] = reason if full_detail() else brief
     return jsonify(body), 200 if value else OIP_FALSE
 
 
@@ -72,14 +84,14 @@ def _oip(field: str, value: bool, reason: str, **extra: object) -> tuple[Respons
 def oip_live() -> tuple[Response, int]:
     """The /healthz verdict."""
     verdict = current_verdict()
-    return _oip("live", verdict.alive, verdict.alive_reason)
+    return _oip("live", verdict.alive, verdict.alive_reason, verdict.alive_brief)
 
 
 @bp.get("/v2/health/ready")
 def oip_ready() -> tuple[Response, int]:
     """The /readyz verdict."""
     verdict = current_verdict()
-    return _oip("ready", verdict.ready, verdict.ready_reason)
+    return _oip("ready", verdict.ready, verdict.ready_reason, verdict.ready_brief)
 
 
 @bp.get("/v2/models/<path:name>/ready")
@@ -90,4 +102,4 @@ def oip_model_ready(name: str) -> tuple[Response, int]:
         message = f"model {name!r} is not served here; this server serves {settings.model_name!r}"
         return errors.error_response(404, errors.MODEL_NOT_FOUND, message, "name"), 404
     verdict = current_verdict()
-    return _oip("ready", verdict.ready, verdict.ready_reason, name=settings.model_name)
+    return _oip("ready", verdict.ready, verdict.ready_reason, verdict.ready_brief, name=settings.model_name)

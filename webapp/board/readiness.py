@@ -105,6 +105,9 @@ class Verdict:
     alive_reason: str
     workers: list[WorkerView]
     required_ready: int  # READY workers READY_POLICY asks for
+    # The same reasons with no pid, device or error text: what PROBE_DETAIL=brief shows an open probe.
+    ready_brief: str = ""
+    alive_brief: str = ""
 
 
 def view_workers(
@@ -186,14 +189,17 @@ def judge(
     broken = [w for w in live if w.record.state in (State.FAILED, State.UNHEALTHY) and not w.problem]
     stalled = [w for w in live if w.problem.startswith(STALLED)]
     looping = [w for w in workers if w.record.crashes >= crash_limit]
+    alive_brief = ""
     if not master_alive:
         alive, alive_reason = False, "the gunicorn master is gone"
     elif broken:
         first = broken[0]
         alive = False
         alive_reason = f"worker {first.slot} is {first.record.state.name}: {first.record.error or 'no message'}"
+        alive_brief = f"worker {first.slot} is {first.record.state.name}"
     elif stalled:
         alive, alive_reason = False, f"worker {stalled[0].slot} {stalled[0].problem}"
+        alive_brief = f"worker {stalled[0].slot}: a denoising step stalled"
     elif looping:
         first = looping[0]
         alive = False
@@ -211,7 +217,10 @@ def judge(
         ready, reason = True, f"{ready_count} of {required_ready} required workers ready"
     else:
         ready, reason = False, _not_ready_reason(workers, ready_count, required_ready)
-    return Verdict(ready, reason, alive, alive_reason, workers, required_ready)
+    brief = (
+        reason if ready or not master_alive or shutting_down else _brief_reason(workers, ready_count, required_ready)
+    )
+    return Verdict(ready, reason, alive, alive_reason, workers, required_ready, brief, alive_brief or alive_reason)
 
 
 def judge_board(board: Board, settings: Settings, now: float) -> Verdict:
@@ -235,6 +244,17 @@ def observe(board: Board, settings: Settings) -> Verdict:
     if board.record_readiness(verdict.ready):
         log.info("readiness_changed", ready=verdict.ready, reason=verdict.ready_reason)
     return verdict
+
+
+def _brief_reason(workers: list[WorkerView], ready_count: int, required_ready: int) -> str:
+    """The not-ready reason with each worker's state alone: no pid, device, attempt or error text."""
+    details = [
+        f"worker {worker.slot} {worker.record.state.name}" + (" (untrusted)" if worker.problem else "")
+        for worker in workers
+        if not worker.ready
+    ]
+    head = f"{ready_count} of {required_ready} required workers ready"
+    return head + "; " + "; ".join(details or [f"{required_ready - ready_count} worker(s) not started yet"])
 
 
 def _not_ready_reason(workers: list[WorkerView], ready_count: int, required_ready: int) -> str:

@@ -28,14 +28,25 @@ READY, NOT_READY, UNREACHABLE = 0, 1, 2
 COLUMNS = ("slot", "state", "pid", "attempt", "heartbeat_age_s", "in_flight", "queued", "model", "error")
 
 
-def _readyz(url: str, timeout: float) -> tuple[int, dict[str, Any] | str]:
+def _operator_key() -> str | None:
+    """The key ``status`` sends, so that PROBE_DETAIL=brief still shows it every row: HONEST_DIFFUSION_API_KEY,
+    else the first of the server's own API_KEYS when the command runs where the server's environment is."""
+    given = os.environ.get(client.KEY_VARIABLE, "").strip()
+    if given:
+        return given
+    keys = [key.strip() for key in os.environ.get("API_KEYS", "").split(",") if key.strip()]
+    return keys[0] if keys else None
+
+
+def _readyz(url: str, timeout: float, key: str | None = None) -> tuple[int, dict[str, Any] | str]:
     """(exit code, /readyz body) or (UNREACHABLE, why)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = requests.get(url.rstrip("/") + "/readyz", timeout=timeout)
+        response = requests.get(url.rstrip("/") + "/readyz", timeout=timeout, headers=headers)
         body = response.json()
     except (requests.RequestException, ValueError) as exc:
         return UNREACHABLE, f"{url} is unreachable: {exc}"
-    if not isinstance(body, dict) or "workers" not in body or response.status_code not in (200, 503):
+    if not isinstance(body, dict) or "status" not in body or response.status_code not in (200, 503):
         return UNREACHABLE, f"{url}/readyz answered {response.status_code} without a verdict: is this the server?"
     return (READY if response.status_code == 200 else NOT_READY), body
 
@@ -59,7 +70,7 @@ def _table(rows: list[list[str]]) -> str:
 def status(args: argparse.Namespace) -> int:
     end = time.monotonic() + args.wait
     while True:
-        code, body = _readyz(args.url, args.timeout)
+        code, body = _readyz(args.url, args.timeout, args.api_key)
         if code == READY or time.monotonic() >= end:
             break
         time.sleep(min(0.5, max(0.0, end - time.monotonic())))
@@ -70,6 +81,9 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
         return code
     print(f"{body['status']}: {body['reason']} (READY_POLICY={body['policy']}, needs {body['required_ready']})")
+    if "workers" not in body:
+        print(f"(PROBE_DETAIL=brief: each worker's row needs an API key: --api-key or ${client.KEY_VARIABLE})")
+        return code
     rows = [[column.upper() for column in COLUMNS]]
     rows += [[_cell(worker, column) for column in COLUMNS] for worker in body["workers"]]
     print(_table(rows))
@@ -104,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
     status_parser.add_argument("--wait", type=float, default=0.0, help="seconds to keep asking until ready")
     status_parser.add_argument("--timeout", type=float, default=5.0, help="seconds for one request")
     status_parser.add_argument("--json", action="store_true", help="print /readyz's body as it is")
+    status_parser.add_argument(
+        "--api-key", default=_operator_key(), help=f"for the rows under PROBE_DETAIL=brief (${client.KEY_VARIABLE})"
+    )
     status_parser.set_defaults(run=status)
     config_parser = commands.add_parser("config", help="the effective settings and where each came from")
     config_parser.add_argument("--json", action="store_true")
