@@ -13,9 +13,6 @@ def test_the_listing_names_files_and_folders_and_nothing_a_request_could_turn_in
     (tmp_path / "styles" / "pytorch_lora_weights.safetensors").write_bytes(b"xy")
     (tmp_path / "one-file").mkdir()
     (tmp_path / "one-file" / "weights.safetensors").write_bytes(b"xyz")
-    (tmp_path / "two-files").mkdir()
-    for name in ("a.safetensors", "b.safetensors"):
-        (tmp_path / "two-files" / name).write_bytes(b"x")  # which one is meant? neither is listed
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not an adapter")
     (tmp_path / ".hidden.safetensors").write_bytes(b"x")
@@ -53,3 +50,31 @@ def test_a_bad_adapter_is_remembered_until_its_file_changes():
     cache.bad["x"] = ((1, 10), "failed to load: size mismatch")
     assert cache.known_bad(adapters.Adapter("x", None, (1, 10))) == "failed to load: size mismatch"
     assert cache.known_bad(adapters.Adapter("x", None, (2, 10))) is None
+
+
+def test_an_adapter_is_exactly_one_safetensors_file_and_anything_else_is_refused_by_name(tmp_path):
+    """The file a worker loads is the one listed and stamped (``weights``, its weight_name). A pickle file,
+    beside a safetensors file or instead of it, and a folder of two candidates are listed with the reason they
+    are refused, so a request naming them gets a 4xx saying why rather than diffusers' own choice. Before this
+    change a pickle-only folder was silently unlisted, and a folder was handed to diffusers whole."""
+    (tmp_path / "two-files").mkdir()
+    for name in ("a.safetensors", "pytorch_lora_weights.safetensors"):
+        (tmp_path / "two-files" / name).write_bytes(b"x")
+    (tmp_path / "pickle-beside").mkdir()
+    (tmp_path / "pickle-beside" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    (tmp_path / "pickle-beside" / "pytorch_lora_weights.bin").write_bytes(b"x")
+    (tmp_path / "pickle-only").mkdir()
+    (tmp_path / "pickle-only" / "adapter_model.bin").write_bytes(b"x")
+    (tmp_path / "loose.pt").write_bytes(b"x")
+    (tmp_path / "snapshot").mkdir()  # a Hugging Face cache snapshot: its files are symlinks into blobs
+    (tmp_path / "blob").write_bytes(b"xyzw")
+    (tmp_path / "snapshot" / "weights.safetensors").symlink_to(tmp_path / "blob")
+    found = adapters.listing(tmp_path)
+    assert "2 .safetensors files (a.safetensors, pytorch_lora_weights.safetensors)" in found["two-files"].problem
+    assert "pickle file (pytorch_lora_weights.bin)" in found["pickle-beside"].problem
+    assert "pickle file (adapter_model.bin)" in found["pickle-only"].problem
+    assert "loose.pt is a pickle file" in found["loose"].problem
+    assert all(found[name].weights is None for name in ("two-files", "pickle-beside", "pickle-only", "loose"))
+    snapshot = found["snapshot"]
+    assert snapshot.problem is None and snapshot.weights == tmp_path / "snapshot" / "weights.safetensors"
+    assert snapshot.stamp[1] == 4  # the blob's size, through the symlink

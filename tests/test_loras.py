@@ -155,6 +155,44 @@ def test_an_adapter_dropped_into_the_folder_is_usable_without_a_restart(server, 
     assert night.background == "black"
 
 
+def test_adapter_files_that_are_not_one_safetensors_file_are_refused_by_name_and_symlinks_load(server, lora_dir):
+    """A pickle file beside or instead of the weights, or two candidate files: a 422 (400 under /v1/) naming
+    the adapter and why, before any load, the worker untouched. A folder of symlinks (a Hugging Face cache
+    snapshot) loads the file it points to."""
+    before = pid(server)
+    made = {
+        "pickle-beside": {"pytorch_lora_weights.safetensors": NIGHT, "pytorch_lora_weights.bin": NIGHT},
+        "pickle-only": {"adapter_model.bin": NIGHT},
+        "two-candidates": {"a.safetensors": NIGHT, "b.safetensors": NIGHT},
+    }
+    for name, files in made.items():
+        (lora_dir / name).mkdir()
+        for file_name, source in files.items():
+            shutil.copy(source, lora_dir / name / file_name)
+    (lora_dir / "snapshot").mkdir()
+    (lora_dir / "snapshot" / "pytorch_lora_weights.safetensors").symlink_to(NIGHT)
+    try:
+        for name, says in (("pickle-beside", "pickle file"), ("pickle-only", "pickle file"), ("two-candidates", "2 ")):
+            response = server.post("/generate", json={"prompt": PROMPT, "loras": [{"name": name}]})
+            assert response.status_code == 422, response.text
+            error = response.json()["error"]
+            assert (
+                error["field"] == "loras"
+                and f"adapter {name!r} is refused" in error["message"]
+                and says in error["message"]
+            ), error
+            openai_way = server.post("/v1/images/generations", json={"prompt": PROMPT, "model": name})
+            assert openai_way.status_code == 400 and openai_way.json()["error"]["param"] == "model", openai_way.text
+        listed = {entry["id"] for entry in server.get("/v1/models").json()["data"]}
+        assert "snapshot" in listed and not set(made) & listed
+        night, _, _ = draw(server, [{"name": "snapshot"}])
+        assert night.background == "black"
+        assert pid(server) == before and server.get("/readyz").status_code == 200
+    finally:
+        for name in (*made, "snapshot"):
+            shutil.rmtree(lora_dir / name)
+
+
 def test_v1_models_lists_each_adapter_and_a_model_naming_one_draws_with_it(server):
     entries = {entry["id"]: entry for entry in server.get("/v1/models").json()["data"]}
     assert (

@@ -578,6 +578,8 @@ def adapters_of(asked: list[dict[str, Any]] | None, settings: Settings) -> tuple
             raise _invalid("loras", f"loras[{index}].name: no adapter {name!r} in LORA_DIR (listed: {listed})")
         if names.index(name) != index:
             raise _invalid("loras", f"loras[{index}].name: {name!r} is named twice")
+        if found[name].problem:
+            raise _invalid("loras", f"loras[{index}].name: adapter {name!r} is refused: {found[name].problem}")
     return tuple((item["name"], float(item["scale"])) for item in asked)
 
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SUFFIX = ".safetensors"
+# Weights in Python's pickle format run code when they are loaded: never loaded, and an adapter that holds one
+# (beside its safetensors file or instead of it) is refused by name rather than left for diffusers to choose.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 Loras = tuple[tuple[str, float], ...]  # (name, scale) per adapter a request asks for, in its order
 
@@ -28,8 +31,10 @@ Loras = tuple[tuple[str, float], ...]  # (name, scale) per adapter a request ask
 @dataclass(frozen=True)
 class Adapter:
     name: str
-    path: Path  # what load_lora_weights reads: the file, or the folder holding it
+    path: Path  # the file, or the folder holding it, as LORA_DIR lists it
     stamp: tuple[int, int]  # (mtime_ns, size) of the weights file
+    weights: Path | None = None  # the one safetensors file load_lora_weights reads (its weight_name), and no other
+    problem: str | None = None  # why this adapter is refused by name (a pickle file, two candidates): never loaded
 
 
 class AdapterFailed(Exception):
@@ -42,17 +47,27 @@ class AdapterFailed(Exception):
         self.reason = reason
 
 
-def _weights(folder: Path) -> Path | None:
-    """The safetensors file of an adapter folder: diffusers' default name, else the only one there."""
-    default = folder / "pytorch_lora_weights.safetensors"
-    if default.is_file():
-        return default
-    found = [entry for entry in folder.iterdir() if entry.suffix == SUFFIX and entry.is_file()]
-    return found[0] if len(found) == 1 else None
+def _weights(folder: Path) -> tuple[Path | None, str | None]:
+    """The one safetensors file of an adapter folder, or why there is none to load: a pickle file there (beside
+    a safetensors file or instead of it), or more than one safetensors file. Symlinks are followed (a Hugging
+    Face cache snapshot is made of them)."""
+    entries = sorted(folder.iterdir())
+    pickles = [entry.name for entry in entries if entry.suffix in PICKLE_SUFFIXES and entry.is_file()]
+    found = [entry for entry in entries if entry.suffix == SUFFIX and entry.is_file()]
+    if pickles:
+        return None, f"its folder holds a pickle file ({', '.join(pickles)}); only {SUFFIX} weights are loaded"
+    if len(found) > 1:
+        names = ", ".join(entry.name for entry in found)
+        return None, f"its folder holds {len(found)} {SUFFIX} files ({names}); keep exactly one"
+    if not found:
+        return None, None
+    return found[0], None
 
 
 def listing(folder: Path | None) -> dict[str, Adapter]:
-    """The adapters in ``folder`` (LORA_DIR), by name; empty when there is none or it cannot be read."""
+    """The adapters in ``folder`` (LORA_DIR), by name; empty when there is none or it cannot be read. An
+    entry that cannot be loaded safely (a pickle file, a folder of two candidates) is listed with its
+    ``problem``, so a request naming it is refused with that reason."""
     if folder is None:
         return {}
     found: dict[str, Adapter] = {}
@@ -62,19 +77,27 @@ def listing(folder: Path | None) -> dict[str, Adapter]:
         return {}
     for entry in entries:
         path = Path(entry.path)
-        if entry.is_file() and path.suffix == SUFFIX:
-            name, weights = path.stem, path
-        elif entry.is_dir():
-            name, weights = path.name, _weights(path)
-        else:
-            continue
-        if weights is None or not NAME.match(name):
-            continue
+        problem: str | None = None
         try:
-            stat = weights.stat()
+            if entry.is_file() and path.suffix == SUFFIX:
+                name, weights = path.stem, path
+            elif entry.is_file() and path.suffix in PICKLE_SUFFIXES:
+                name, weights = path.stem, None
+                problem = f"{path.name} is a pickle file; only {SUFFIX} weights are loaded"
+            elif entry.is_dir():
+                name = path.name
+                weights, problem = _weights(path)
+            else:
+                continue
         except OSError:
             continue
-        found[name] = Adapter(name, path, (stat.st_mtime_ns, stat.st_size))
+        if not NAME.match(name) or (weights is None and problem is None):
+            continue
+        try:
+            stat = (weights or path).stat()
+        except OSError:
+            continue
+        found[name] = Adapter(name, path, (stat.st_mtime_ns, stat.st_size), weights, problem)
     return dict(sorted(found.items()))
 
 

@@ -252,7 +252,15 @@ class DiffusersModel:
     def _load(self, adapter: adapters.Adapter) -> float:
         started = time.monotonic()
         try:
-            self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+            if adapter.weights is None:  # refused at the request; a folder changed since then lands here
+                raise ValueError(adapter.problem or "no safetensors file to load")
+            # Exactly the file listed and stamped: its folder and weight_name, never diffusers' own choice.
+            self.pipe.load_lora_weights(
+                str(adapter.weights.parent),
+                weight_name=adapter.weights.name,
+                adapter_name=adapter.name,
+                use_safetensors=True,
+            )
         except Exception as exc:
             if adapter.name in self._loaded_names():
                 self.pipe.delete_adapters(adapter.name)

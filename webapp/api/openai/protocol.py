@@ -171,7 +171,11 @@ class ImageRequest:
         except InvalidRequest as exc:  # 400, as OpenAI answers a bad param
             raise InvalidRequest(400, exc.code, exc.message, exc.field) from None
         named = self.model
-        if named is not None and named in adapters.listing(self.limits.lora_dir):
+        listed = adapters.listing(self.limits.lora_dir) if named is not None else {}
+        if named in listed and listed[named].problem:
+            message = f"model: adapter {named!r} is refused: {listed[named].problem}"
+            raise InvalidRequest(400, errors.INVALID_FIELD, message, "model")
+        if named is not None and named in listed:
             if any(name == named for name, _ in loras):
                 message = f"model: names the adapter {named!r}, which loras names too; give it once"
                 raise InvalidRequest(400, errors.INVALID_FIELD, message, "model")

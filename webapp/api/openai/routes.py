@@ -70,6 +70,7 @@ def _adapter_entries(runtime: Runtime) -> list[dict[str, Any]]:
             "root": name,
         }
         for name, adapter in adapters.listing(runtime.settings.lora_dir).items()
+        if adapter.problem is None
     ]
 
 
