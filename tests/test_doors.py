@@ -1,0 +1,147 @@
+"""The doors edits opened, held shut (issue 33): upload bombs through both edit routes at once cannot move a
+probe or the worker's memory, and every route of the app is refused past its own body limit with a 413.
+Real gunicorn, real HTTP. The figures of the same burst are bench/uploads.py's."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import wait_for
+from webapp.app import create_app
+from webapp.board.lifecycle import Lifecycle
+from webapp.board.slots import Board
+from webapp.runtime import Runtime
+from webapp.settings import Settings
+
+pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
+
+CLIENTS = 40
+PIXELS = 4096 * 4096  # an operator's raised limit (the old default): each bomb decodes to 50 MB of pixels
+
+
+def bomb() -> bytes:
+    """About 58 kB of PNG that declares 4096x4095 pixels, just under PIXELS, and decodes to every one."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4096, 4095), (200, 30, 30)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def send(url: str, index: int, data: bytes) -> requests.Response:
+    """One edit of the bomb: even clients through /generate (base64 in JSON), odd through /v1/images/edits."""
+    if index % 2 == 0:
+        body = {"prompt": "a blue circle", "image": base64.b64encode(data).decode(), "width": 64, "height": 64}
+        return requests.post(url + "/generate", json={**body, "num_inference_steps": 2}, timeout=120)
+    fields = {"prompt": "a blue circle", "size": "64x64", "num_inference_steps": "2"}
+    return requests.post(
+        url + "/v1/images/edits", data=fields, files={"image": ("b.png", data, "image/png")}, timeout=120
+    )
+
+
+def test_upload_bombs_through_both_routes_move_no_probe_and_hold_the_memory(start_server):
+    """40 bombs at once, half through each edit route, with /readyz probed all along: before this change the
+    uploads were decoded on the request threads before admission (40 at once), a probe went unanswered for
+    5 s and the worker grew by 1.5 GB. Now: each is answered 200 or 503 with Retry-After (a shed one is
+    refused from its header), no probe fails, and the worker stays within 300 MB of its idle size."""
+    server = start_server(WEB_CONCURRENCY="1", MAX_UPLOAD_PIXELS=str(PIXELS))
+    body = server.wait_ready()
+    pid = body["workers"][0]["pid"]
+    data = bomb()
+    assert send(server.url, 0, data).status_code == 200  # one alone first: its allocations are not the burst's
+    idle = rss_mb(pid)
+    peak, failed, probes = [idle], [], []
+    done = threading.Event()
+
+    def probe() -> None:
+        with requests.Session() as session:
+            while not done.is_set():
+                try:
+                    status = session.get(server.url + "/readyz", timeout=5).status_code
+                except requests.RequestException as exc:
+                    status = repr(exc)
+                probes.append(status)
+                if status != 200:
+                    failed.append(status)
+                peak.append(rss_mb(pid))
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=probe)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            answers = list(pool.map(lambda index: send(server.url, index, data), range(CLIENTS)))
+    finally:
+        done.set()
+        watcher.join(30)
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 503}, [answer.text for answer in answers if answer.status_code not in (200, 503)]
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    assert all("Retry-After" in answer.headers for answer in answers if answer.status_code == 503)
+    assert probes and not failed, failed
+    assert max(peak) - idle < 300, f"idle {idle:.0f} MB, peak {max(peak):.0f} MB"
+    assert server.workers()[0]["pid"] == pid
+
+
+def declared_body(url: str, method: str, path: str, length: int) -> tuple[int, str]:
+    """Send headers declaring a body of ``length`` bytes and none of it; the status and the body answered."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[-1].decode(errors="replace")
+
+
+def url_rules(settings: Settings, folder: Path) -> list[tuple[str, list[str]]]:
+    """Every rule of the real app (``create_app``) and the methods it takes, read from a worker's app built
+    without an engine: the map is the same whatever the model."""
+    board = Board.create(folder, capacity=1, expected_workers=1)
+    try:
+        flask_app = create_app(Runtime(settings, board, Lifecycle(board, 0), None))
+        return [
+            (rule.rule, sorted(rule.methods - {"HEAD", "OPTIONS"}))
+            for rule in flask_app.url_map.iter_rules()
+            if rule.endpoint != "static"
+        ]
+    finally:
+        board.remove()
+
+
+def test_every_route_in_the_url_map_is_refused_past_its_own_limit(ready_server, tmp_path):
+    """Each rule of the app, each method it takes, a body declared one byte over its route's limit
+    (``Settings.body_limit``): a 413 payload_too_large, read from the header alone. A route added later is
+    in the map, so it cannot be left out. Before this change POST /demo took a 200 kB form whole and
+    answered 422 (Flask's limit was the upload routes' 22 MB for every route)."""
+    settings = Settings.from_env({})
+    rules = url_rules(settings, tmp_path)
+    assert "/demo" in {rule for rule, _ in rules} and len(rules) > 10
+    for rule, methods in rules:
+        path = rule.replace("<path:model>", "any").replace("<path:name>", "any")
+        for method in methods:
+            status, text = declared_body(ready_server.url, method, path, settings.body_limit(path) + 1)
+            assert status == 413 and "payload_too_large" in text, (method, path, status, text)
+    form = requests.post(ready_server.url + "/demo", data={"prompt": "x" * 200_000}, timeout=30)
+    assert form.status_code == 413, form.text[:300]
+    wait_for(lambda: ready_server.get("/readyz").status_code == 200 or None, 10, "/readyz 200 after all that")
