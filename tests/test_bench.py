@@ -129,3 +129,11 @@ def test_the_lora_bench_prints_first_use_per_image_and_the_cycling_workload():
     rows = [line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("first use of an adapter") and rows[2].startswith("one image with an adapter held")
     assert rows[3].startswith("6 requests cycling 3 adapters, cache 1"), done.stdout
+
+
+def test_the_upload_bomb_bench_prints_a_row_per_route():
+    command = [sys.executable, "bench/uploads.py", "--clients", "6", "--runs", "1", "--limits", "default"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| /") or line.startswith("| both")]
+    assert len(rows) == 3 and all("| 1048576 |" in row for row in rows), done.stdout
