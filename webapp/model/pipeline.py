@@ -8,12 +8,14 @@ docs/architecture.md §13). One generation reads top to bottom in ``DiffusersMod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -21,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "requires torchvision", printed at import
 
 import numpy as np
+import safetensors.torch
 import torch
 from diffusers import (
     AutoPipelineForImage2Image,
@@ -189,6 +192,26 @@ def edit_pipelines(pipe: DiffusionPipeline, device: str, side: int) -> dict[Mode
     return edits
 
 
+@contextlib.contextmanager
+def _read_not_mapped() -> Iterator[None]:
+    """While an adapter loads, safetensors reads its file with ``pread`` rather than mapping it.
+
+    Measured here (bench/lora_churn.py, docs/benchmarks.md): every ``safetensors.torch.load_file`` through the
+    default ``mmap`` backend keeps about 64 bytes per tensor for good, in safetensors' own native code (0.7.0 and
+    0.8.0 alike; torch.frombuffer on a mapping does not, nor does the ``pread`` backend or the numpy framework):
+    7 kB for each load of a 112-tensor adapter, and a server that cycles adapters grows until it is killed.
+    diffusers' ``load_lora_weights`` calls ``load_file(path, device="cpu")`` and takes no backend, and a state
+    dict passed in memory would lose the file's ``lora_adapter_metadata`` (its LoRA config). So, for the call
+    alone, on the engine thread (nothing else loads weights then), ``load_file`` is safetensors' own with
+    ``backend="pread"``: the same tensors, read into memory that is freed with them."""
+    mapped = safetensors.torch.load_file
+    safetensors.torch.load_file = functools.partial(mapped, backend="pread")
+    try:
+        yield
+    finally:
+        safetensors.torch.load_file = mapped
+
+
 class DiffusersModel:
     """A loaded diffusers pipeline on one device, with its ``profile``: the text-to-image ``pipe`` and the
     edit pipelines built from it (``edit_pipelines``), one per mode."""
@@ -255,12 +278,13 @@ class DiffusersModel:
             if adapter.weights is None:  # refused at the request; a folder changed since then lands here
                 raise ValueError(adapter.problem or "no safetensors file to load")
             # Exactly the file listed and stamped: its folder and weight_name, never diffusers' own choice.
-            self.pipe.load_lora_weights(
-                str(adapter.weights.parent),
-                weight_name=adapter.weights.name,
-                adapter_name=adapter.name,
-                use_safetensors=True,
-            )
+            with _read_not_mapped():
+                self.pipe.load_lora_weights(
+                    str(adapter.weights.parent),
+                    weight_name=adapter.weights.name,
+                    adapter_name=adapter.name,
+                    use_safetensors=True,
+                )
         except Exception as exc:
             if adapter.name in self._loaded_names():
                 self.pipe.delete_adapters(adapter.name)
