@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from webapp.model import adapters
 
 
@@ -78,3 +81,41 @@ def test_an_adapter_is_exactly_one_safetensors_file_and_anything_else_is_refused
     snapshot = found["snapshot"]
     assert snapshot.problem is None and snapshot.weights == tmp_path / "snapshot" / "weights.safetensors"
     assert snapshot.stamp[1] == 4  # the blob's size, through the symlink
+
+
+names = st.sampled_from(["w", "pytorch_lora_weights", "adapter_model", "x y", ".hidden", "a" * 120])
+suffixes = st.sampled_from([".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".txt", ""])
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    folders=st.dictionaries(
+        st.sampled_from(["one", "two", "three", "bad name!"]),
+        st.lists(st.tuples(names, suffixes, st.booleans()), max_size=4),
+        max_size=3,
+    )
+)
+def test_any_adapter_folder_is_either_one_safetensors_file_or_refused_by_name(tmp_path_factory, folders):
+    """The fuzzer's side of adapter files: whatever a folder holds, ``listing`` never raises, and each adapter
+    it lists either names exactly one safetensors file and holds no pickle, or carries the reason it is refused."""
+    root = tmp_path_factory.mktemp("loras")
+    for folder, files in folders.items():
+        (root / folder).mkdir()
+        for stem, suffix, as_link in files:
+            path = root / folder / f"{stem}{suffix}"
+            if path.exists():
+                continue
+            if as_link:
+                target = root / f"blob-{folder}-{stem}{suffix}"
+                target.write_bytes(b"x")
+                path.symlink_to(target)
+            else:
+                path.write_bytes(b"x")
+    for name, adapter in adapters.listing(root).items():
+        holds = sorted(adapter.path.iterdir()) if adapter.path.is_dir() else [adapter.path]
+        pickles = [path for path in holds if path.suffix in adapters.PICKLE_SUFFIXES]
+        weights = [path for path in holds if path.suffix == adapters.SUFFIX]
+        if adapter.problem is None:
+            assert adapter.weights in weights and len(weights) == 1 and not pickles, (name, holds)
+        else:
+            assert adapter.weights is None and (pickles or len(weights) > 1), (name, holds, adapter.problem)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from webapp.board.slots import Board, master_holds
 from webapp.server.hooks import LOCKLESS_GRACE_S, remove_stale_boards
@@ -110,3 +112,43 @@ def test_gunicorn_starts_ready_with_every_hostile_entry_in_board_dir(start_serve
     log = server.log_tail(400)
     assert "stale_board_removed" in log and "stale_board_skipped" in log
     assert not made["short-board"].exists() and made["symlink"].is_symlink()
+
+
+entries = st.lists(
+    st.tuples(
+        st.sampled_from(["file", "folder", "folder+lock", "symlink", "fifo"]),
+        st.binary(max_size=900),  # the board's bytes (or the file's)
+        st.booleans(),  # aged past the grace for a folder without a lock
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(found=entries)
+def test_the_sweep_survives_any_bytes_in_any_entry(tmp_path_factory, found):
+    """The fuzzer's side of the sweep: any mix of entries with any bytes, and a live board beside them; the
+    sweep never raises and never removes the live board."""
+    boards = tmp_path_factory.mktemp("sweep")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    for index, (kind, data, aged) in enumerate(found):
+        path = boards / f"honest-diffusion-{index}"
+        if kind == "file":
+            path.write_bytes(data)
+        elif kind == "symlink":
+            path.symlink_to(elsewhere, target_is_directory=True)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.mkdir()
+            (path / "board").write_bytes(data)
+            if kind == "folder+lock":
+                (path / "master.lock").write_bytes(data[:7])
+            if aged:
+                os.utime(path, (time.time() - 2 * LOCKLESS_GRACE_S,) * 2)
+    live = Board.create(boards, capacity=2, expected_workers=1)
+    try:
+        remove_stale_boards(boards)
+        assert live.path.exists() and elsewhere.exists()
+    finally:
+        live.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 
 import pytest
 import requests
@@ -17,6 +18,7 @@ from PIL import Image
 
 from tests.conftest import running_server
 from tests.test_uploads import HOSTILE as HOSTILE_FILES
+from webapp.settings import EMBEDDED_LORA_DIR
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 
@@ -63,6 +65,9 @@ VALID = {
         st.fixed_dictionaries({"name": st.just("night")}, optional={"scale": st.floats(-2, 2)}), max_size=1
     ),
 }
+# Adapters in the fuzz server's LORA_DIR that must be refused by name (issue 33): a pickle file beside the
+# weights, a pickle file alone, a folder of two candidates, and a loose .pt file.
+HOSTILE_ADAPTERS = ("pickle-beside", "pickle-only", "two-candidates", "loose")
 HOSTILE = {
     "prompt": hostile_text | json_values,
     "negative_prompt": hostile_text | json_values,
@@ -79,7 +84,10 @@ HOSTILE = {
     "loras": json_values
     | st.lists(
         st.fixed_dictionaries(
-            {"name": st.sampled_from(["night", "../night", "missing", "", "night/../x"]) | hostile_text},
+            {
+                "name": st.sampled_from(["night", "../night", "missing", "", "night/../x", *HOSTILE_ADAPTERS])
+                | hostile_text
+            },
             optional={"scale": st.floats(-1e308, 1e308) | huge | json_values, "path": json_values},
         ),
         max_size=4,
@@ -114,7 +122,19 @@ headers = st.fixed_dictionaries(
 def server(model_cache, tmp_path_factory):
     """Small limits, so the valid requests the fuzzer finds stay cheap on two CPU cores."""
     limits = dict(MAX_STEPS="3", DEFAULT_STEPS="1", MAX_IMAGE_SIZE="128", MAX_IMAGES="2", REQUEST_TIMEOUT="30")
-    with running_server(model_cache, tmp_path_factory.mktemp("fuzz"), **limits) as server:
+    loras = tmp_path_factory.mktemp("fuzz-loras")
+    night = EMBEDDED_LORA_DIR / "night.safetensors"
+    shutil.copy(night, loras / "night.safetensors")
+    for folder, files in {
+        "pickle-beside": ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"),
+        "pickle-only": ("adapter_model.bin",),
+        "two-candidates": ("a.safetensors", "b.safetensors"),
+    }.items():
+        (loras / folder).mkdir()
+        for name in files:
+            shutil.copy(night, loras / folder / name)
+    shutil.copy(night, loras / "loose.pt")
+    with running_server(model_cache, tmp_path_factory.mktemp("fuzz"), LORA_DIR=str(loras), **limits) as server:
         yield server
 
 
