@@ -17,7 +17,7 @@ from tests.conftest import wait_for
 from webapp.board import lifecycle
 from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import Board, State
-from webapp.engine.core import Engine, Overloaded, RejectedByModel, WorkerUnhealthy
+from webapp.engine.core import Engine, NotReady, Overloaded, RejectedByModel, WorkerUnhealthy
 from webapp.engine.runner import Runner
 from webapp.model.profile import profile
 from webapp.model.request import GenerationParams
@@ -192,3 +192,23 @@ def test_jobs_waiting_to_run_again_alone_are_answered_when_the_worker_turns_unhe
     for job in jobs[1:]:
         assert isinstance(job.future.exception(), WorkerUnhealthy)
     assert engine.state is State.UNHEALTHY
+
+
+def test_a_place_held_before_a_drain_is_still_served_and_a_new_one_is_refused(engine):
+    """A request that holds its place (``reserve``) while its upload decodes keeps it through a drain (a
+    rolling deploy): its job is queued and served, and the engine waits for it before it stops. A request
+    that comes after the drain began is refused, as every new one is."""
+    engine.reserve()
+    engine.drain()
+    with pytest.raises(NotReady):
+        engine.reserve()
+    job = engine.submit(params("decoded meanwhile"), reserved=True)
+    assert job.future.result(timeout=10) == ["decoded meanwhile"]
+    assert engine.scheduler.reserved == 0
+
+
+def test_a_place_given_back_counts_no_more(engine):
+    engine.reserve()
+    assert engine.lifecycle.board.read(0).queued == 1
+    engine.release()
+    assert engine.lifecycle.board.read(0).queued == 0 and engine.scheduler.reserved == 0

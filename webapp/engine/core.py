@@ -182,7 +182,8 @@ class Engine:
             try:
                 if reserved:
                     self.scheduler.release()
-                self._check_ready()
+                if not (reserved and self.state is State.DRAINING):  # a place held before the drain is kept
+                    self._check_ready()
                 self.scheduler.admit(job)
             except Overloaded:
                 recorder().shed.inc()
@@ -222,8 +223,8 @@ class Engine:
                     for job in batch:
                         settle(job.future, exc=WorkerUnhealthy(reason))
                     return
-            elif self.state is not State.READY:
-                return
+            elif self.state is not State.READY and not self.scheduler.reserved:
+                return  # drained: nothing queued, and no place held by a request still decoding its upload
 
     def _take_batch(self) -> list[Job]:
         """The next batch the scheduler forms, waiting up to BATCH_WAIT_MS for jobs that could join it."""
