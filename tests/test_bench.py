@@ -137,3 +137,11 @@ def test_the_upload_bomb_bench_prints_a_row_per_route():
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| /") or line.startswith("| both")]
     assert len(rows) == 3 and all("| 1048576 |" in row for row in rows), done.stdout
+
+
+def test_the_adapter_churn_bench_prints_its_slopes():
+    command = [sys.executable, "bench/lora_churn.py", "--loads", "20", "--mapped-loads", "10", "--every", "10"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| loads | adapters (pread) | no adapters | adapters (mmap, before) |" in done.stdout, done.stdout
+    assert "| MB per 1000 loads, from load 10 |" in done.stdout, done.stdout
