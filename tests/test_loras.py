@@ -225,9 +225,9 @@ def test_the_cache_evicts_the_least_recently_used_and_timings_say_what_loading_c
 
 
 def test_cycling_adapters_through_a_cache_of_one_keeps_the_worker_flat(tmp_path):
-    """400 adapter loads, each evicting the last, in the engine's own calls (``use_adapters``) on the real
+    """250 adapter loads, each evicting the last, in the engine's own calls (``use_adapters``) on the real
     embedded model: the resident memory stays flat. Before the fix every load kept about 7 kB for good
-    (safetensors' mmap backend, 64 bytes per tensor): 2.8 MB over the same loads, growing without end.
+    (safetensors' mmap backend, 64 bytes per tensor): 1.7 MB over the same loads, growing without end.
     bench/lora_churn.py runs the same for 5000 loads beside a run without adapters."""
     from webapp.model import pipeline
 
@@ -244,8 +244,8 @@ def test_cycling_adapters_through_a_cache_of_one_keeps_the_worker_flat(tmp_path)
     for index in range(60):  # the allocator warms up
         model.use_adapters(((("a", "b", "c")[index % 3], 1.0),))
     before = resident_mb()
-    for index in range(400):
+    for index in range(250):
         model.use_adapters(((("a", "b", "c")[index % 3], 1.0),))
     grown = resident_mb() - before
-    assert grown < 1.0, f"{grown:.2f} MB over 400 adapter loads"
+    assert grown < 0.8, f"{grown:.2f} MB over 250 adapter loads"
     assert len(model.adapters.loaded) == 1

@@ -97,6 +97,15 @@ def test_a_bad_param_raises_bad_request_naming_it(keyed_server, fields, param):
     assert param in caught.value.message
 
 
+def test_a_bad_timeout_header_is_a_bad_request_naming_it(keyed_server):
+    """Under /v1/ a bad X-Request-Timeout is OpenAI's 400, as docs/api.md says (it was a 422 before)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(keyed_server, max_retries=0).images.generate(
+            prompt="a boat", extra_headers={"X-Request-Timeout": "soon"}
+        )
+    assert caught.value.status_code == 400 and caught.value.param == "X-Request-Timeout"
+
+
 def test_another_model_is_not_found(keyed_server):
     with pytest.raises(openai.NotFoundError) as caught:
         client(keyed_server).images.generate(prompt="a boat", model="dall-e-3")
