@@ -145,3 +145,31 @@ def test_every_route_in_the_url_map_is_refused_past_its_own_limit(ready_server, 
     form = requests.post(ready_server.url + "/demo", data={"prompt": "x" * 200_000}, timeout=30)
     assert form.status_code == 413, form.text[:300]
     wait_for(lambda: ready_server.get("/readyz").status_code == 200 or None, 10, "/readyz 200 after all that")
+
+
+def test_every_error_the_app_answers_by_itself_carries_a_declared_code(tmp_path):
+    """404, 405 and the 413 of the body limit, answered by the app rather than a route, each with a code
+    declared in webapp.errors (before, not_found and method_not_allowed were made from werkzeug's names and
+    appeared in no table)."""
+    from webapp import errors
+
+    declared = {code.code for code in errors.CODES}
+    board = Board.create(tmp_path, capacity=1, expected_workers=1)
+    try:
+        client = create_app(Runtime(Settings.from_env({}), board, Lifecycle(board, 0), None)).test_client()
+        answers = [
+            client.get("/no-such-route"),
+            client.get("/generate"),
+            client.post("/healthz", data=b"x" * 70_000),
+            client.post("/v1/no-such-route"),
+        ]
+    finally:
+        board.remove()
+    codes = [(answer.status_code, (answer.json["error"].get("code") if answer.json else None)) for answer in answers]
+    assert codes == [
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+        (413, "payload_too_large"),
+        (404, "not_found"),
+    ], codes
+    assert {code for _, code in codes} <= declared

@@ -79,8 +79,9 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             limit = settings.body_limit(request.path)
             message = f"body exceeds the limit of {limit} bytes for {request.path}"
             return errors.error_response(413, errors.PAYLOAD_TOO_LARGE, message)
-        code = (exc.name or "error").lower().replace(" ", "_")
-        response = errors.error_response(exc.code or 500, code, exc.description or exc.name)
+        status = exc.code or 500
+        code = errors.BY_HTTP_STATUS.get(status, errors.INTERNAL if status >= 500 else errors.HTTP_ERROR)
+        response = errors.error_response(status, code, exc.description or exc.name)
         for name, value in exc.get_headers():  # a 405 must say Allow (RFC 9110 15.5.6)
             if name.lower() != "content-type":
                 response.headers[name] = value

@@ -65,7 +65,9 @@ NON_FINITE_OUTPUT = _code(
     "non_finite_output", "500", "the model drew NaN or infinite pixels: never sent as a (black) picture"
 )
 BAD_REQUEST = _code(
-    "bad_request", "400", "headers that cannot be parsed, refused before the app (webapp.server.gthread)"
+    "bad_request",
+    "400",
+    "headers that cannot be parsed, refused before the app (webapp.server.gthread), or a request werkzeug cannot read",
 )
 REQUEST_TIMEOUT = _code("request_timeout", "408", "the request did not fully arrive within CLIENT_TIMEOUT")
 MISSING_API_KEY = _code("missing_api_key", "401", "the route needs an API key and the request carries none")
@@ -88,6 +90,11 @@ INVALID_IMAGE = _code(
 BAD_MULTIPART = _code(
     "bad_multipart", "400", "a multipart/form-data body without a boundary, or one that cannot be parsed"
 )
+NOT_FOUND = _code("not_found", "404", "no route has this path")
+METHOD_NOT_ALLOWED = _code("method_not_allowed", "405", "the route takes other methods, which `Allow` lists")
+HTTP_ERROR = _code("http_error", "4xx", "another HTTP error werkzeug raised before a route could answer")
+# The code each HTTP error raised by werkzeug or Flask (not by a route) is answered with.
+BY_HTTP_STATUS = {400: BAD_REQUEST, 404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: PAYLOAD_TOO_LARGE}
 
 
 def code_table() -> str:

@@ -26,7 +26,7 @@ from webapp.board.slots import State
 from webapp.engine import loader
 from webapp.engine.loader import Model
 from webapp.engine.priority import lower_thread_priority
-from webapp.engine.runner import RejectedByModel, Runner, WorkerUnhealthy
+from webapp.engine.runner import NOT_READY_RETRY_AFTER_S, RejectedByModel, Runner, WorkerUnhealthy
 from webapp.engine.scheduler import DeadlineExceeded, Job, Overloaded, Scheduler, settle
 from webapp.model import faults
 from webapp.model.profile import request_limits
@@ -36,9 +36,17 @@ from webapp.telemetry import logs
 from webapp.telemetry.recorder import recorder
 
 log = logs.get(__name__)
-NOT_READY_RETRY_AFTER_S = 5  # when nothing better is known: a worker starting, failed, unhealthy or draining
 
-__all__ = ["DeadlineExceeded", "Engine", "Job", "NotReady", "Overloaded", "RejectedByModel", "WorkerUnhealthy"]
+__all__ = [
+    "NOT_READY_RETRY_AFTER_S",
+    "DeadlineExceeded",
+    "Engine",
+    "Job",
+    "NotReady",
+    "Overloaded",
+    "RejectedByModel",
+    "WorkerUnhealthy",
+]
 
 
 class NotReady(Exception):

@@ -35,12 +35,15 @@ from webapp.telemetry import logs
 from webapp.telemetry.recorder import recorder
 
 log = logs.get(__name__)
+# Retry-After when nothing better is known: a worker starting, failed, draining or turned UNHEALTHY (a replacement
+# takes longer than this; another worker or replica may serve the request now). The one such figure.
+NOT_READY_RETRY_AFTER_S = 5
 
 
 class WorkerUnhealthy(Exception):
     """The job could not run because this worker turned UNHEALTHY; another worker may serve it."""
 
-    retry_after_s = 5  # a replacement worker takes longer than this; another replica may serve it now
+    retry_after_s = NOT_READY_RETRY_AFTER_S
 
 
 class RejectedByModel(Exception):
