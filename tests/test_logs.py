@@ -67,3 +67,15 @@ def test_probes_are_logged_when_log_probes_is_set(json_server):
         lambda: [e for e in events(json_server) if e.get("request_id") == "probe-1"], 10, "the probe's access line"
     )
     assert line[0]["path"] == "/readyz"
+
+
+def test_every_probe_route_is_left_out_of_the_access_log_by_default(keyed_server):
+    """The health routes mark their requests as probes (one owner: webapp.api.health); before, the access log
+    kept its own list of paths, which missed /v2/models/<name>/ready, so KServe's model probe filled the log."""
+    probes = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v2/models/builtin:scenes-64/ready"]
+    for index, path in enumerate(probes):
+        assert keyed_server.get(path, headers={"X-Request-ID": f"probe-{index}"}).status_code == 200, path
+    keyed_server.get("/openapi.json", headers={"X-Request-ID": "not-a-probe"})
+    wait_for(lambda: any("not-a-probe" in line for line in keyed_server.log_lines()) or None, 10, "its access line")
+    logged = "\n".join(keyed_server.log_lines())
+    assert not [path for index, path in enumerate(probes) if f"probe-{index}" in logged]

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from webapp import errors
 from webapp.api import auth, context
 from webapp.board import readiness
 from webapp.board.readiness import Verdict
+from webapp.telemetry import logs
 
 bp = Blueprint("health", __name__)
+
+
+@bp.before_request
+def mark_probe() -> None:
+    """Every route here is a probe: the access log leaves it out unless LOG_PROBES=1 (``logs.server_logger``)."""
+    request.environ[logs.PROBE_ENVIRON_KEY] = True
 
 
 def current_verdict() -> Verdict:

@@ -17,7 +17,9 @@ from typing import Any
 import structlog
 from gunicorn.glogging import Logger
 
-PROBE_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})  # webapp.api.health
+# Set in a request's WSGI environ by the health routes (webapp.api.health), the one owner of which routes are
+# probes: the access log leaves those requests out unless LOG_PROBES=1.
+PROBE_ENVIRON_KEY = "honest_diffusion.probe"
 FORMATS = ("kv", "json")
 _FIRST_KEYS = ["ts", "level", "event", "logger", "pid"]
 
@@ -111,7 +113,7 @@ def server_logger(fmt: str, log_probes: bool) -> type[Logger]:
             if not self.cfg.accesslog:
                 return
             path = environ.get("PATH_INFO", "")
-            if not log_probes and path in PROBE_PATHS:
+            if not log_probes and environ.get(PROBE_ENVIRON_KEY):
                 return
             headers = {name.lower(): value for name, value in resp.headers}
             fields = {
