@@ -55,6 +55,11 @@ UPLOAD_SIDE_FACTOR = 4
 STARTUP_OVERHEAD_S = 60  # imports (5-10 s measured) plus the last load attempt, on top of LOAD_MAX_SECONDS
 
 
+def base64_chars(size: int) -> int:
+    """The length of ``size`` bytes in base64 (4 characters per 3 bytes, padded)."""
+    return 4 * -(-size // 3)
+
+
 class SettingsError(ValueError):
     """A configuration value is invalid; the message names the environment variable."""
 
@@ -474,7 +479,7 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
         """The largest body of a route that takes images: MAX_BODY_BYTES for everything else, plus an image
         and a mask of MAX_UPLOAD_BYTES each in base64 (4 characters per 3 bytes), which also covers the same
         files sent raw in a multipart body with their part headers."""
-        return self.max_body_bytes + 2 * 4 * -(-self.max_upload_bytes // 3)
+        return self.max_body_bytes + 2 * base64_chars(self.max_upload_bytes)
 
     @property
     def upload_pixels(self) -> int:

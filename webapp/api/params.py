@@ -30,7 +30,7 @@ from webapp.api import images, uploads
 from webapp.errors import InvalidRequest
 from webapp.model import adapters
 from webapp.model.request import DEFAULT_STRENGTH, GenerationParams, edit_steps
-from webapp.settings import Settings
+from webapp.settings import Settings, base64_chars
 
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1; image i of a request uses (seed + i) % 2**32
 TIMEOUT_HEADER = "X-Request-Timeout"
@@ -86,11 +86,6 @@ class RequestField:
 
 def _resolve(value: Bound, settings: Settings) -> Any:
     return value(settings) if callable(value) else value
-
-
-def base64_chars(size: int) -> int:
-    """The length of ``size`` bytes in base64 (4 characters per 3 bytes, padded)."""
-    return 4 * -(-size // 3)
 
 
 DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]{1,32};base64,", re.IGNORECASE)

@@ -34,7 +34,7 @@ from webapp.runtime import Runtime
 from webapp.settings import Settings
 from webapp.telemetry import logs
 
-bp = Blueprint("openai", __name__, url_prefix="/v1")
+bp = Blueprint("openai", __name__, url_prefix=errors.OPENAI_PREFIX.rstrip("/"))  # the prefix errors shapes by
 log = logs.get(__name__)
 OWNED_BY = "honest-diffusion"
 
