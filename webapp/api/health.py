@@ -21,9 +21,10 @@ from webapp.telemetry import logs
 bp = Blueprint("health", __name__)
 
 
-@bp.before_request
-def mark_probe() -> None:
-    """Every route here is a probe: the access log leaves it out unless LOG_PROBES=1 (``logs.server_logger``)."""
+@bp.url_value_preprocessor
+def mark_probe(endpoint: str | None, values: dict[str, object] | None) -> None:
+    """Every route here is a probe: the access log leaves it out unless LOG_PROBES=1 (``logs.server_logger``).
+    Marked as its route is matched, before any before_request hook (the app's body limit may answer first)."""
     request.environ[logs.PROBE_ENVIRON_KEY] = True
 
 
