@@ -35,6 +35,8 @@ import requests
 from PIL import Image
 from servers import poll, server
 
+from tests.conftest import rss_mb
+
 PROMPT = "a blue circle on a white background"
 STEPS = 4
 SAMPLER = """
@@ -64,13 +66,6 @@ def bomb(pixels: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (side, height), (200, 30, 30)).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def send(url: str, route: str, data: bytes) -> tuple[int, bool, float]:

@@ -44,6 +44,14 @@ def wait_for(predicate: Callable[[], Any], deadline_s: float, what: str, interva
     raise AssertionError(f"timed out after {deadline_s} s waiting for {what} (last error: {last_error})")
 
 
+def rss_mb(pid: int) -> float:
+    """The resident memory (VmRSS) of process ``pid`` in MB; 0 once it is gone."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def process_state(pid: int) -> str:
     """The kernel's state letter for ``pid`` ('Z' zombie), or '' when no such process exists."""
     try:

@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import wait_for
+from tests.conftest import rss_mb, wait_for
 from webapp.app import create_app
 from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import Board
@@ -34,13 +34,6 @@ def bomb() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (4096, 4095), (200, 30, 30)).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def send(url: str, index: int, data: bytes) -> requests.Response:
