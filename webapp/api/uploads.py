@@ -247,6 +247,3 @@ class Decoder:
         except FutureTimeout:
             future.cancel()
             raise TimeoutError("the deadline passed before the upload was decoded") from None
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
