@@ -17,14 +17,15 @@ except SettingsError as exc:
 server_hooks = hooks.server_hooks(settings)  # what the hooks share: the board, the workers' slots
 
 # gunicorn asks for an app path, but the worker class below builds each worker's app with that worker's
-# runtime (server_hooks.app) and never imports this one.
+# runtime (server_hooks.app) and never imports this one; a stock worker class (-k gthread) would, and
+# create_app() without a runtime refuses to start (docs/architecture.md §1).
 wsgi_app = "webapp:create_app()"
 bind = [settings.bind]
 # workers: gunicorn's own, from WEB_CONCURRENCY (or -w); the master reads the count it really runs.
 # gthread (request threads keep answering probes while the engine thread generates), handing a thread only
 # requests that have fully arrived, so slow or idle clients cannot take the threads probes need.
 worker_class = gthread.buffered_worker(
-    settings.client_timeout, settings.body_limit, server_hooks.app, server_hooks.gate
+    settings.client_timeout, server_hooks.body_limit, server_hooks.app, server_hooks.gate
 )
 threads = settings.threads
 timeout = int(settings.worker_timeout)

@@ -29,7 +29,7 @@ def main() -> None:
     started = time.perf_counter()
     from webapp.engine import loader
     from webapp.model import pipeline
-    from webapp.model.profile import request_limits
+    from webapp.model.profile import Limits
     from webapp.model.request import GenerationParams
     from webapp.settings import Settings
     from webapp.telemetry import logs
@@ -39,7 +39,7 @@ def main() -> None:
     settings = Settings.from_env()
     model = pipeline.load(settings, 0)
     loaded = time.perf_counter()
-    limits = request_limits(settings, model.profile)
+    limits = Limits.of(settings, model.profile)
     width, height = limits.default_size
     model.generate([loader.warm_up_params(limits)], lambda step: None)
     warmed = time.perf_counter()

@@ -4,7 +4,7 @@
     .venv/bin/python bench/gpu.py --model stabilityai/stable-diffusion-xl-base-1.0 --model /models/flux-dev
 
 Each model goes through the server's own path: ``webapp.model.pipeline.load`` (the dtype DTYPE=auto picks for its
-family on this device), ``webapp.model.profile.request_limits`` (the size a request gets by default), and the
+family on this device), ``webapp.model.profile.Limits.of`` (the size a request gets by default), and the
 checked warm-up (``webapp.engine.loader.check_warm_up``). Then, at the default size and steps: seconds per image
 alone (median of --repeats), and images per second for --batch images in one pipeline call against the
 same images one call each. Peak device memory is torch's own count (CUDA only). One row per model, printed
@@ -30,7 +30,7 @@ def measure(model_id: str, repeats: int, batch: int, steps: int | None) -> dict[
 
     from webapp.engine import loader
     from webapp.model import pipeline
-    from webapp.model.profile import request_limits
+    from webapp.model.profile import Limits
     from webapp.model.request import GenerationParams
     from webapp.settings import Settings
 
@@ -43,7 +43,7 @@ def measure(model_id: str, repeats: int, batch: int, steps: int | None) -> dict[
     if cuda:
         torch.cuda.synchronize()
     loaded = time.perf_counter()
-    limits = request_limits(settings, model.profile)
+    limits = Limits.of(settings, model.profile)
     loader.check_warm_up(model, limits)
     if cuda:
         torch.cuda.synchronize()

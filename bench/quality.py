@@ -73,12 +73,12 @@ class Tally:
 
 def judge(model_id: str, guidance: float | None, asked: list[str], steps: int | None) -> Tally:
     from webapp.model import pipeline
-    from webapp.model.profile import request_limits
+    from webapp.model.profile import Limits
     from webapp.model.request import GenerationParams
 
     settings = Settings.from_env({**os.environ, "MODEL_ID": model_id})
     model = pipeline.load(settings, 0)
-    limits = request_limits(settings, model.profile)  # the server's defaults for this model
+    limits = Limits.of(settings, model.profile)  # the server's defaults for this model
     width, height = limits.default_size
     scale = limits.default_guidance if guidance is None else guidance
     tally = Tally()

@@ -1,6 +1,9 @@
 """Test loaders, named by MODEL_LOADER, that shape a load without patching the server's code.
 
 Each wraps the real loader (``webapp.model.pipeline.load``), so what finally serves is the real tiny pipeline.
+torch and the pipeline module are imported only once a load really begins: gunicorn's master imports this
+module before its first fork (docs/architecture.md §13), and a server whose gate is never opened (or that
+stops before it loads) then never pays for torch or diffusers.
 """
 
 from __future__ import annotations
@@ -9,13 +12,31 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from webapp.model import pipeline
 from webapp.settings import Settings
 
+if TYPE_CHECKING:
+    from webapp.model import pipeline
+
 _calls = 0  # per worker process: attempts seen by ``flaky``
+
+
+def preimport(settings: Settings) -> list[str]:
+    """What gunicorn's master imports before its first fork (``webapp.engine.loader.preimport``): torch,
+    diffusers and the model's classes, as the real loader has it imported, unless PREIMPORT_MODEL=0 says that
+    this server's workers never load (a gate that stays shut): then nothing heavy at all."""
+    if os.environ.get("PREIMPORT_MODEL", "1") == "0":
+        return []
+    from webapp.model import pipeline
+
+    return pipeline.preimport(settings)
+
+
+def _load(settings: Settings, slot: int) -> pipeline.DiffusersModel:
+    from webapp.model import pipeline
+
+    return pipeline.load(settings, slot)
 
 
 def gated(settings: Settings, slot: int) -> pipeline.DiffusersModel:
@@ -26,7 +47,7 @@ def gated(settings: Settings, slot: int) -> pipeline.DiffusersModel:
         if time.monotonic() > deadline:
             raise RuntimeError(f"gate {gate} was never opened")
         time.sleep(0.05)
-    return pipeline.load(settings, slot)
+    return _load(settings, slot)
 
 
 def flaky(settings: Settings, slot: int) -> pipeline.DiffusersModel:
@@ -35,7 +56,7 @@ def flaky(settings: Settings, slot: int) -> pipeline.DiffusersModel:
     _calls += 1
     if _calls <= int(os.environ["FLAKY_FAILURES"]):
         raise ConnectionError(f"simulated hub outage on attempt {_calls}")
-    return pipeline.load(settings, slot)
+    return _load(settings, slot)
 
 
 class FaultyModel:
@@ -61,6 +82,8 @@ class FaultyModel:
             # the message torch gives for an illegal memory access.
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         if "nan" in prompts:
+            import torch
+
             # A model that overflows on some inputs (float16 does, for FLUX): the real pipeline runs with its
             # VAE's last layer turned NaN for this call alone, so the real check of the pixels sees NaN.
             layer = self.inner.pipe.vae.decoder.conv_out
@@ -91,4 +114,4 @@ def faulty(settings: Settings, slot: int) -> FaultyModel:
     """The real model, whose generations fail on the prompts "fatal" (a device error), "nan" (NaN pixels),
     "ordinary" (an error in the pipeline caused by that request alone), "sick" (an error of the worker: the
     call after it, the engine's canary, fails too) and "stall" (a denoising step that never ends)."""
-    return FaultyModel(pipeline.load(settings, slot))
+    return FaultyModel(_load(settings, slot))

@@ -17,6 +17,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import rss_mb, wait_for
+from webapp.api import bodies
 from webapp.app import create_app
 from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import Board
@@ -107,33 +108,35 @@ def declared_body(url: str, method: str, path: str, length: int) -> tuple[int, s
     return status, answer.split(b"\r\n\r\n", 1)[-1].decode(errors="replace")
 
 
-def url_rules(settings: Settings, folder: Path) -> list[tuple[str, list[str]]]:
-    """Every rule of the real app (``create_app``) and the methods it takes, read from a worker's app built
-    without an engine: the map is the same whatever the model."""
+def url_rules(settings: Settings, folder: Path) -> tuple[list[tuple[str, list[str]]], bodies.BodyLimits]:
+    """Every rule of the real app (``create_app``) and the methods it takes, and its body limits, read from a
+    worker's app built without an engine: the map is the same whatever the model."""
     board = Board.create(folder, capacity=1, expected_workers=1)
     try:
         flask_app = create_app(Runtime(settings, board, Lifecycle(board, 0), None))
-        return [
+        rules = [
             (rule.rule, sorted(rule.methods - {"HEAD", "OPTIONS"}))
             for rule in flask_app.url_map.iter_rules()
             if rule.endpoint != "static"
         ]
+        return rules, bodies.of(flask_app)
     finally:
         board.remove()
 
 
 def test_every_route_in_the_url_map_is_refused_past_its_own_limit(ready_server, tmp_path):
     """Each rule of the app, each method it takes, a body declared one byte over its route's limit
-    (``Settings.body_limit``): a 413 payload_too_large, read from the header alone. A route added later is
+    (``webapp.api.bodies``): a 413 payload_too_large, read from the header alone. A route added later is
     in the map, so it cannot be left out. Before this change POST /demo took a 200 kB form whole and
     answered 422 (Flask's limit was the upload routes' 22 MB for every route)."""
     settings = Settings.from_env({})
-    rules = url_rules(settings, tmp_path)
+    rules, limit = url_rules(settings, tmp_path)
     assert "/demo" in {rule for rule, _ in rules} and len(rules) > 10
+    assert limit.upload_paths == {"/generate", "/generate/stream", "/v1/images/edits"}
     for rule, methods in rules:
         path = rule.replace("<path:model>", "any").replace("<path:name>", "any")
         for method in methods:
-            status, text = declared_body(ready_server.url, method, path, settings.body_limit(path) + 1)
+            status, text = declared_body(ready_server.url, method, path, limit(path) + 1)
             assert status == 413 and "payload_too_large" in text, (method, path, status, text)
     form = requests.post(ready_server.url + "/demo", data={"prompt": "x" * 200_000}, timeout=30)
     assert form.status_code == 413, form.text[:300]

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.api.params import FIELDS, InvalidRequest, form_fields, parse, request_schema, timeout_from_header
-from webapp.model.profile import profile, request_limits
+from webapp.api.fields import FIELDS
+from webapp.api.forms import form_fields
+from webapp.api.params import parse, timeout_from_header
+from webapp.api.schema import request_schema
+from webapp.errors import InvalidRequest
+from webapp.model.profile import Limits, profile
 from webapp.settings import Settings
 
 SETTINGS = Settings.from_env({"MAX_STEPS": "30", "DEFAULT_STEPS": "10", "MAX_IMAGES": "2"})
 # The limits a request meets once an SD 1.x model of native size 64x64 is loaded.
-LIMITS = request_limits(SETTINGS, profile("StableDiffusionPipeline", (64, 64), 8, None, "float32"))
+LIMITS = Limits.of(SETTINGS, profile("StableDiffusionPipeline", (64, 64), 8, None, "float32"))
 
 
 def test_the_json_schema_has_every_declared_field_with_the_limits_of_the_settings():
-    schema = request_schema(SETTINGS)
+    schema = request_schema(Limits.before_load(SETTINGS))
     assert list(schema["properties"]) == [field.name for field in FIELDS]
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     steps = schema["properties"]["num_inference_steps"]
@@ -25,7 +29,7 @@ def test_the_json_schema_has_every_declared_field_with_the_limits_of_the_setting
 
 
 def test_the_demo_form_has_the_declared_number_fields_with_their_limits():
-    rows = {row["name"]: row for row in form_fields(SETTINGS)}
+    rows = {row["name"]: row for row in form_fields(Limits.before_load(SETTINGS))}
     assert list(rows) == [field.name for field in FIELDS if field.demo]
     assert (rows["num_inference_steps"]["max"], rows["num_inference_steps"]["default"]) == (30, 10)
     assert rows["width"]["step"] == 8 and rows["guidance_scale"]["kind"] == "number"
@@ -52,14 +56,14 @@ def test_a_bad_field_is_named_with_its_limit(payload, field, says):
 
 
 def test_defaults_come_from_settings_and_the_model():
-    tall = request_limits(SETTINGS, profile("StableDiffusionPipeline", (96, 128), 8, None, "float32"))
+    tall = Limits.of(SETTINGS, profile("StableDiffusionPipeline", (96, 128), 8, None, "float32"))
     params = parse({"prompt": "x", "seed": 2**32 - 1, "num_images": 2}, tall)
     assert (params.num_inference_steps, params.width, params.height) == (10, 96, 128)
     assert params.seeds == (2**32 - 1, 0)
 
 
 def test_the_timeout_header_has_the_limits_of_timeout_s():
-    assert timeout_from_header("2.5", SETTINGS) == 2.5
+    assert timeout_from_header("2.5", LIMITS) == 2.5
     for text in ("0", "121", "nan", "soon"):
         with pytest.raises(InvalidRequest):
-            timeout_from_header(text, SETTINGS)
+            timeout_from_header(text, LIMITS)

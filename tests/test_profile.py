@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from webapp import errors
 from webapp.api.openai.protocol import parse as parse_openai
-from webapp.api.params import InvalidRequest, parse, request_schema
-from webapp.model.profile import CannotServe, choose_dtype, family_of, profile, request_limits
+from webapp.api.params import parse
+from webapp.api.schema import request_schema
+from webapp.errors import InvalidRequest
+from webapp.model.profile import CannotServe, Limits, choose_dtype, family_of, profile
 from webapp.settings import Settings
 
 SETTINGS = Settings.from_env({"MODEL_ID": "/models/any", "MAX_IMAGE_SIZE": "256"})
@@ -18,40 +21,41 @@ SD3 = profile("StableDiffusion3Pipeline", (1024, 1024), 16, 3072, "bfloat16")
 
 
 def test_a_request_without_a_size_gets_the_largest_of_the_native_shape_within_max_image_size():
-    limits = request_limits(SETTINGS, FLUX_DEV)
+    limits = Limits.of(SETTINGS, FLUX_DEV)
     params = parse({"prompt": "x"}, limits)
     assert (params.width, params.height) == (256, 256)
-    assert request_limits(Settings.from_env({"MODEL_ID": "/m"}), FLUX_DEV).default_size == (1024, 1024)
+    assert Limits.of(Settings.from_env({"MODEL_ID": "/m"}), FLUX_DEV).default_size == (1024, 1024)
     wide = profile("StableDiffusionXLPipeline", (1536, 640), 8, None, "float16")
-    assert request_limits(SETTINGS, wide).default_size == (256, 104)
+    assert Limits.of(SETTINGS, wide).default_size == (256, 104)
 
 
 def test_a_side_off_the_models_multiple_is_refused_naming_the_field_and_the_multiple():
-    limits = request_limits(Settings.from_env({"MODEL_ID": "/m"}), FLUX_DEV)
+    limits = Limits.of(Settings.from_env({"MODEL_ID": "/m"}), FLUX_DEV)
     with pytest.raises(InvalidRequest) as refused:
         parse({"prompt": "x", "width": 1000, "height": 1024}, limits)
     assert refused.value.field == "width" and "multiple of 16 (the flux model's side multiple)" in str(refused.value)
     with pytest.raises(InvalidRequest) as refused_openai:
         parse_openai({"prompt": "x", "size": "1000x1000"}, limits)
-    assert refused_openai.value.status == 400 and "multiple of 16" in refused_openai.value.message
+    answered = errors.status_for(refused_openai.value.status, errors.OPENAI_PREFIX)  # as the route answers it
+    assert answered == 400 and "multiple of 16" in refused_openai.value.message
     schema = request_schema(limits)["properties"]["width"]
     assert {"type": "integer", "minimum": 64, "maximum": 1024, "multipleOf": 16} in schema["anyOf"]
     assert schema["default"] == 1024
 
 
 def test_the_models_own_largest_side_bounds_max_image_size():
-    limits = request_limits(Settings.from_env({"MODEL_ID": "/m", "MAX_IMAGE_SIZE": "4096"}), SD3)
+    limits = Limits.of(Settings.from_env({"MODEL_ID": "/m", "MAX_IMAGE_SIZE": "4096"}), SD3)
     assert (limits.max_image_size, limits.size_multiple) == (3072, 16)
 
 
 def test_flux_refuses_a_negative_prompt_and_schnell_a_guidance_scale_by_name():
-    dev = request_limits(SETTINGS, FLUX_DEV)
+    dev = Limits.of(SETTINGS, FLUX_DEV)
     with pytest.raises(InvalidRequest) as refused:
         parse({"prompt": "x", "negative_prompt": "blur"}, dev)
     assert refused.value.field == "negative_prompt" and "true classifier-free guidance" in str(refused.value)
     assert "negative_prompt" not in request_schema(dev)["properties"]
     assert parse({"prompt": "x", "negative_prompt": None}, dev).negative_prompt is None  # null is absent
-    schnell = request_limits(SETTINGS, FLUX_SCHNELL)
+    schnell = Limits.of(SETTINGS, FLUX_SCHNELL)
     with pytest.raises(InvalidRequest) as refused:
         parse({"prompt": "x", "guidance_scale": 3.5}, schnell)
     assert refused.value.field == "guidance_scale"
@@ -60,10 +64,10 @@ def test_flux_refuses_a_negative_prompt_and_schnell_a_guidance_scale_by_name():
 
 
 def test_defaults_are_the_families_unless_the_operator_set_them():
-    assert request_limits(SETTINGS, SD3).default_steps == 28
-    assert request_limits(SETTINGS, FLUX_DEV).default_guidance == 3.5
+    assert Limits.of(SETTINGS, SD3).default_steps == 28
+    assert Limits.of(SETTINGS, FLUX_DEV).default_guidance == 3.5
     mine = Settings.from_env({"MODEL_ID": "/m", "DEFAULT_STEPS": "4", "DEFAULT_GUIDANCE": "0"})
-    limits = request_limits(mine, FLUX_DEV)
+    limits = Limits.of(mine, FLUX_DEV)
     assert (limits.default_steps, limits.default_guidance) == (4, 0.0)
 
 
@@ -71,7 +75,7 @@ def test_settings_that_leave_no_size_to_draw_cannot_serve():
     tiny_max = Settings.from_env({"MODEL_ID": "/m", "MIN_IMAGE_SIZE": "64", "MAX_IMAGE_SIZE": "64"})
     coarse = profile("OtherPipeline", (128, 128), 48, None, "float32")
     with pytest.raises(CannotServe, match="no image size fits"):
-        request_limits(tiny_max, coarse)
+        Limits.of(tiny_max, coarse)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from webapp.engine.scheduler import Job, Overloaded, Scheduler
+from webapp.engine.scheduler import Job, Outcome, Overloaded, Scheduler
 from webapp.model.request import GenerationParams
 
 
@@ -90,7 +90,7 @@ def test_only_jobs_of_the_same_mode_and_strength_share_a_call():
     order = []
     while scheduler.pending:
         order.append(names(take(scheduler)))
-        scheduler.finish("served", 2.0)
+        scheduler.finish(Outcome.SERVED, 2.0)
     assert order == [["text", "text again"], ["image 0.5", "image 0.5 again"], ["image 0.8"], ["inpaint 0.5"]]
 
 
@@ -109,7 +109,7 @@ def test_only_jobs_naming_the_same_adapters_at_the_same_scales_share_a_call():
     order = []
     while scheduler.pending:
         order.append(names(take(scheduler)))
-        scheduler.finish("served", 2.0)
+        scheduler.finish(Outcome.SERVED, 2.0)
     assert order == [["plain", "plain again"], ["night", "night again"], ["night at half"]]
 
 
@@ -121,7 +121,7 @@ def test_arrival_order_is_kept_a_job_is_only_overtaken_by_jobs_sharing_its_batch
     while scheduler.pending:
         batch = take(scheduler)
         order.append(names(batch))
-        scheduler.finish("served", 2.0)
+        scheduler.finish(Outcome.SERVED, 2.0)
     assert order == [["a", "c"], ["b", "d"], ["e"]]
 
 
@@ -200,12 +200,12 @@ def test_outcomes_count_served_and_failed_and_only_served_calls_set_the_cost_per
     scheduler = Scheduler(max_ongoing=4, max_queued=4, max_batch_size=4)
     scheduler.admit(job("a", images=2))
     take(scheduler, now=0.0)
-    batch, elapsed = scheduler.finish("served", now=4.0)
+    batch, elapsed = scheduler.finish(Outcome.SERVED, now=4.0)
     assert names(batch) == ["a"] and elapsed == 4.0 and batch[0].finished == 4.0
     assert scheduler.seconds_per_image == 2.0
     scheduler.admit(job("b"))
     take(scheduler, now=5.0)
-    scheduler.finish("failed", now=50.0)
+    scheduler.finish(Outcome.FAILED, now=50.0)
     assert scheduler.seconds_per_image == 2.0
     assert scheduler.counts() == {"queued": 0, "in_flight": 0, "served": 1, "failed": 1, "shed": 0}
 
@@ -214,7 +214,7 @@ def test_retry_after_is_the_images_held_times_the_measured_seconds_per_image():
     scheduler = Scheduler(max_ongoing=1, max_queued=4, max_batch_size=4)
     scheduler.admit(job("a"))
     take(scheduler, now=0.0)
-    scheduler.finish("served", now=1.5)  # 1.5 s per image
+    scheduler.finish(Outcome.SERVED, now=1.5)  # 1.5 s per image
     for name in "bcd":
         scheduler.admit(job(name, images=2))
     assert scheduler.retry_after() == 9  # 6 images x 1.5 s

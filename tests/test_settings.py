@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, Server, free_port, server_env, wait_for
 from webapp.settings import BUILTIN_TINY_MODEL, SCENES_MODEL, TINY_MODEL_MAX_SIZE, VARIABLES, Settings, SettingsError
 
 
@@ -94,3 +94,24 @@ def test_the_embedded_models_have_their_own_size_limit_unless_one_is_set():
     assert Settings.from_env({"MODEL_ID": "stabilityai/sd-turbo"}).max_image_size == 1024
     assert Settings.from_env({"MAX_IMAGE_SIZE": "512"}).max_image_size == 512
     assert Settings.from_env({}).for_workers(2).max_image_size == TINY_MODEL_MAX_SIZE
+
+
+def test_a_stock_worker_class_stops_gunicorn_rather_than_give_each_worker_a_board_of_its_own(tmp_path):
+    """gunicorn's stock gthread worker imports ``wsgi_app`` (``webapp:create_app()``) by name. Before, that
+    built an app with a standalone runtime in each worker, each with a private one-slot board, so /readyz
+    described the one worker that answered; now create_app without a runtime refuses, and gunicorn stops."""
+    env = server_env(
+        tmp_path / "cache",
+        tmp_path,
+        WEB_CONCURRENCY="1",
+        MODEL_LOADER="tests.loaders:gated",
+        GATE_FILE=str(tmp_path / "never-opened"),
+        PREIMPORT_MODEL="0",
+    )
+    server = Server(env, tmp_path / "gunicorn.log", ("--worker-class", "gthread"))
+    try:
+        wait_for(lambda: server.proc.poll() is not None, 120, "gunicorn to stop")
+        assert server.proc.returncode != 0
+        assert "create_app needs the worker's runtime" in "\n".join(server.log_lines())
+    finally:
+        server.stop()

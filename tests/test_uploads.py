@@ -14,9 +14,18 @@ from PIL import Image
 
 from webapp.api import uploads
 from webapp.errors import InvalidRequest
+from webapp.model.profile import Limits, profile
 from webapp.settings import Settings
 
-SETTINGS = Settings.from_env({})  # the embedded model's limits: sides 64..256, a multiple of 8
+EMBEDDED = profile("StableDiffusionPipeline", (64, 64), 8, None, "float32")
+
+
+def limits(**env: str) -> Limits:
+    """The limits of the embedded model under the settings ``env`` gives."""
+    return Limits.of(Settings.from_env(env), EMBEDDED)
+
+
+LIMITS = limits()  # the embedded model's: sides 64..256, a multiple of 8
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -42,7 +51,7 @@ def png_declaring(width: int, height: int) -> bytes:
     )
 
 
-def refused(image: bytes, mask: bytes | None = None, size=None, settings: Settings = SETTINGS) -> InvalidRequest:
+def refused(image: bytes, mask: bytes | None = None, size=None, settings: Limits = LIMITS) -> InvalidRequest:
     with pytest.raises(InvalidRequest) as caught:
         uploads.prepare(image, mask, size, settings)
     return caught.value
@@ -85,7 +94,7 @@ def test_a_hostile_image_is_refused_naming_the_field(name):
 
 
 def test_a_file_over_max_upload_bytes_is_a_413_before_it_is_opened():
-    settings = Settings.from_env({"MAX_UPLOAD_BYTES": "2048"})
+    settings = limits(MAX_UPLOAD_BYTES="2048")
     problem = refused(png_declaring(64, 64) + b"\x00" * 4096, settings=settings)
     assert (problem.status, problem.code, problem.field) == (413, "payload_too_large", "image")
     assert "MAX_UPLOAD_BYTES=2048" in problem.message
@@ -95,7 +104,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped_to_white():
     grey = Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16))
     data = encoded(grey)
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
-    image, _, _ = uploads.prepare(data, None, None, SETTINGS)
+    image, _, _ = uploads.prepare(data, None, None, LIMITS)
     assert image.mode == "RGB" and image.getpixel((5, 5)) == (128, 128, 128)
 
 
@@ -112,7 +121,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped_to_white():
     ids=["transparent RGBA", "opaque RGBA", "transparent LA", "grey", "bilevel", "palette"],
 )
 def test_modes_are_converted_to_rgb(source, expected):
-    image, _, _ = uploads.prepare(encoded(source), None, None, SETTINGS)
+    image, _, _ = uploads.prepare(encoded(source), None, None, LIMITS)
     assert image.mode == "RGB" and image.getpixel((10, 10)) == expected
 
 
@@ -120,13 +129,13 @@ def test_a_palette_with_a_transparent_entry_is_composited_onto_white():
     source = Image.new("P", (64, 64), 0)
     source.putpalette([255, 0, 0, 0, 255, 0])
     data = encoded(source, transparency=0)
-    image, _, _ = uploads.prepare(data, None, None, SETTINGS)
+    image, _, _ = uploads.prepare(data, None, None, LIMITS)
     assert image.getpixel((3, 3)) == (255, 255, 255)
 
 
 def test_cmyk_jpeg_is_converted_to_rgb():
     source = Image.new("CMYK", (64, 64), (0, 255, 255, 0))  # full magenta and yellow: red
-    image, _, _ = uploads.prepare(encoded(source, "JPEG", quality=95), None, None, SETTINGS)
+    image, _, _ = uploads.prepare(encoded(source, "JPEG", quality=95), None, None, LIMITS)
     red, green, blue = image.getpixel((10, 10))
     assert image.mode == "RGB" and red > 200 and green < 60 and blue < 60
 
@@ -136,7 +145,7 @@ def test_exif_orientation_is_honoured_before_the_size_is_read():
     wide.paste((255, 0, 0), (0, 0, 16, 64))  # a red band on the left edge as stored
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned: display rotated 90 degrees clockwise
-    image, _, own = uploads.prepare(encoded(wide, "JPEG", exif=exif, quality=95), None, None, SETTINGS)
+    image, _, own = uploads.prepare(encoded(wide, "JPEG", exif=exif, quality=95), None, None, LIMITS)
     assert own == (64, 128) and image.size == (64, 128)
     assert image.getpixel((32, 4))[1] < 80, "the left band is now along the top"
 
@@ -147,7 +156,7 @@ def test_a_mask_marks_transparent_pixels_or_white_ones():
     white = Image.new("L", (64, 64), 0)
     white.paste(255, (0, 0, 32, 64))
     for mask in (alpha, white):
-        _, marked, _ = uploads.prepare(encoded(RED_CIRCLE), encoded(mask), None, SETTINGS)
+        _, marked, _ = uploads.prepare(encoded(RED_CIRCLE), encoded(mask), None, LIMITS)
         assert marked.mode == "L"
         assert (marked.getpixel((5, 5)), marked.getpixel((60, 5))) == (255, 0)
 
@@ -175,7 +184,7 @@ def test_an_image_is_resized_to_an_asked_size_and_says_its_own():
     big = Image.new("RGB", (1000, 750), (0, 0, 255))
     mask = Image.new("L", (1000, 750), 0)
     mask.paste(255, (0, 0, 500, 750))
-    image, marked, own = uploads.prepare(encoded(big), encoded(mask), (128, 96), SETTINGS)
+    image, marked, own = uploads.prepare(encoded(big), encoded(mask), (128, 96), LIMITS)
     assert own == (1000, 750) and image.size == marked.size == (128, 96)
     assert image.getpixel((64, 48)) == (0, 0, 255)
     assert (marked.getpixel((10, 48)), marked.getpixel((120, 48))) == (255, 0)
@@ -185,10 +194,10 @@ def test_the_pixel_limit_follows_the_model_unless_the_operator_sets_one():
     """Unset, MAX_UPLOAD_PIXELS is (4 x MAX_IMAGE_SIZE) squared (under a loaded model's limits, its largest
     side): a bomb just under the old fixed 16.7 MP is refused from its header on a 256-pixel model. An operator
     can raise it, and then the header check alone passes a file of that size."""
-    assert SETTINGS.upload_pixels == 1024 * 1024
-    assert Settings.from_env({"MAX_IMAGE_SIZE": "1024"}).upload_pixels == 4096 * 4096
+    assert LIMITS.upload_pixels == 1024 * 1024
+    assert limits(MAX_IMAGE_SIZE="1024").upload_pixels == 4096 * 4096
     assert "MAX_UPLOAD_PIXELS=1048576" in refused(png_declaring(4096, 4095)).message
-    raised = Settings.from_env({"MAX_UPLOAD_PIXELS": str(4096 * 4096)})
+    raised = limits(MAX_UPLOAD_PIXELS=str(4096 * 4096))
     over = refused(png_declaring(4097, 4096), settings=raised)
     assert "the limit is MAX_UPLOAD_PIXELS=16777216" in over.message
     upload = uploads.inspect(png_declaring(4096, 4095), None, (64, 64), raised)  # its header is all that is read

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webapp import errors
 from webapp import runtime as worker_runtime
-from webapp.api import auth, context, demo, generate, health, metrics, openapi
+from webapp.api import auth, bodies, context, demo, generate, health, metrics, openapi
 from webapp.api.openai import routes as openai_routes
 from webapp.runtime import Runtime
 from webapp.settings import Settings
@@ -22,12 +22,22 @@ log = logs.get(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+class NoRuntime(RuntimeError):
+    """``create_app`` was called without the runtime of the worker it serves for."""
+
+
 def create_app(runtime: Runtime | None = None) -> Flask:
-    """Build the app for the worker ``runtime`` serves with: under gunicorn, the one post_fork started
-    (``webapp.server.hooks``). Without one (``flask --app webapp run``), a standalone one-worker runtime is
-    started in this process, from the environment's settings."""
+    """Build the app for the worker ``runtime`` serves with: under gunicorn, the one post_fork started,
+    handed over by the worker class of gunicorn.conf.py (``webapp.server.hooks``). Without one it refuses
+    (NoRuntime): gunicorn's stock worker classes import the app by name, and an app that made its own
+    runtime there would give each worker a private one-slot board, whose probes describe that worker alone.
+    ``standalone_app`` is the way to run without gunicorn."""
     if runtime is None:
-        runtime = worker_runtime.standalone(Settings.from_env())
+        raise NoRuntime(
+            "create_app needs the worker's runtime: run gunicorn with gunicorn.conf.py's worker_class (a stock "
+            "worker class would give each worker a board of its own), or `flask --app webapp.app:standalone_app "
+            "run` without gunicorn"
+        )
     app = Flask(__name__)
     context.install(app, runtime)
     auth.install(app, runtime.settings)
@@ -39,6 +49,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(openapi.bp)
     metrics.init_app(app)
+    body_limit = bodies.install(app, settings)  # after every blueprint: it reads the URL map
 
     @app.before_request
     def assign_request_id() -> None:
@@ -49,14 +60,14 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.before_request
     def limit_body() -> None:
-        """Every route's body limit, kept here for all of them (``Settings.body_limit``): 413 from a declared
+        """Every route's body limit, applied here for all of them (``webapp.api.bodies``): 413 from a declared
         length over it, before anything is read; a chunked body is cut one byte past it, so whoever reads it
         (``jobs.read_json``, a form parser) sees it was too long rather than a silently shortened body."""
-        limit = settings.body_limit(request.path)
+        limit = body_limit(request.path)
         request.max_content_length = limit + 1
         if request.content_length is not None and request.content_length > limit:
             message = f"body is {request.content_length} bytes; the limit for {request.path} is {limit}"
-            raise errors.InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
+            raise errors.InvalidRequest(errors.PAYLOAD_TOO_LARGE, message)
 
     @app.errorhandler(errors.ApiError)
     def api_error(exc: errors.ApiError) -> Response:
@@ -76,12 +87,12 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         if isinstance(exc, RequestEntityTooLarge):  # a chunked body read past its route's limit
-            limit = settings.body_limit(request.path)
+            limit = body_limit(request.path)
             message = f"body exceeds the limit of {limit} bytes for {request.path}"
-            return errors.error_response(413, errors.PAYLOAD_TOO_LARGE, message)
+            return errors.error_response(errors.PAYLOAD_TOO_LARGE, message)
         status = exc.code or 500
         code = errors.BY_HTTP_STATUS.get(status, errors.INTERNAL if status >= 500 else errors.HTTP_ERROR)
-        response = errors.error_response(status, code, exc.description or exc.name)
+        response = errors.error_response(code, exc.description or exc.name, status=status)
         for name, value in exc.get_headers():  # a 405 must say Allow (RFC 9110 15.5.6)
             if name.lower() != "content-type":
                 response.headers[name] = value
@@ -91,6 +102,12 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def unexpected(exc: Exception) -> Response:
         request_id = getattr(g, "request_id", "")
         log.exception("unhandled", path=request.path)
-        return errors.error_response(500, errors.INTERNAL, f"internal error; request id {request_id}")
+        return errors.error_response(errors.INTERNAL, f"internal error; request id {request_id}")
 
     return app
+
+
+def standalone_app() -> Flask:
+    """The app outside gunicorn (``flask --app webapp.app:standalone_app run``): a one-worker runtime started
+    in this process from the environment's settings, with a one-slot board of its own."""
+    return create_app(worker_runtime.standalone(Settings.from_env()))

@@ -1,6 +1,6 @@
 """One worker process's life: ``start_worker`` starts it, ``Runtime.drain`` and ``Runtime.stop`` end it.
-gunicorn's hooks call these (``webapp.server.hooks``), and so does a standalone app (``flask --app webapp
-run``) or a test: one way to start a worker, whoever asks.
+gunicorn's hooks call these (``webapp.server.hooks``), and so does a standalone app (``flask --app
+webapp.app:standalone_app run``) or a test: one way to start a worker, whoever asks.
 
 A worker's state changes are the lifecycle's (``webapp.board.lifecycle``); this module only wires the pieces:
 the slot's lifecycle, the engine and its way out when it turns UNHEALTHY.
@@ -21,6 +21,7 @@ from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import Board, State
 from webapp.engine import loader
 from webapp.engine.core import Engine
+from webapp.model.profile import Limits
 from webapp.settings import Settings
 from webapp.telemetry import logs
 
@@ -64,12 +65,11 @@ class Runtime:
         )
 
     @property
-    def limits(self) -> Settings:
+    def limits(self) -> Limits:
         """What requests are held to, for the pages that describe them (the OpenAPI document, the demo's
-        form): the loaded model's limits once this worker has loaded it, else the configured settings."""
-        if self.engine is not None and self.engine.request_limits is not None:
-            return self.engine.request_limits
-        return self.settings
+        form): the loaded model's limits once this worker has loaded it, else ``Limits.before_load``."""
+        loaded = self.engine.loaded_limits if self.engine is not None else None
+        return loaded or Limits.before_load(self.settings)
 
 
 def exit_gracefully(reason: str) -> None:

@@ -1,8 +1,8 @@
 """Settings: one validated, frozen object built from environment variables.
 
 Each setting is declared once, as a field of ``Settings``: its variable, default, bounds and meaning.
-pydantic parses and checks the values; the README's settings table (``settings_table()``, which a test
-compares with the README) and the error messages are derived from the same declarations. A bad value
+pydantic parses and checks the values; the docs' settings table (``webapp.tools.doctables``, which a test
+compares with docs/configuration.md) and the error messages are derived from the same declarations. A bad value
 raises ``SettingsError`` naming the variable: the server refuses to start rather than fall back silently.
 
 gunicorn's own worker count is gunicorn's: it reads ``WEB_CONCURRENCY`` (or ``-w``) itself, and the master
@@ -43,9 +43,6 @@ SIZE_MULTIPLE = 8  # the configured sizes' multiple; a loaded model may ask for 
 # the random one at 512x512 took 41 s for one step of two images on 2 CPUs (STALL_TIMEOUT is 60 s), and
 # 1024x1024 needs tens of GiB. Their MAX_IMAGE_SIZE defaults to this instead of 1024.
 TINY_MODEL_MAX_SIZE = 256
-# The routes that take images (an edit's input and mask): their bodies may reach Settings.max_upload_body_bytes,
-# every other route's MAX_BODY_BYTES (Settings.body_limit, which the worker's event loop and the routes ask).
-UPLOAD_ROUTES = ("/generate", "/generate/stream", "/v1/images/edits")
 # The embedded model's own LoRA adapters (training/train_lora.py), its LORA_DIR when none is set.
 EMBEDDED_LORA_DIR = Path(__file__).resolve().parent / "model" / "weights" / "loras"
 # When MAX_UPLOAD_PIXELS is unset, an edit's input may be this many times the largest side the model draws, each
@@ -391,15 +388,6 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
     # Not read from the environment: gunicorn's own count (WEB_CONCURRENCY or -w), given by ``for_workers``
     # once the master knows it; None until then.
     workers: int | None = Field(None, ge=1, le=64, exclude=True)
-    # Not read from the environment either: what the loaded model adds to the limits above, set only by
-    # ``webapp.model.profile.request_limits`` once a worker's model is loaded (docs/architecture.md §12). Before
-    # that, requests are refused (503), and the document and the form show the configured limits.
-    size_multiple: int = Field(SIZE_MULTIPLE, exclude=True)
-    default_size: tuple[int, int] | None = Field(None, exclude=True)
-    takes_negative_prompt: bool = Field(True, exclude=True)
-    takes_guidance: bool = Field(True, exclude=True)
-    edit_modes: tuple[str, ...] = Field(("image", "inpaint"), exclude=True)  # the edits the loaded model draws
-    model_family: str = Field("", exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -480,17 +468,6 @@ class Settings(_Access, _Traffic, _Health, _Model, _Serving):
         and a mask of MAX_UPLOAD_BYTES each in base64 (4 characters per 3 bytes), which also covers the same
         files sent raw in a multipart body with their part headers."""
         return self.max_body_bytes + 2 * base64_chars(self.max_upload_bytes)
-
-    @property
-    def upload_pixels(self) -> int:
-        """The most pixels an upload may declare: MAX_UPLOAD_PIXELS, or (UPLOAD_SIDE_FACTOR x MAX_IMAGE_SIZE)
-        squared (under a loaded model's limits, the largest side it draws)."""
-        return self.max_upload_pixels or (UPLOAD_SIDE_FACTOR * self.max_image_size) ** 2
-
-    def body_limit(self, path: str) -> int:
-        """The largest body a request to ``path`` may send: room for two uploads on UPLOAD_ROUTES,
-        MAX_BODY_BYTES elsewhere."""
-        return self.max_upload_body_bytes if path in UPLOAD_ROUTES else self.max_body_bytes
 
     @property
     def bind(self) -> str:
@@ -590,13 +567,6 @@ def _text(value: Any) -> str:
 VARIABLES: tuple[Variable, ...] = tuple(
     Variable(str(info.validation_alias), _text(info.default), info.description or "") for info in _declared()
 )
-
-
-def settings_table() -> str:
-    """The README's settings table, in Markdown."""
-    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
-    rows += [f"| `{v.name}` | `{v.default or '(empty)'}` | {v.meaning} |" for v in VARIABLES]
-    return "\n".join(rows)
 
 
 def refusal(exc: SettingsError) -> str:

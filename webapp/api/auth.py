@@ -164,10 +164,10 @@ def check(form_field: str | None = None) -> None:
     if key is None:
         log.info("auth_refused", reason="no key", path=request.path)
         message = f"this route needs an API key: send Authorization: Bearer <key> or {KEY_HEADER}: <key>"
-        raise ApiError(401, errors.MISSING_API_KEY, message, headers=CHALLENGE)
+        raise ApiError(errors.MISSING_API_KEY, message, headers=CHALLENGE)
     if not accepted.accepts(key):
         log.info("auth_refused", reason="unknown key", key=fingerprint(key), path=request.path)
-        raise ApiError(401, errors.INVALID_API_KEY, "the API key is not valid", headers=CHALLENGE)
+        raise ApiError(errors.INVALID_API_KEY, "the API key is not valid", headers=CHALLENGE)
     logs.bind_request_key(fingerprint(key))
 
 

@@ -11,9 +11,8 @@ from typing import Any
 
 from flask import Blueprint, Response, render_template, request
 
-from webapp import errors
 from webapp.api import auth, context, jobs
-from webapp.api.params import FIELDS, InvalidRequest, form_fields, form_value
+from webapp.api.forms import form_fields, payload_from_form
 from webapp.board import readiness
 from webapp.errors import ApiError
 from webapp.model import adapters
@@ -35,32 +34,6 @@ def secure(response: Response) -> Response:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
     return response
-
-
-def _payload_from_form(form: Any) -> dict[str, Any]:
-    """The form's strings as a request, by each field's declared kind: blank fields are left to the
-    server's defaults (``seed`` too when "random" is ticked)."""
-    payload: dict[str, Any] = {}
-    for field in FIELDS:
-        raw = form.get(field.name, "")
-        if field.kind == "adapters":
-            if raw.strip():
-                payload[field.name] = form_value(field, raw)
-            continue
-        if field.kind in ("text", "choice", "image"):
-            if raw or field.required:
-                payload[field.name] = raw
-            continue
-        raw = raw.strip()
-        if not raw or (field.name == "seed" and form.get("random_seed")):
-            continue
-        try:
-            payload[field.name] = int(raw) if field.kind == "integer" else float(raw)
-        except ValueError:
-            kind = "an integer" if field.kind == "integer" else "a number"
-            message = f"{field.name}: must be {kind}, got {raw!r}"
-            raise InvalidRequest(422, errors.INVALID_FIELD, message, field.name) from None
-    return payload
 
 
 def _page(status: int = 200, **shown: Any) -> tuple[str, int]:
@@ -114,7 +87,7 @@ def _error_page(exc: ApiError) -> Response:
 
 def _refused(exc: ApiError) -> Response:
     """A 401 shown next to the form's key field."""
-    return _error_page(ApiError(exc.status, exc.code, exc.message, KEY_FIELD, exc.headers))
+    return _error_page(ApiError(exc.code, exc.message, KEY_FIELD, exc.headers))
 
 
 @bp.post("/demo")
@@ -123,8 +96,11 @@ def demo_post() -> tuple[str, int] | Response:
     """The form without JavaScript: generate, then answer with the page showing the images or the error."""
     runtime = context.runtime()
     values = _values()
+    payload = payload_from_form(request.form)
+    if request.form.get("random_seed"):  # the page's "random" box: the server picks the seed
+        payload.pop("seed", None)
     try:
-        admitted = jobs.admit(runtime, _payload_from_form(request.form), None, time.monotonic())
+        admitted = jobs.admit(runtime, payload, None, time.monotonic())
         images = jobs.wait(admitted)
     except ApiError as exc:
         return _error_page(exc)

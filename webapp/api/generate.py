@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, jsonify, request
 
 from webapp import errors
-from webapp.api import auth, context, images, jobs
+from webapp.api import auth, bodies, context, images, jobs
+from webapp.api.fields import TIMEOUT_HEADER
 from webapp.api.jobs import JSON
-from webapp.api.params import TIMEOUT_HEADER, InvalidRequest
-from webapp.errors import ApiError
+from webapp.errors import ApiError, InvalidRequest
 
 bp = Blueprint("generate", __name__)
 
@@ -30,22 +30,23 @@ def _negotiate(payload: object) -> str:
     output_format in the body, and it holds one image."""
     wants = request.accept_mimetypes.best_match([JSON, *IMAGE_TYPES]) if request.headers.get("Accept") else JSON
     if wants is None:
-        raise InvalidRequest(406, errors.NOT_ACCEPTABLE, f"Accept must allow {JSON} or one of {', '.join(IMAGE_TYPES)}")
+        raise InvalidRequest(errors.NOT_ACCEPTABLE, f"Accept must allow {JSON} or one of {', '.join(IMAGE_TYPES)}")
     if wants == JSON or not isinstance(payload, dict):
         return wants
     named = images.BY_MEDIA_TYPE[wants]
     chosen = payload.get("output_format")
     if chosen is not None and chosen != named:
         message = f"Accept: {wants} and output_format {chosen!r} disagree; ask for {JSON} or drop one"
-        raise InvalidRequest(406, errors.NOT_ACCEPTABLE, message, "output_format")
+        raise InvalidRequest(errors.NOT_ACCEPTABLE, message, "output_format")
     count = payload.get("num_images")
     if isinstance(count, int) and not isinstance(count, bool) and count != 1:
         message = f"{wants} holds one image; ask for {JSON} for num_images > 1"
-        raise InvalidRequest(406, errors.NOT_ACCEPTABLE, message, "num_images")
+        raise InvalidRequest(errors.NOT_ACCEPTABLE, message, "num_images")
     return wants
 
 
 @bp.post("/generate")
+@bodies.takes_uploads
 @auth.required
 def generate() -> Response:
     """Images for a JSON request: the image's bytes for ``Accept: image/png`` (or image/jpeg, image/webp;
@@ -54,7 +55,7 @@ def generate() -> Response:
     runtime = context.runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings)
+        payload = jobs.read_json()
         wants = _negotiate(payload)
         if wants != JSON:
             payload = {"output_format": images.BY_MEDIA_TYPE[wants], **payload}
@@ -72,6 +73,7 @@ def generate() -> Response:
 
 
 @bp.post("/generate/stream")
+@bodies.takes_uploads
 @auth.required
 def generate_stream() -> Response:
     """The same request as /generate, answered as server-sent events: ``progress`` ({step, total}) after
@@ -80,7 +82,7 @@ def generate_stream() -> Response:
     runtime = context.runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings)
+        payload = jobs.read_json()
         admitted = jobs.admit(runtime, payload, request.headers.get(TIMEOUT_HEADER), received)
     except ApiError as exc:
         return exc.response()

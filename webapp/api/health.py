@@ -108,6 +108,6 @@ def oip_model_ready(name: str) -> tuple[Response, int]:
     settings = context.runtime().settings
     if not settings.serves(name):
         message = f"model {name!r} is not served here; this server serves {settings.model_name!r}"
-        return errors.error_response(404, errors.MODEL_NOT_FOUND, message, "name"), 404
+        return errors.error_response(errors.MODEL_NOT_FOUND, message, "name"), 404
     verdict = current_verdict()
     return _oip("ready", verdict.ready, verdict.ready_reason, verdict.ready_brief, name=settings.model_name)

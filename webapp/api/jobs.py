@@ -1,7 +1,7 @@
 """One generation request's path through a worker, for every route that generates: read the body, admit
 the job to the engine, wait for it, and answer (docs/architecture.md §6).
 
-    read_json(settings)    413 size (the route's limit), 415 content type, 400 unparseable JSON
+    read_json()            415 content type, 400 unparseable JSON, 413 a chunked body past the route's limit
     read_form(settings)    the same for a multipart/form-data body (an edit's uploads)
     admit(...)             503 + Retry-After while the worker is not READY or is full; 422 for a bad field
     wait(admitted)         the images, or 422 / 503 / 504 / 500 as ``wait`` says
@@ -29,9 +29,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from webapp import errors
-from webapp.api import context
+from webapp.api import bodies, context
 from webapp.api.images import encode
-from webapp.api.params import InvalidRequest, parse, timeout_from_header
+from webapp.api.params import parse, timeout_from_header
 from webapp.engine.core import (
     NOT_READY_RETRY_AFTER_S,
     DeadlineExceeded,
@@ -41,7 +41,7 @@ from webapp.engine.core import (
     RejectedByModel,
     WorkerUnhealthy,
 )
-from webapp.errors import ApiError
+from webapp.errors import ApiError, InvalidRequest
 from webapp.model.adapters import AdapterFailed
 from webapp.model.faults import NonFiniteOutput
 from webapp.model.request import GenerationParams
@@ -62,46 +62,40 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_json(settings: Settings) -> object:
-    """The request's JSON body, decoded; InvalidRequest (413, 415, 400) when it cannot be. Its size limit is
-    its route's (``Settings.body_limit``)."""
-    max_bytes = settings.body_limit(request.path)
-    if request.content_length is not None and request.content_length > max_bytes:
-        message = f"body is {request.content_length} bytes; the limit is {max_bytes}"
-        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
+def read_json() -> object:
+    """The request's JSON body, decoded; InvalidRequest (415, 400, or 413 for a chunked body) when it cannot be.
+    Its route's limit (``webapp.api.bodies``) was checked against a declared length before the route ran."""
+    max_bytes = bodies.limit(request.path)
     if request.mimetype != JSON and not request.mimetype.endswith("+json"):
         shown = request.mimetype or "none"
-        raise InvalidRequest(415, errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {JSON}, got {shown}")
+        raise InvalidRequest(errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {JSON}, got {shown}")
     # The app's MAX_CONTENT_LENGTH is one byte over the limit, so a chunked body that is too long shows
     # as one byte too many here rather than being cut off silently at the limit.
     raw = request.stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, f"body exceeds the limit of {max_bytes} bytes")
+        raise InvalidRequest(errors.PAYLOAD_TOO_LARGE, f"body exceeds the limit of {max_bytes} bytes")
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
-        raise InvalidRequest(400, errors.BAD_JSON, "body is not UTF-8") from None
+        raise InvalidRequest(errors.BAD_JSON, "body is not UTF-8") from None
     except ValueError as exc:
-        raise InvalidRequest(400, errors.BAD_JSON, f"body is not valid JSON: {exc}") from None
+        raise InvalidRequest(errors.BAD_JSON, f"body is not valid JSON: {exc}") from None
     except RecursionError:  # a body of a few kilobytes can nest arrays thousands deep
-        raise InvalidRequest(400, errors.BAD_JSON, "body is not valid JSON: nested too deeply") from None
+        raise InvalidRequest(errors.BAD_JSON, "body is not valid JSON: nested too deeply") from None
 
 
 def read_form(settings: Settings) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage]]:
     """A multipart/form-data body's fields and files; InvalidRequest (413, 415, 400) when it cannot be read:
-    over its route's limit (``Settings.body_limit``, from Content-Length, before anything is read), another content
-    type, no boundary, parts that cannot be parsed, more than MAX_FORM_PARTS parts, or a field (not a file)
-    over MAX_BODY_BYTES."""
-    limit = settings.body_limit(request.path)
-    if request.content_length is not None and request.content_length > limit:
-        message = f"body is {request.content_length} bytes; the limit is {limit}"
-        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message)
+    another content type, no boundary, parts that cannot be parsed, a chunked body over its route's limit
+    (``webapp.api.bodies``: a declared length over it was refused before the route ran), more than
+    MAX_FORM_PARTS parts, or a field (not a file) over MAX_BODY_BYTES."""
+    limit = bodies.limit(request.path)
     if request.mimetype != MULTIPART:
         shown = request.mimetype or "none"
-        raise InvalidRequest(415, errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {MULTIPART}, got {shown}")
+        raise InvalidRequest(errors.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {MULTIPART}, got {shown}")
     if not request.mimetype_params.get("boundary"):
         message = f"Content-Type {MULTIPART} needs its boundary parameter"
-        raise InvalidRequest(400, errors.BAD_MULTIPART, message)
+        raise InvalidRequest(errors.BAD_MULTIPART, message)
     parser = FormDataParser(
         max_form_memory_size=settings.max_body_bytes,
         max_content_length=limit,
@@ -115,9 +109,9 @@ def read_form(settings: Settings) -> tuple[MultiDict[str, str], MultiDict[str, F
             f"multipart body over its limits: at most {MAX_FORM_PARTS} parts, {limit} bytes, and "
             f"MAX_BODY_BYTES={settings.max_body_bytes} for a field that is not a file"
         )
-        raise InvalidRequest(413, errors.PAYLOAD_TOO_LARGE, message) from None
+        raise InvalidRequest(errors.PAYLOAD_TOO_LARGE, message) from None
     except ValueError as exc:
-        raise InvalidRequest(400, errors.BAD_MULTIPART, f"multipart body cannot be parsed: {exc}") from None
+        raise InvalidRequest(errors.BAD_MULTIPART, f"multipart body cannot be parsed: {exc}") from None
     return form, files
 
 
@@ -138,7 +132,7 @@ class Admitted:
 
 def _not_ready(state_name: str, retry_after_s: int) -> ApiError:
     message = f"this worker is {state_name}; see /readyz"
-    return ApiError(503, errors.NOT_READY, message, headers={"Retry-After": str(retry_after_s)})
+    return ApiError(errors.NOT_READY, message, headers={"Retry-After": str(retry_after_s)})
 
 
 Parser = Callable[[object, Settings], GenerationParams]
@@ -174,12 +168,10 @@ def admit(
     except NotReady as exc:
         raise _not_ready(exc.state.name, exc.retry_after_s) from None
     except Overloaded as exc:
-        raise ApiError(503, errors.OVERLOADED, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+        raise ApiError(errors.OVERLOADED, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
     except TimeoutError as exc:
         recorder().timed_out.labels("queued").inc()
-        raise ApiError(504, errors.TIMEOUT, f"deadline of {timeout:g} s passed: {exc}") from None
-    except InvalidRequest as exc:  # under /v1/ a file the server cannot take is a 400, as OpenAI answers
-        raise errors.for_route(exc, request.path) from None
+        raise ApiError(errors.TIMEOUT, f"deadline of {timeout:g} s passed: {exc}") from None
     return Admitted(runtime, job, timeout, received)
 
 
@@ -187,7 +179,7 @@ def _timed_out(admitted: Admitted, ran: bool, detail: str = "") -> ApiError:
     recorder().timed_out.labels("running" if ran else "queued").inc()
     where = "while running" if ran else "in the queue"
     message = f"deadline of {admitted.timeout:g} s passed {where}" + (f": {detail}" if detail else "")
-    return ApiError(504, errors.TIMEOUT, message)
+    return ApiError(errors.TIMEOUT, message)
 
 
 def wait(admitted: Admitted) -> list[Any]:
@@ -208,15 +200,15 @@ def wait(admitted: Admitted) -> list[Any]:
     except WorkerUnhealthy as exc:
         message = f"this worker turned UNHEALTHY before finishing: {exc}"
         headers = {"Retry-After": str(exc.retry_after_s)}
-        raise ApiError(503, errors.WORKER_UNHEALTHY, message, headers=headers) from None
+        raise ApiError(errors.WORKER_UNHEALTHY, message, headers=headers) from None
     except AdapterFailed as exc:  # the request's fault: the worker stayed sound and its weights clean
-        raise ApiError(422, errors.ADAPTER_FAILED, f"loras: {exc}", "loras") from None
+        raise ApiError(errors.ADAPTER_FAILED, f"loras: {exc}", "loras") from None
     except NonFiniteOutput as exc:  # counted against the worker by the runner
         message = (
             f"{exc}; no image is sent for a non-finite result, and the operator should check the model's dtype; "
             f"quote request id {g.request_id}"
         )
-        raise ApiError(500, errors.NON_FINITE_OUTPUT, message) from None
+        raise ApiError(errors.NON_FINITE_OUTPUT, message) from None
     except RejectedByModel as exc:  # the error may hold internals: logged, not shown
         log.warning("request_rejected_by_model", slot=admitted.runtime.slot, error=str(exc), exc_info=exc.__cause__)
         cause = (
@@ -225,11 +217,11 @@ def wait(admitted: Admitted) -> list[Any]:
             else "the model failed on this request's input"
         )
         message = f"{cause}, while the worker stayed sound; quote request id {g.request_id} to the operator"
-        raise ApiError(422, errors.REJECTED_BY_MODEL, message) from None
+        raise ApiError(errors.REJECTED_BY_MODEL, message) from None
     except Exception:  # the client sees no stack trace
         log.exception("generate_error", slot=admitted.runtime.slot)
         message = f"generation failed; quote request id {g.request_id} to the operator"
-        raise ApiError(500, errors.INTERNAL, message) from None
+        raise ApiError(errors.INTERNAL, message) from None
 
 
 def steps(admitted: Admitted) -> Iterator[int]:

@@ -2,7 +2,7 @@
 (docs/architecture.md §11).
 
 Request bodies are the JSON Schemas of the same pydantic models that validate requests
-(``params.model_of`` over ``params.FIELDS`` and ``protocol.IMAGE_FIELDS``), so every limit is the
+(``schema.model_of`` over ``fields.FIELDS`` and ``protocol.IMAGE_FIELDS``), so every limit is the
 one this server enforces now. Which routes need an API key comes from the views themselves
 (``auth.required`` marks them). The answers' shapes and status codes are declared once, here; a test
 checks that every rule in Flask's URL map is described, and schemathesis checks the server's answers
@@ -15,11 +15,13 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from webapp.api import auth, context, images, params
+from webapp.api import auth, context, images
+from webapp.api.fields import FIELDS, TIMEOUT_HEADER, RequestField
 from webapp.api.health import OIP_FALSE
 from webapp.api.jobs import JSON, MULTIPART
 from webapp.api.openai import protocol
-from webapp.settings import Settings
+from webapp.api.schema import model_of
+from webapp.model.profile import Limits
 
 bp = Blueprint("openapi", __name__)
 VERSION = "3.1.0"
@@ -85,29 +87,29 @@ UNAUTHORIZED = {401: "An API key is needed (API_KEYS or API_KEYS_FILE is set) an
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
-def _schema(title: str, fields: tuple[params.RequestField, ...], settings: Settings, found: dict) -> dict[str, Any]:
+def _schema(title: str, fields: tuple[RequestField, ...], limits: Limits, found: dict) -> dict[str, Any]:
     """The JSON Schema of the model validating ``fields``, its nested models (a LoRA adapter's) moved into
     ``found``, the document's components, where its references point."""
-    schema = params.model_of(title, fields, settings).model_json_schema(ref_template=REF_TEMPLATE)
+    schema = model_of(title, fields, limits).model_json_schema(ref_template=REF_TEMPLATE)
     found.update(schema.pop("$defs", {}))
     return schema
 
 
-def _request_schemas(settings: Settings) -> dict[str, Any]:
+def _request_schemas(limits: Limits) -> dict[str, Any]:
     """The request bodies: the JSON Schemas of the models that validate them."""
     nested: dict[str, Any] = {}
     bodies = {
-        "GenerateRequest": _schema("GenerateRequest", params.FIELDS, settings, nested),
-        "CreateImageRequest": _schema(protocol.TITLE, protocol.IMAGE_FIELDS, settings, nested),
-        "CreateImageEditRequest": _edit_schema(settings, nested),
+        "GenerateRequest": _schema("GenerateRequest", FIELDS, limits, nested),
+        "CreateImageRequest": _schema(protocol.TITLE, protocol.IMAGE_FIELDS, limits, nested),
+        "CreateImageEditRequest": _edit_schema(limits, nested),
     }
     return {**nested, **bodies}
 
 
-def _edit_schema(settings: Settings, nested: dict[str, Any]) -> dict[str, Any]:
+def _edit_schema(limits: Limits, nested: dict[str, Any]) -> dict[str, Any]:
     """/v1/images/edits' multipart body: its fields' schema, with the files as binary parts."""
-    schema = _schema(protocol.EDIT_TITLE, protocol.EDIT_FIELDS, settings, nested)
-    limit = f"at most MAX_UPLOAD_BYTES={settings.max_upload_bytes} bytes"
+    schema = _schema(protocol.EDIT_TITLE, protocol.EDIT_FIELDS, limits, nested)
+    limit = f"at most MAX_UPLOAD_BYTES={limits.max_upload_bytes} bytes"
     files = {
         name: {"type": "string", "contentMediaType": "image/*", "description": f"{field.meaning} A file part, {limit}."}
         for name, field in protocol.EDIT_FILES.items()
@@ -220,18 +222,18 @@ EDIT_ANSWER = {  # what an edit did (jobs.edit)
 }
 
 
-def _model_schemas(settings: Settings) -> dict[str, Any]:
+def _model_schemas(model_name: str) -> dict[str, Any]:
     """/v1/models' answers: the served model, and each LoRA adapter as a model whose parent it is."""
     return {
         "Model": {
             "type": "object",
             "required": ["id", "object", "created", "owned_by"],
             "properties": {
-                "id": {"type": "string", "description": f"{settings.model_name}, or a LoRA adapter in LORA_DIR"},
+                "id": {"type": "string", "description": f"{model_name}, or a LoRA adapter in LORA_DIR"},
                 "object": {"const": "model"},
                 "created": {"type": "integer"},
                 "owned_by": {"type": "string"},
-                "parent": {"const": settings.model_name, "description": "An adapter's base model"},
+                "parent": {"const": model_name, "description": "An adapter's base model"},
                 "root": {"type": "string"},
             },
         },
@@ -243,17 +245,17 @@ def _model_schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _component_schemas(settings: Settings) -> dict[str, Any]:
-    answers = {**_answer_schemas(), "Edit": EDIT_ANSWER, **_model_schemas(settings)}
-    return {**_request_schemas(settings), **_error_schemas(), **answers}
+def _component_schemas(limits: Limits, model_name: str) -> dict[str, Any]:
+    answers = {**_answer_schemas(), "Edit": EDIT_ANSWER, **_model_schemas(model_name)}
+    return {**_request_schemas(limits), **_error_schemas(), **answers}
 
 
-def _timeout_header(settings: Settings) -> dict[str, Any]:
+def _timeout_header(limits: Limits) -> dict[str, Any]:
     return {
-        "name": params.TIMEOUT_HEADER,
+        "name": TIMEOUT_HEADER,
         "in": "header",
         "required": False,
-        "description": f"Seconds this request may wait: more than 0, at most {settings.request_timeout:g}",
+        "description": f"Seconds this request may wait: more than 0, at most {limits.request_timeout:g}",
         "schema": {"type": "string"},
     }
 
@@ -299,7 +301,7 @@ def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
     health["503"] = {"description": "No: reason says why", "content": _json("Health")}
     form_schema = {
         "type": "object",
-        "properties": {field.name: {"type": "string"} for field in params.FIELDS if field.demo or field.kind == "text"}
+        "properties": {field.name: {"type": "string"} for field in FIELDS if field.demo or field.kind == "text"}
         | {"random_seed": {"type": "string"}, "api_key": {"type": "string"}},
         "required": ["prompt"],
     }
@@ -352,7 +354,7 @@ def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
-def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+def _generation_operations(limits: Limits) -> dict[tuple[str, str], dict[str, Any]]:
     """The routes that generate: /generate, its stream, and the OpenAI API."""
     image_media = {media: {"schema": {"type": "string", "format": "binary"}} for media in images.BY_MEDIA_TYPE}
     generate_errors = _answers(
@@ -361,7 +363,7 @@ def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str
     return {
         ("/generate", "post"): {
             "summary": "Generate images: JSON with base64 images, or one image's bytes (Accept image/png, jpeg, webp)",
-            "parameters": [_timeout_header(settings)],
+            "parameters": [_timeout_header(limits)],
             "requestBody": {"required": True, "content": _json("GenerateRequest")},
             "responses": {
                 "200": {"description": "The images", "content": {**_json("GenerateResponse"), **image_media}},
@@ -371,7 +373,7 @@ def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str
         },
         ("/generate/stream", "post"): {
             "summary": "The same request as server-sent events: queued, progress per step, then done or error",
-            "parameters": [_timeout_header(settings)],
+            "parameters": [_timeout_header(limits)],
             "requestBody": {"required": True, "content": _json("GenerateRequest")},
             "responses": {
                 "200": {"description": "The event stream", "content": _events("queued", "progress", "done", "error")},
@@ -381,7 +383,7 @@ def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str
         },
         ("/v1/images/generations", "post"): {
             "summary": "OpenAI's Images API: generate images (stream: true for server-sent events)",
-            "parameters": [_timeout_header(settings)],
+            "parameters": [_timeout_header(limits)],
             "requestBody": {"required": True, "content": _json("CreateImageRequest")},
             "responses": {
                 "200": {
@@ -393,7 +395,7 @@ def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str
         },
         ("/v1/images/edits", "post"): {
             "summary": "OpenAI's Images API: edit an uploaded image (with a mask: inpaint), multipart/form-data",
-            "parameters": [_timeout_header(settings)],
+            "parameters": [_timeout_header(limits)],
             "requestBody": {"required": True, "content": {MULTIPART: {"schema": _ref("CreateImageEditRequest")}}},
             "responses": {
                 "200": {
@@ -421,9 +423,9 @@ def _generation_operations(settings: Settings) -> dict[tuple[str, str], dict[str
     }
 
 
-def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+def _operations(limits: Limits) -> dict[tuple[str, str], dict[str, Any]]:
     """Every operation: (OpenAPI path, method) -> its description."""
-    return {**_page_operations(), **_oip_operations(), **_generation_operations(settings)}
+    return {**_page_operations(), **_oip_operations(), **_generation_operations(limits)}
 
 
 def openapi_path(rule: str) -> str:
@@ -436,10 +438,10 @@ def openapi_path(rule: str) -> str:
     return "/".join(parts)
 
 
-def document(app: Flask, settings: Settings, keys_required: bool) -> dict[str, Any]:
-    """The OpenAPI document of ``app`` under ``settings``; the views ``auth.required`` marks carry a
-    security requirement when ``keys_required``."""
-    operations = _operations(settings)
+def document(app: Flask, limits: Limits, model_name: str, keys_required: bool) -> dict[str, Any]:
+    """The OpenAPI document of ``app`` serving ``model_name`` under ``limits``; the views ``auth.required``
+    marks carry a security requirement when ``keys_required``."""
+    operations = _operations(limits)
     paths: dict[str, dict[str, Any]] = {}
     for rule in app.url_map.iter_rules():
         path = openapi_path(rule.rule)
@@ -456,11 +458,11 @@ def document(app: Flask, settings: Settings, keys_required: bool) -> dict[str, A
             "title": "honest-diffusion",
             "version": "0.1.0",
             "description": (
-                f"Serving {settings.model_name}. "
+                f"Serving {model_name}. "
                 + (
-                    f"Limits are this server's configuration with the loaded {settings.model_family} model's "
+                    f"Limits are this server's configuration with the loaded {limits.model_family} model's "
                     "sizes, side multiple and defaults. "
-                    if settings.model_family
+                    if limits.model_family
                     else "Limits are this server's configuration; the model, once loaded, may narrow the sizes. "
                 )
                 + f"API keys: {'required on the routes marked with security' if keys_required else 'off'}."
@@ -468,7 +470,7 @@ def document(app: Flask, settings: Settings, keys_required: bool) -> dict[str, A
         },
         "paths": paths,
         "components": {
-            "schemas": _component_schemas(settings),
+            "schemas": _component_schemas(limits, model_name),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -481,4 +483,5 @@ def document(app: Flask, settings: Settings, keys_required: bool) -> dict[str, A
 def openapi_json() -> Response:
     runtime = context.runtime()
     keys_required = auth.keys().enabled
-    return jsonify(document(current_app._get_current_object(), runtime.limits, keys_required))  # type: ignore[attr-defined]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    return jsonify(document(app, runtime.limits, runtime.settings.model_name, keys_required))

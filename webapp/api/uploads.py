@@ -38,8 +38,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from webapp import errors
 from webapp.engine.priority import lower_thread_priority
 from webapp.errors import InvalidRequest
+from webapp.model.profile import Limits
 from webapp.model.request import GenerationParams, Upload
-from webapp.settings import Settings
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -60,16 +60,15 @@ SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 RESIZE_REDUCING_GAP = 3.0
 
 
-def _refuse(field: str, message: str, status: int = 422) -> InvalidRequest:
-    code = errors.PAYLOAD_TOO_LARGE if status == 413 else errors.INVALID_IMAGE
-    return InvalidRequest(status, code, f"{field}: {message}", field)
+def _refuse(field: str, message: str, code: errors.Code = errors.INVALID_IMAGE) -> InvalidRequest:
+    return InvalidRequest(code, f"{field}: {message}", field)
 
 
-def check_length(length: int, field: str, settings: Settings) -> None:
+def check_length(length: int, field: str, max_upload_bytes: int) -> None:
     """413 for a file over MAX_UPLOAD_BYTES, before anything reads it as an image."""
-    if length > settings.max_upload_bytes:
-        message = f"is {length} bytes; the limit is MAX_UPLOAD_BYTES={settings.max_upload_bytes}"
-        raise _refuse(field, message, 413)
+    if length > max_upload_bytes:
+        message = f"is {length} bytes; the limit is MAX_UPLOAD_BYTES={max_upload_bytes}"
+        raise _refuse(field, message, errors.PAYLOAD_TOO_LARGE)
 
 
 # The formats taken, by their first bytes: a file that starts as one and cannot be opened is corrupt.
@@ -87,11 +86,11 @@ def _what(data: bytes) -> str:
     return "its bytes are none of these" if data else "it is empty"
 
 
-def _header(data: bytes, field: str, settings: Settings) -> PILImage:
+def _header(data: bytes, field: str, limits: Limits) -> PILImage:
     """The upload opened from its header alone, nothing decoded: InvalidRequest (413, 422) naming ``field``
     for a file over MAX_UPLOAD_BYTES, another format, more pixels than the limit, or several frames."""
-    check_length(len(data), field, settings)
-    limit = settings.upload_pixels
+    check_length(len(data), field, limits.max_upload_bytes)
+    limit = limits.upload_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked next
@@ -119,9 +118,9 @@ def _header(data: bytes, field: str, settings: Settings) -> PILImage:
     return image
 
 
-def open_upload(data: bytes, field: str, settings: Settings) -> PILImage:
+def open_upload(data: bytes, field: str, limits: Limits) -> PILImage:
     """The upload decoded and turned upright, in its own mode; InvalidRequest (413, 422) naming ``field``."""
-    image = _header(data, field, settings)
+    image = _header(data, field, limits)
     try:
         image.load()
         return ImageOps.exif_transpose(image)
@@ -129,13 +128,13 @@ def open_upload(data: bytes, field: str, settings: Settings) -> PILImage:
         raise _refuse(field, f"could not be decoded (truncated or corrupt): {exc}") from None
 
 
-def inspect(image: bytes, mask: bytes | None, size: tuple[int, int] | None, settings: Settings) -> Upload:
+def inspect(image: bytes, mask: bytes | None, size: tuple[int, int] | None, limits: Limits) -> Upload:
     """An edit's files checked as far as their headers go (size in bytes, format, pixels declared, frames),
     on the request's thread and before its job is admitted: what a refused request costs. The pixels are
     decoded later, by ``decode``."""
-    _header(image, "image", settings)
+    _header(image, "image", limits)
     if mask is not None:
-        _header(mask, "mask", settings)
+        _header(mask, "mask", limits)
     return Upload(image, mask, size)
 
 
@@ -177,29 +176,29 @@ def to_mask(image: PILImage, field: str) -> PILImage:
     return Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8), mode="L")
 
 
-def _drawable(size: tuple[int, int], settings: Settings) -> bool:
-    multiple = settings.size_multiple
-    low, high = settings.min_image_size, settings.max_image_size
+def _drawable(size: tuple[int, int], limits: Limits) -> bool:
+    multiple = limits.size_multiple
+    low, high = limits.min_image_size, limits.max_image_size
     return all(low <= side <= high and side % multiple == 0 for side in size)
 
 
 def prepare(
-    image_data: bytes, mask_data: bytes | None, size: tuple[int, int] | None, settings: Settings
+    image_data: bytes, mask_data: bytes | None, size: tuple[int, int] | None, limits: Limits
 ) -> tuple[PILImage, PILImage | None, tuple[int, int]]:
     """The input image (RGB) and mask (L) at the size to draw, and the input's own size (upright). ``size``
-    is the request's (None: the input's, which must then be drawable under ``settings``, a loaded model's
+    is the request's (None: the input's, which must then be drawable under ``limits``, a loaded model's
     limits). InvalidRequest naming ``image`` or ``mask`` for anything the module docstring lists."""
-    image = open_upload(image_data, "image", settings)
-    mask = open_upload(mask_data, "mask", settings) if mask_data is not None else None
+    image = open_upload(image_data, "image", limits)
+    mask = open_upload(mask_data, "mask", limits) if mask_data is not None else None
     own = image.size
     if mask is not None and mask.size != own:
         message = f"is {mask.size[0]}x{mask.size[1]}; it must be the image's size, {own[0]}x{own[1]}"
         raise _refuse("mask", message)
     if size is None:
-        if not _drawable(own, settings):
+        if not _drawable(own, limits):
             message = (
                 f"is {own[0]}x{own[1]}, which the model cannot draw as it is: each side must be from "
-                f"{settings.min_image_size} to {settings.max_image_size} and a multiple of {settings.size_multiple}. "
+                f"{limits.min_image_size} to {limits.max_image_size} and a multiple of {limits.size_multiple}. "
                 "Ask for a size (width and height; size for OpenAI's API) to have it resized to that"
             )
             raise _refuse("image", message)
@@ -215,13 +214,13 @@ def prepare(
     return rgb, marked, own
 
 
-def decode(params: GenerationParams, settings: Settings) -> GenerationParams:
+def decode(params: GenerationParams, limits: Limits) -> GenerationParams:
     """``params`` with its upload decoded (``prepare``): the image and mask at the size to draw, the size and
     the input's own; the same ``params`` when it carries no upload."""
     upload = params.upload
     if upload is None:
         return params
-    image, mask, own = prepare(upload.image, upload.mask, upload.size, settings)
+    image, mask, own = prepare(upload.image, upload.mask, upload.size, limits)
     width, height = image.size
     return replace(params, image=image, mask=mask, width=width, height=height, input_size=own, upload=None)
 
@@ -236,12 +235,12 @@ class Decoder:
             max_workers=concurrency, thread_name_prefix="decode", initializer=lower_thread_priority, initargs=(nice,)
         )
 
-    def decode(self, params: GenerationParams, settings: Settings, deadline: float) -> GenerationParams:
+    def decode(self, params: GenerationParams, limits: Limits, deadline: float) -> GenerationParams:
         """``params`` decoded (``decode``), waiting for a decoding thread until ``deadline`` (time.monotonic) at
         most: TimeoutError past it (an unstarted decode is dropped), InvalidRequest for a bad file."""
         if params.upload is None:
             return params
-        future = self._pool.submit(decode, params, settings)
+        future = self._pool.submit(decode, params, limits)
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:

@@ -27,9 +27,9 @@ from webapp.engine import loader
 from webapp.engine.loader import Model
 from webapp.engine.priority import lower_thread_priority
 from webapp.engine.runner import NOT_READY_RETRY_AFTER_S, RejectedByModel, Runner, WorkerUnhealthy
-from webapp.engine.scheduler import DeadlineExceeded, Job, Overloaded, Scheduler, settle
+from webapp.engine.scheduler import DeadlineExceeded, Job, Outcome, Overloaded, Scheduler, settle
 from webapp.model import faults
-from webapp.model.profile import request_limits
+from webapp.model.profile import Limits
 from webapp.model.request import GenerationParams
 from webapp.settings import Settings
 from webapp.telemetry import logs
@@ -73,7 +73,7 @@ class Engine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.loaded_at: float | None = None  # Unix time the model finished loading (/v1/models' created)
-        self.request_limits: Settings | None = None  # the settings with the loaded model's profile folded in
+        self._limits: Limits | None = None  # what requests are held to, once the model is loaded
 
     @property
     def state(self) -> State:
@@ -107,22 +107,12 @@ class Engine:
     def _run(self) -> None:
         lower_thread_priority(self.settings.engine_nice)  # generation waits behind probes (§5)
         try:
-            model = loader.load(self.settings, self.lifecycle, self._stop)
-            if model is not None:  # the loader checked that these limits can be built
-                self.request_limits = request_limits(self.settings, model.profile)
-                self.model, self.loaded_at = model, time.time()
-            if self.model is not None and self.request_limits is not None and self.lifecycle.ready():
-                self._serve(
-                    Runner(
-                        self.request_limits,
-                        self.lifecycle,
-                        self.model,
-                        self.scheduler,
-                        self._lock,
-                        self._publish,
-                        self._turn_unhealthy,
-                    )
-                )
+            loaded = loader.load(self.settings, self.lifecycle, self._stop)
+            if loaded is not None:
+                self._limits, self.model, self.loaded_at = loaded.limits, loaded.model, time.time()
+                if self.lifecycle.ready():
+                    host = _Host(self)
+                    self._serve(Runner(loaded.model, loaded.limits, self.settings.max_consecutive_failures, host))
         except BaseException as exc:  # a bug here must not leave a READY worker that never serves
             log.exception("engine_crashed", slot=self.lifecycle.slot)
             self._turn_unhealthy(f"engine thread crashed: {faults.describe(exc)}")
@@ -154,12 +144,15 @@ class Engine:
 
     # -- admission ----------------------------------------------------------------------------------
 
-    def limits(self) -> Settings:
-        """What a request is checked against: the settings with the loaded model's profile folded in
-        (``profile.request_limits``: its sizes, multiple and defaults); NotReady unless READY."""
-        self._check_ready()
-        assert self.request_limits is not None
-        return self.request_limits
+    def limits(self) -> Limits:
+        """What a request is checked against: the loaded model's limits (``Limits.of``, computed once by the
+        loader); NotReady unless READY."""
+        return self._check_ready()
+
+    @property
+    def loaded_limits(self) -> Limits | None:
+        """The loaded model's limits whatever the state now (the pages that describe requests); None before."""
+        return self._limits
 
     def reserve(self) -> None:
         """Hold a place for a job whose request is still preparing it (decoding its upload): NotReady unless
@@ -201,11 +194,12 @@ class Engine:
             self._lock.notify()
         return job
 
-    def _check_ready(self) -> None:
-        """NotReady unless READY, with a Retry-After: the next load attempt's start when one is waiting."""
-        state = self.state
-        if state is State.READY and self.model is not None and self.request_limits is not None:
-            return
+    def _check_ready(self) -> Limits:
+        """The loaded model's limits while READY; else NotReady, with a Retry-After: the next load attempt's
+        start when one is waiting."""
+        state, limits = self.state, self._limits
+        if state is State.READY and limits is not None:
+            return limits
         retry_at = self.lifecycle.next_retry_mono
         if state in (State.STARTING, State.LOADING) and retry_at:
             raise NotReady(state, max(1, round(retry_at - time.monotonic())))
@@ -262,3 +256,46 @@ class Engine:
         for job in expired:
             message = f"deadline passed after {now - job.enqueued:.1f} s in the queue"
             settle(job.future, exc=DeadlineExceeded(message, ran=False))
+
+
+class _Host:
+    """The engine as its runner sees it (``runner.Host``): every call takes the engine's lock and publishes
+    the scheduler's counters, so the runner holds neither."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def slot(self) -> int:
+        return self._engine.lifecycle.slot
+
+    @property
+    def state(self) -> State:
+        return self._engine.state
+
+    def call_started(self) -> None:
+        engine = self._engine
+        engine.lifecycle.publish(last_step_mono=engine.scheduler.started)
+
+    def stepped(self, step: int) -> bool:
+        engine, now = self._engine, time.monotonic()
+        with engine._lock:
+            nobody_waits = engine.scheduler.step(step, now)
+        engine.lifecycle.publish(last_step_mono=now)
+        return nobody_waits
+
+    def finished(self, outcome: Outcome) -> tuple[list[Job], float]:
+        engine = self._engine
+        with engine._lock:
+            ended = engine.scheduler.finish(outcome, time.monotonic())
+            engine._publish()
+        return ended
+
+    def run_alone(self, job: Job) -> None:
+        engine = self._engine
+        with engine._lock:
+            engine.scheduler.run([job], time.monotonic())
+            engine._publish()
+
+    def turn_unhealthy(self, reason: str) -> None:
+        self._engine._turn_unhealthy(reason)

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tenacity import (
@@ -33,7 +34,7 @@ from tenacity import (
 
 from webapp.board.lifecycle import Lifecycle, respawn_delay
 from webapp.model import faults
-from webapp.model.profile import ModelProfile, request_limits
+from webapp.model.profile import Limits, ModelProfile
 from webapp.model.request import GenerationParams
 from webapp.settings import Settings, resolve_callable
 from webapp.telemetry import logs
@@ -103,11 +104,10 @@ def preimport(settings: Settings) -> list[str]:
     return list(hook(settings)) if callable(hook) else []
 
 
-def warm_up_params(limits: Settings) -> GenerationParams:
+def warm_up_params(limits: Limits) -> GenerationParams:
     """One step at the size a request gets by default (the model's native size within MAX_IMAGE_SIZE), with
     the default guidance: the load's warm-up, and the engine's canary after a failure."""
-    assert limits.default_size is not None, "limits come from profile.request_limits"
-    return GenerationParams("warm-up", None, 1, limits.default_guidance or 0.0, *limits.default_size, (0,))
+    return GenerationParams("warm-up", None, 1, limits.default_guidance or 0.0, *limits.request_size, (0,))
 
 
 def flat_colour(image: Any) -> tuple[int, ...] | None:
@@ -119,7 +119,7 @@ def flat_colour(image: Any) -> tuple[int, ...] | None:
     return None
 
 
-def check_warm_up(model: Model, limits: Settings) -> None:
+def check_warm_up(model: Model, limits: Limits) -> None:
     """Run the warm-up and check what it drew: BadWarmUp (permanent) when it is not finite, or one flat
     colour, with what to try (docs/architecture.md §12)."""
     dtype = model.profile.dtype
@@ -140,7 +140,15 @@ def check_warm_up(model: Model, limits: Settings) -> None:
         )
 
 
-def load(settings: Settings, lifecycle: Lifecycle, stop: threading.Event) -> Model | None:
+@dataclass(frozen=True)
+class Loaded:
+    """A warmed-up model and what requests are held to with it (computed once, here)."""
+
+    model: Model
+    limits: Limits
+
+
+def load(settings: Settings, lifecycle: Lifecycle, stop: threading.Event) -> Loaded | None:
     """Load and warm up this worker's model; None when it cannot (FAILED is on the board) or the worker is
     stopping."""
     delay = respawn_delay(lifecycle.crashes, settings.respawn_backoff_initial, settings.respawn_backoff_max)
@@ -150,7 +158,7 @@ def load(settings: Settings, lifecycle: Lifecycle, stop: threading.Event) -> Mod
             return None
     started = time.monotonic()
     try:
-        model = _attempts(settings, lifecycle)
+        loaded = _attempts(settings, lifecycle)
     except _Refused:
         return None
     except BaseException as exc:  # every failure must reach the board, never vanish
@@ -163,10 +171,10 @@ def load(settings: Settings, lifecycle: Lifecycle, stop: threading.Event) -> Mod
         lifecycle.failed(message)
         return None
     recorder().load_seconds.labels("ready").observe(time.monotonic() - started)
-    return model
+    return loaded
 
 
-def _attempts(settings: Settings, lifecycle: Lifecycle) -> Model:
+def _attempts(settings: Settings, lifecycle: Lifecycle) -> Loaded:
     limit = settings.load_max_attempts
 
     def before_retry(state: RetryCallState) -> None:
@@ -187,7 +195,7 @@ def _attempts(settings: Settings, lifecycle: Lifecycle) -> Model:
             number = attempt.retry_state.attempt_number
             started = time.monotonic()
             try:
-                model = _attempt(settings, lifecycle, number)
+                loaded = _attempt(settings, lifecycle, number)
             except _Refused:
                 raise
             except BaseException:
@@ -195,17 +203,17 @@ def _attempts(settings: Settings, lifecycle: Lifecycle) -> Model:
                 raise
             recorder().load_attempts.labels("ok").inc()
             seconds = round(time.monotonic() - started, 3)
-            log.info("loaded", slot=lifecycle.slot, attempt=number, device=model.device, seconds=seconds)
-    return model
+            log.info("loaded", slot=lifecycle.slot, attempt=number, device=loaded.model.device, seconds=seconds)
+    return loaded
 
 
-def _attempt(settings: Settings, lifecycle: Lifecycle, number: int) -> Model:
+def _attempt(settings: Settings, lifecycle: Lifecycle, number: int) -> Loaded:
     """One attempt: the loader, then one warm-up generation, checked."""
     if not lifecycle.loading(number, settings.load_max_attempts):
         raise _Refused
     model: Model = resolve_callable(settings.model_loader)(settings, lifecycle.slot)
-    limits = request_limits(settings, model.profile)  # CannotServe (permanent) when no request could fit
+    limits = Limits.of(settings, model.profile)  # CannotServe (permanent) when no request could fit
     if not lifecycle.warming(model.device, model.profile.summary()):
         raise _Refused
     check_warm_up(model, limits)
-    return model
+    return Loaded(model, limits)

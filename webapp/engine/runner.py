@@ -18,19 +18,16 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from webapp.board.lifecycle import Lifecycle
 from webapp.board.slots import State
 from webapp.engine import loader
 from webapp.engine.loader import Model
-from webapp.engine.scheduler import DeadlineExceeded, Job, Scheduler, images, settle
+from webapp.engine.scheduler import DeadlineExceeded, Job, Outcome, images, settle
 from webapp.model import faults
 from webapp.model.adapters import AdapterFailed
-from webapp.settings import Settings
+from webapp.model.profile import Limits
 from webapp.telemetry import logs
 from webapp.telemetry.recorder import recorder
 
@@ -59,41 +56,51 @@ class _Interrupted(Exception):
     """Raised from the step callback to stop a pipeline call nobody waits for any more."""
 
 
-class Runner:
-    """Runs the engine thread's batches on ``model``. The scheduler is shared with the engine and guarded
-    by its ``lock``; ``publish`` puts the scheduler's counters on the board; ``turn_unhealthy`` is the
-    engine's (it fails every job held and makes the worker exit)."""
+class Host(Protocol):
+    """What a runner asks of the engine that owns the scheduler, its lock and the worker's state: each call
+    takes the lock and publishes the counters itself, so the runner holds neither."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        lifecycle: Lifecycle,
-        model: Model,
-        scheduler: Scheduler,
-        lock: threading.Condition,
-        publish: Callable[[], None],
-        turn_unhealthy: Callable[[str], None],
-    ) -> None:
-        self.settings = settings
-        self.lifecycle = lifecycle
+    @property
+    def slot(self) -> int: ...
+
+    @property
+    def state(self) -> State: ...
+
+    def call_started(self) -> None:
+        """A pipeline call for the running batch begins (the stall watchdog's clock starts)."""
+
+    def stepped(self, step: int) -> bool:
+        """The running call finished denoising step ``step``; True when nobody in it waits any more."""
+
+    def finished(self, outcome: Outcome) -> tuple[list[Job], float]:
+        """The running call ended with ``outcome``: its jobs, and how long it ran."""
+
+    def run_alone(self, job: Job) -> None:
+        """``job`` becomes the running call by itself (a split batch's, or the canary)."""
+
+    def turn_unhealthy(self, reason: str) -> None:
+        """Fail every job held, say UNHEALTHY and make the worker exit."""
+
+
+class Runner:
+    """Runs the engine thread's batches on ``model`` for ``host`` (the engine). ``limits`` give the canary
+    (the load's warm-up); ``max_failures`` failed calls in a row by the worker's own fault make it
+    UNHEALTHY."""
+
+    def __init__(self, model: Model, limits: Limits, max_failures: int, host: Host) -> None:
         self.model = model
-        self.scheduler = scheduler
-        self.lock = lock
-        self.publish = publish
-        self.turn_unhealthy = turn_unhealthy
+        self.canary = loader.warm_up_params(limits)
+        self.max_failures = max_failures
+        self.host = host
         self.failures = 0  # pipeline calls failed in a row by the worker's own fault
 
     def _on_step(self, step: int) -> None:
-        now = time.monotonic()
-        with self.lock:
-            nobody_waits = self.scheduler.step(step, now)
-        self.lifecycle.publish(last_step_mono=now)
-        if nobody_waits:
+        if self.host.stepped(step):
             raise _Interrupted(f"every job's deadline passed by step {step + 1}")
 
     def _call(self, batch: list[Job]) -> list[list[Any]]:
         """One pipeline call for the running ``batch``, watched by the stall watchdog and the step callback."""
-        self.lifecycle.publish(last_step_mono=self.scheduler.started)
+        self.host.call_started()
         return self.model.generate([job.params for job in batch], self._on_step)
 
     def run(self, batch: list[Job]) -> None:
@@ -103,7 +110,7 @@ class Runner:
         try:
             loading = self.model.use_adapters(batch[0].params.loras)
         except AdapterFailed as bad:
-            self._finish("adapter_failed")
+            self._finish(Outcome.ADAPTER_FAILED)
             recorder().lora_failed.inc(len(batch))
             for job in batch:
                 settle(job.future, exc=bad)
@@ -116,8 +123,8 @@ class Runner:
         try:
             results = self._call(batch)
         except _Interrupted as stop:
-            self._finish("interrupted")
-            log.info("batch_interrupted", slot=self.lifecycle.slot, jobs=len(batch), reason=str(stop))
+            self._finish(Outcome.INTERRUPTED)
+            log.info("batch_interrupted", slot=self.host.slot, jobs=len(batch), reason=str(stop))
             for job in batch:
                 settle(job.future, exc=DeadlineExceeded(f"interrupted: {stop}", ran=True))
         except faults.NonFiniteOutput as bad:
@@ -125,7 +132,7 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - any pipeline error is judged, never lost
             self._charge_or_split(batch, exc)
         else:
-            self._finish("served")
+            self._finish(Outcome.SERVED)
             self.failures = 0
             for job, result in zip(batch, results, strict=True):
                 settle(job.future, result=result)
@@ -141,53 +148,48 @@ class Runner:
     def _non_finite(self, batch: list[Job], bad: faults.NonFiniteOutput) -> None:
         """Some images came out NaN or infinite: their jobs fail (500 ``non_finite_output``, never a black
         picture), the others get their images, and the call counts as the worker's failure."""
-        self._finish("failed")
+        self._finish(Outcome.FAILED)
         self.failures += 1
         log.error(
-            "non_finite_output", slot=self.lifecycle.slot, jobs=len(bad.bad), consecutive=self.failures, error=str(bad)
+            "non_finite_output", slot=self.host.slot, jobs=len(bad.bad), consecutive=self.failures, error=str(bad)
         )
         for index, (job, result) in enumerate(zip(batch, bad.results, strict=True)):
             if index in bad.bad:
                 settle(job.future, exc=bad)
             else:
                 settle(job.future, result=result)
-        if self.failures >= self.settings.max_consecutive_failures:
-            self.turn_unhealthy(f"{self.failures} generations failed in a row; last: {bad}")
+        if self.failures >= self.max_failures:
+            self.host.turn_unhealthy(f"{self.failures} generations failed in a row; last: {bad}")
 
     def _split(self, batch: list[Job], exc: Exception) -> None:
         """A batch of several jobs failed: run each again alone, so only the job at fault fails."""
-        self._finish("split")
-        log.warning(
-            "batch_failed_retrying_alone", slot=self.lifecycle.slot, jobs=len(batch), error=faults.describe(exc)
-        )
+        self._finish(Outcome.SPLIT)
+        log.warning("batch_failed_retrying_alone", slot=self.host.slot, jobs=len(batch), error=faults.describe(exc))
         for job in batch:
-            if self.lifecycle.state is State.UNHEALTHY:
+            if self.host.state is State.UNHEALTHY:
                 settle(
                     job.future, exc=WorkerUnhealthy("the worker turned UNHEALTHY while its batch ran again job by job")
                 )
             elif job.expired(time.monotonic()):
                 settle(job.future, exc=DeadlineExceeded("deadline passed while its batch ran", ran=True))
             else:
-                with self.lock:
-                    self.scheduler.run([job], time.monotonic())
-                    self.publish()
+                self.host.run_alone(job)
                 self.run([job])
 
     def _charge(self, job: Job, exc: Exception) -> None:
         """A job failed alone: the canary says whose fault it was (see the module's docstring)."""
-        self._finish("failed")
-        canary = Job(loader.warm_up_params(self.settings))
-        with self.lock:
-            self.scheduler.run([canary], time.monotonic())
+        self._finish(Outcome.FAILED)
+        canary = Job(self.canary)
+        self.host.run_alone(canary)
         try:
             self.model.use_adapters(())  # the canary runs on the plain weights, as the load's warm-up did
             self._call([canary])
         except Exception as canary_exc:
-            self._finish("canary")
+            self._finish(Outcome.CANARY)
             self.failures += 1
             log.error(
                 "generate_failed",
-                slot=self.lifecycle.slot,
+                slot=self.host.slot,
                 consecutive=self.failures,
                 error=faults.describe(exc),
                 canary_error=faults.describe(canary_exc),
@@ -195,11 +197,11 @@ class Runner:
             )
             settle(job.future, exc=exc)
             if faults.is_fatal(canary_exc):
-                self.turn_unhealthy(f"fatal device error: {faults.describe(canary_exc)}")
-            elif self.failures >= self.settings.max_consecutive_failures:
-                self.turn_unhealthy(f"{self.failures} generations failed in a row; last: {faults.describe(exc)}")
+                self.host.turn_unhealthy(f"fatal device error: {faults.describe(canary_exc)}")
+            elif self.failures >= self.max_failures:
+                self.host.turn_unhealthy(f"{self.failures} generations failed in a row; last: {faults.describe(exc)}")
             return
-        self._finish("canary")
+        self._finish(Outcome.CANARY)
         recorder().rejected.inc()
         rejected = RejectedByModel(faults.describe(exc), faults.is_out_of_memory(exc))
         rejected.__cause__ = exc  # the request's thread logs it, with the request id
@@ -207,20 +209,18 @@ class Runner:
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         """A fatal device error: every job of the batch fails (500) and the worker turns UNHEALTHY."""
-        self._finish("failed")
+        self._finish(Outcome.FAILED)
         error = faults.describe(exc)
-        log.error("generate_failed", slot=self.lifecycle.slot, jobs=len(batch), fatal=True, error=error, exc_info=exc)
+        log.error("generate_failed", slot=self.host.slot, jobs=len(batch), fatal=True, error=error, exc_info=exc)
         for job in batch:
             settle(job.future, exc=exc)
-        self.turn_unhealthy(f"fatal device error: {error}")
+        self.host.turn_unhealthy(f"fatal device error: {error}")
 
-    def _finish(self, outcome: str) -> None:
+    def _finish(self, outcome: Outcome) -> None:
         """The running call ended with ``outcome``: settle the counters and record the call."""
-        with self.lock:
-            batch, elapsed = self.scheduler.finish(outcome, time.monotonic())
-            self.publish()
+        batch, elapsed = self.host.finished(outcome)
         recorded = recorder()
         recorded.generation.labels(outcome).observe(elapsed)
-        if outcome != "canary":
+        if outcome is not Outcome.CANARY:
             recorded.batch_jobs.observe(len(batch))
             recorded.batch_images.observe(images(batch))

@@ -22,8 +22,20 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from webapp.model.request import GenerationParams
+
+
+class Outcome(StrEnum):
+    """How a pipeline call ended (the generation metric's ``outcome`` label)."""
+
+    SERVED = "served"
+    FAILED = "failed"  # the worker's fault, or a fatal device error
+    INTERRUPTED = "interrupted"  # nobody in it waited any more
+    SPLIT = "split"  # a batch failed and its jobs run again alone
+    CANARY = "canary"  # the canary after a job failed alone
+    ADAPTER_FAILED = "adapter_failed"  # its LoRA adapter could not be used; the model never ran
 
 
 class Overloaded(Exception):
@@ -207,19 +219,17 @@ class Scheduler:
         """Seconds the running call has gone without a step (0 when nothing runs)."""
         return now - max(self.started, self.last_step) if self.running else 0.0
 
-    def finish(self, outcome: str, now: float) -> tuple[list[Job], float]:
-        """The running call ended with ``outcome`` (served, failed, interrupted, split, canary or adapter_failed:
-        a metric label):
-        return its jobs and its duration."""
+    def finish(self, outcome: Outcome, now: float) -> tuple[list[Job], float]:
+        """The running call ended with ``outcome``: return its jobs and its duration."""
         batch, self.running = self.running, []
         elapsed = now - self.started
         for job in batch:
             job.finished = now
-        if outcome == "served":
+        if outcome is Outcome.SERVED:
             self.served += len(batch)
             per_image = elapsed / max(1, images(batch))
             self.seconds_per_image = 0.8 * (self.seconds_per_image or per_image) + 0.2 * per_image
-        elif outcome == "failed":
+        elif outcome is Outcome.FAILED:
             self.failed += len(batch)
         return batch, elapsed
 

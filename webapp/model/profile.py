@@ -2,9 +2,10 @@
 
 A ``ModelProfile`` is built once per worker from the loaded pipeline (``webapp.model.pipeline.profile_of``): its
 family, native size, side multiple, largest side, dtype, whether it takes negative prompts and guidance, and
-the default steps and guidance that suit it. ``request_limits`` folds it into the operator's settings: the
-result is the ``Settings`` every request is checked against, and from which the request schema, the OpenAPI
-document, the demo's form and the README's table are derived, as they were from the settings alone.
+the default steps and guidance that suit it. ``Limits.of`` folds it into the operator's settings, once, when a
+worker loads its model: the result is what every request is checked against, and what the request schema,
+the OpenAPI document and the demo's form are derived from. ``Limits.before_load`` describes requests while
+no model is loaded (and in the README).
 
 The family (``FAMILIES``) is known before loading, from the pipeline class that ``model_index.json`` names:
 it decides the dtype under ``DTYPE=auto``. This module imports neither torch nor diffusers.
@@ -13,9 +14,12 @@ it decides the dtype under ``DTYPE=auto``. This module imports neither torch nor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from webapp.settings import Settings
+from webapp.settings import SIZE_MULTIPLE, UPLOAD_SIDE_FACTOR, Settings
+
+EDIT_MODES = ("image", "inpaint")  # image-to-image and inpainting, the edits a model may draw
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class ModelProfile:
     default_guidance: float
     # The edit modes it draws: image-to-image and inpainting, where diffusers maps a pipeline to it and that
     # pipeline drew one step at load (webapp.model.pipeline.edit_pipelines).
-    edits: tuple[str, ...] = ("image", "inpaint")
+    edits: tuple[str, ...] = EDIT_MODES
 
     def summary(self) -> str:
         """One short line for the readiness board and the logs."""
@@ -180,43 +184,118 @@ def _fit(native: tuple[int, int], low: int, high: int, multiple: int) -> tuple[i
     return width, height
 
 
-def request_limits(settings: Settings, model: ModelProfile) -> Settings:
-    """The settings requests are held to with ``model`` loaded: sides on the model's multiple, within
-    MIN_IMAGE_SIZE..MAX_IMAGE_SIZE and the model's own largest side (MIN rounded up and MAX down to the
-    multiple); the default size is the native one, or the largest of its shape within MAX_IMAGE_SIZE;
-    DEFAULT_STEPS and DEFAULT_GUIDANCE, where unset, are the model's. CannotServe when nothing fits."""
-    multiple = model.size_multiple
-    high = settings.max_image_size if model.max_side is None else min(settings.max_image_size, model.max_side)
-    high -= high % multiple
-    low = -(-settings.min_image_size // multiple) * multiple
-    if low > high:
-        raise CannotServe(
-            f"no image size fits: MIN_IMAGE_SIZE={settings.min_image_size} on the model's multiple of {multiple} "
-            f"is {low}, above the largest side allowed ({high}: MAX_IMAGE_SIZE={settings.max_image_size}, "
-            f"the model's own limit {model.max_side})"
+class NotLoaded(RuntimeError):
+    """Limits that describe requests before a model is loaded were asked for what only a loaded model says."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request is held to: the operator's settings with the loaded model folded in
+    (docs/architecture.md §12). Built once per load (``of``), kept by the engine (``Engine.limits``) and the
+    only thing a request is parsed against; ``before_load`` describes requests while no model is loaded."""
+
+    max_prompt_chars: int
+    min_image_size: int  # on the model's multiple, and within its own largest side
+    max_image_size: int
+    size_multiple: int
+    max_steps: int
+    max_guidance: float
+    max_images: int
+    max_loras: int
+    max_lora_scale: float
+    lora_dir: Path | None
+    max_upload_bytes: int
+    upload_pixels: int  # MAX_UPLOAD_PIXELS, or (UPLOAD_SIDE_FACTOR x max_image_size) squared
+    request_timeout: float
+    # The model's: None only before a model is loaded (``before_load``), when a request gets them from the
+    # model it will be drawn by.
+    default_size: tuple[int, int] | None
+    default_steps: int | None
+    default_guidance: float | None
+    takes_negative_prompt: bool
+    takes_guidance: bool
+    edit_modes: tuple[str, ...]  # the edits the loaded model draws
+    model_family: str  # "" before a model is loaded
+
+    @classmethod
+    def of(cls, settings: Settings, model: ModelProfile) -> Limits:
+        """The limits with ``model`` loaded: sides on the model's multiple, within MIN_IMAGE_SIZE..MAX_IMAGE_SIZE
+        and the model's own largest side (MIN rounded up and MAX down to the multiple); the default size is the
+        native one, or the largest of its shape within MAX_IMAGE_SIZE; DEFAULT_STEPS and DEFAULT_GUIDANCE,
+        where unset, are the model's. CannotServe when nothing fits."""
+        multiple = model.size_multiple
+        high = settings.max_image_size if model.max_side is None else min(settings.max_image_size, model.max_side)
+        high -= high % multiple
+        low = -(-settings.min_image_size // multiple) * multiple
+        if low > high:
+            raise CannotServe(
+                f"no image size fits: MIN_IMAGE_SIZE={settings.min_image_size} on the model's multiple of {multiple} "
+                f"is {low}, above the largest side allowed ({high}: MAX_IMAGE_SIZE={settings.max_image_size}, "
+                f"the model's own limit {model.max_side})"
+            )
+        steps = model.default_steps if settings.default_steps is None else settings.default_steps
+        guidance = model.default_guidance if settings.default_guidance is None else settings.default_guidance
+        if steps > settings.max_steps:
+            raise CannotServe(
+                f"the model's default of {steps} steps exceeds MAX_STEPS={settings.max_steps}: set DEFAULT_STEPS"
+            )
+        if guidance > settings.max_guidance:
+            raise CannotServe(
+                f"the model's default guidance {guidance:g} exceeds MAX_GUIDANCE={settings.max_guidance:g}: set "
+                "DEFAULT_GUIDANCE"
+            )
+        return cls._made(
+            settings,
+            min_image_size=low,
+            max_image_size=high,
+            size_multiple=multiple,
+            default_size=_fit(model.native_size, low, high, multiple),
+            default_steps=steps,
+            default_guidance=guidance,
+            takes_negative_prompt=model.negative_prompt,
+            takes_guidance=model.guidance,
+            edit_modes=model.edits,
+            model_family=model.family,
         )
-    steps = model.default_steps if settings.default_steps is None else settings.default_steps
-    guidance = model.default_guidance if settings.default_guidance is None else settings.default_guidance
-    if steps > settings.max_steps:
-        raise CannotServe(
-            f"the model's default of {steps} steps exceeds MAX_STEPS={settings.max_steps}: set DEFAULT_STEPS"
+
+    @classmethod
+    def before_load(cls, settings: Settings) -> Limits:
+        """What the pages that describe requests show while no model is loaded (no request is parsed then:
+        each is refused with 503): the configured bounds on the default multiple, no default size, and every
+        field some model takes, the edits included; once loaded, the model's own ``of`` replaces them."""
+        return cls._made(
+            settings,
+            min_image_size=settings.min_image_size,
+            max_image_size=settings.max_image_size,
+            size_multiple=SIZE_MULTIPLE,
+            default_size=None,
+            default_steps=settings.default_steps,
+            default_guidance=settings.default_guidance,
+            takes_negative_prompt=True,
+            takes_guidance=True,
+            edit_modes=EDIT_MODES,
+            model_family="",
         )
-    if guidance > settings.max_guidance:
-        raise CannotServe(
-            f"the model's default guidance {guidance:g} exceeds MAX_GUIDANCE={settings.max_guidance:g}: set "
-            "DEFAULT_GUIDANCE"
+
+    @classmethod
+    def _made(cls, settings: Settings, **model: Any) -> Limits:
+        return cls(
+            max_prompt_chars=settings.max_prompt_chars,
+            max_steps=settings.max_steps,
+            max_guidance=settings.max_guidance,
+            max_images=settings.max_images,
+            max_loras=settings.max_loras,
+            max_lora_scale=settings.max_lora_scale,
+            lora_dir=settings.lora_dir,
+            max_upload_bytes=settings.max_upload_bytes,
+            upload_pixels=settings.max_upload_pixels or (UPLOAD_SIDE_FACTOR * model["max_image_size"]) ** 2,
+            request_timeout=settings.request_timeout,
+            **model,
         )
-    return settings.model_copy(
-        update={
-            "min_image_size": low,
-            "max_image_size": high,
-            "size_multiple": multiple,
-            "default_size": _fit(model.native_size, low, high, multiple),
-            "default_steps": steps,
-            "default_guidance": guidance,
-            "takes_negative_prompt": model.negative_prompt,
-            "takes_guidance": model.guidance,
-            "edit_modes": model.edits,
-            "model_family": model.family,
-        }
-    )
+
+    @property
+    def request_size(self) -> tuple[int, int]:
+        """The size a request without one gets: the loaded model's (NotLoaded for ``before_load``'s)."""
+        if self.default_size is None:
+            raise NotLoaded("requests are parsed against a loaded model's limits (Limits.of), never before_load's")
+        return self.default_size

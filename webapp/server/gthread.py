@@ -10,7 +10,7 @@ and only a whole request (headers and body) goes to a thread, whose parser then 
 A request that has not fully arrived within CLIENT_TIMEOUT seconds is answered 408 and closed (a connection
 that sent nothing is closed silently, as gunicorn closes idle kept-alive ones). Headers h11 cannot parse,
 or larger than its limit, are answered 400/431 from here. A body declared or sent larger than its route's
-limit (``Settings.body_limit``: MAX_BODY_BYTES, or room for two uploads on the routes that take images) goes
+limit (``webapp.api.bodies``: MAX_BODY_BYTES, or room for two uploads on the routes that take images) goes
 to the app at once (which answers 413) and the connection is closed after the answer, so no thread waits to
 drain it, and no connection holds more than its route's limit in memory. The
 sockets request threads use carry CLIENT_TIMEOUT as their kernel send and receive timeouts, so a client that
@@ -60,7 +60,7 @@ class _Arrival:
     framing: h11.Connection = field(default_factory=lambda: h11.Connection(h11.SERVER, MAX_HEADER_BYTES))
     data: bytearray = field(default_factory=bytearray)
     body_bytes: int = 0
-    body_limit: int = 0  # its route's (Settings.body_limit), known once its headers have arrived
+    body_limit: int = 0  # its route's (webapp.api.bodies), known once its headers have arrived
     polled: bool = False  # registered with the worker's poller
 
 
@@ -131,7 +131,7 @@ class BufferedThreadWorker(ThreadWorker):
     from settings."""
 
     client_timeout: float  # CLIENT_TIMEOUT
-    body_limit: Callable[[str], int]  # the largest body a request to a path may send (Settings.body_limit)
+    body_limit: Callable[[str], int]  # the largest body a request to a path may send (webapp.api.bodies)
     make_app: Callable[[], Any]  # builds this worker's WSGI app, once its runtime exists (after post_fork)
     gate: Callable[[], Gate]  # whether this worker takes new connections now (docs/architecture.md §14)
 

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +130,7 @@ class ServerHooks:
         self.board: Board | None = None
         self.slots: dict[int, int] = {}  # worker.age -> slot, for the workers alive now
         self.runtime: Runtime | None = None  # in a worker, from post_fork on
+        self.body_limits: Callable[[str], int] | None = None  # in a worker, once its app is built
         self.forks = 0  # workers forked by this master
         self.preimported = False  # the master has imported the model code (or tried)
 
@@ -253,9 +255,18 @@ class ServerHooks:
         """The worker's WSGI app, built with its runtime (``webapp.server.gthread`` calls this instead of importing
         an app by name)."""
         assert self.runtime is not None, "post_fork did not run"
-        from webapp.app import create_app  # inherited from the master (when_ready)
+        from webapp.api import bodies  # inherited from the master (when_ready)
+        from webapp.app import create_app
 
-        return create_app(self.runtime)
+        app = create_app(self.runtime)
+        self.body_limits = bodies.of(app)
+        return app
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a request to ``path`` may send: the worker's app's (``webapp.api.bodies``), which
+        ``webapp.server.gthread`` asks as a request's headers arrive (gunicorn builds the app before it
+        serves, so MAX_BODY_BYTES, the smaller, is never the answer in practice)."""
+        return self.body_limits(path) if self.body_limits is not None else self.settings.max_body_bytes
 
     def gate(self) -> Gate:
         """Whether this worker takes new connections now (``webapp.server.gthread`` asks on each pass of its

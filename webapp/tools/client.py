@@ -22,8 +22,8 @@ from typing import Any
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay, wait_exponential_jitter
 
+from webapp.api.fields import FIELDS
 from webapp.api.images import FORMATS
-from webapp.api.params import FIELDS
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 DEFAULT_URL = "http://127.0.0.1:8080"

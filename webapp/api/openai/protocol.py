@@ -18,19 +18,13 @@ from werkzeug.datastructures import FileStorage, MultiDict
 
 from webapp import errors
 from webapp.api import uploads
-from webapp.api.params import (
-    BY_NAME,
-    GenerationParams,
-    InvalidRequest,
-    RequestField,
-    adapters_of,
-    edit_values,
-    form_value,
-    generation_values,
-    seeds_from,
-    validate,
-)
+from webapp.api.fields import BY_NAME, RequestField
+from webapp.api.forms import form_value
+from webapp.api.params import adapters_of, edit_values, generation_values, seeds_from, validate
+from webapp.errors import InvalidRequest
 from webapp.model import adapters
+from webapp.model.profile import Limits
+from webapp.model.request import GenerationParams
 from webapp.settings import Settings
 
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
@@ -138,7 +132,7 @@ class ImageRequest:
 
     values: dict[str, object]
     size: tuple[int, int] | None  # None: the model's native size
-    limits: Settings  # what it was checked against
+    limits: Limits  # what it was checked against
 
     @property
     def stream(self) -> bool:
@@ -166,23 +160,20 @@ class ImageRequest:
     def adapters(self) -> tuple[tuple[str, float], ...]:
         """The request's ``loras``, and the adapter its ``model`` names (at scale 1), as vLLM serves a LoRA
         module listed by /v1/models."""
-        try:
-            loras = adapters_of(self.values.get("loras"), self.limits)  # type: ignore[arg-type]
-        except InvalidRequest as exc:  # 400, as OpenAI answers a bad param
-            raise InvalidRequest(400, exc.code, exc.message, exc.field) from None
+        loras = adapters_of(self.values.get("loras"), self.limits)  # type: ignore[arg-type]
         named = self.model
         listed = adapters.listing(self.limits.lora_dir) if named is not None else {}
         if named in listed and listed[named].problem:
             message = f"model: adapter {named!r} is refused: {listed[named].problem}"
-            raise InvalidRequest(400, errors.INVALID_FIELD, message, "model")
+            raise InvalidRequest(errors.INVALID_FIELD, message, "model")
         if named is not None and named in listed:
             if any(name == named for name, _ in loras):
                 message = f"model: names the adapter {named!r}, which loras names too; give it once"
-                raise InvalidRequest(400, errors.INVALID_FIELD, message, "model")
+                raise InvalidRequest(errors.INVALID_FIELD, message, "model")
             loras = ((named, 1.0), *loras)
         if len(loras) > self.limits.max_loras:
             message = f"at most MAX_LORAS={self.limits.max_loras} adapters, with the one model names"
-            raise InvalidRequest(400, errors.INVALID_FIELD, message, "loras")
+            raise InvalidRequest(errors.INVALID_FIELD, message, "loras")
         return loras
 
 
@@ -195,20 +186,17 @@ class EditRequest(ImageRequest):
 
     def params(self) -> GenerationParams:
         """What to draw: the generation's params with the edit's (``params.edit_values``: the upload decoded and
-        checked, at ``size`` or its own), against a loaded model's limits; 400 for a bad upload, as OpenAI
-        answers, 413 for one over MAX_UPLOAD_BYTES."""
+        checked, at ``size`` or its own), against a loaded model's limits: InvalidRequest for a bad upload
+        (answered 400 under /v1/, as OpenAI answers: ``errors.status_for``), 413 for one over MAX_UPLOAD_BYTES."""
         asked = super().params()
-        try:
-            edit = edit_values(
-                self.image,
-                self.mask,
-                self.values["strength"],  # type: ignore[arg-type]
-                self.size,
-                asked.num_inference_steps,
-                self.limits,
-            )
-        except InvalidRequest as exc:
-            raise InvalidRequest(400 if exc.status == 422 else exc.status, exc.code, exc.message, exc.field) from None
+        edit = edit_values(
+            self.image,
+            self.mask,
+            self.values["strength"],  # type: ignore[arg-type]
+            self.size,
+            asked.num_inference_steps,
+            self.limits,
+        )
         return GenerationParams(**{**vars(asked), **edit})
 
 
@@ -223,7 +211,7 @@ class EditForm:
 
 def _one(values: list[Any], name: str) -> Any:
     if len(values) > 1:
-        raise InvalidRequest(400, errors.INVALID_FIELD, f"{name}: given {len(values)} times; give it once", name)
+        raise InvalidRequest(errors.INVALID_FIELD, f"{name}: given {len(values)} times; give it once", name)
     return values[0]
 
 
@@ -237,19 +225,19 @@ def edit_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage], set
     for name in form:
         if name in EDIT_FILES:
             message = f"{name}: must be a file part (with a filename), not a text field"
-            raise InvalidRequest(400, errors.INVALID_FIELD, message, name.rstrip("[]"))
+            raise InvalidRequest(errors.INVALID_FIELD, message, name.rstrip("[]"))
         raw = _one(form.getlist(name), name)
         payload[name] = form_value(by_name[name], raw) if name in by_name else raw
     for name in files:
         if name not in EDIT_FILES:
             message = f"{name}: not a file this route takes (files: image, mask)"
-            raise InvalidRequest(400, errors.UNKNOWN_FIELD, message, name)
+            raise InvalidRequest(errors.UNKNOWN_FIELD, message, name)
     images = files.getlist("image") + files.getlist("image[]")
     if not images:
-        raise InvalidRequest(400, errors.MISSING_FIELD, "image: is required (a PNG, JPEG or WebP file part)", "image")
+        raise InvalidRequest(errors.MISSING_FIELD, "image: is required (a PNG, JPEG or WebP file part)", "image")
     if len(images) > 1:
         message = f"image: this server edits one image per request, got {len(images)}"
-        raise InvalidRequest(400, errors.INVALID_FIELD, message, "image")
+        raise InvalidRequest(errors.INVALID_FIELD, message, "image")
     masks = files.getlist("mask")
     mask = _read(_one(masks, "mask"), "mask", settings) if masks else None
     return EditForm(payload, _read(images[0], "image", settings), mask)
@@ -257,53 +245,48 @@ def edit_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage], set
 
 def _read(upload: FileStorage, name: str, settings: Settings) -> bytes:
     data = upload.stream.read(settings.max_upload_bytes + 1)
-    uploads.check_length(len(data), name, settings)
+    uploads.check_length(len(data), name, settings.max_upload_bytes)
     return data
 
 
-def _size(text: str, settings: Settings) -> tuple[int, int] | None:
+def _size(text: str, limits: Limits) -> tuple[int, int] | None:
     """``WxH`` checked against /generate's width and height declarations; None for auto."""
     if text == "auto":
         return None
     sides = tuple(int(side) for side in text.split("x"))
     for side, field in zip(sides, (BY_NAME["width"], BY_NAME["height"]), strict=True):
-        low, high = field.bounds(settings)
-        multiple = field.multiple(settings)
+        low, high = field.bounds(limits)
+        multiple = field.multiple(limits)
         assert low is not None and high is not None and multiple
         if not low <= side <= high or side % multiple:
             message = (
                 f"size: each side must be from {low:g} to {high:g} and a multiple of {multiple} (or auto), got {text!r}"
             )
-            raise InvalidRequest(400, errors.INVALID_FIELD, message, "size")
+            raise InvalidRequest(errors.INVALID_FIELD, message, "size")
     return sides  # type: ignore[return-value]
 
 
-def parse(payload: object, settings: Settings) -> ImageRequest:
-    """Validate a decoded body, or raise InvalidRequest: 400 for every problem, as OpenAI's API answers."""
-    try:
-        values = validate(TITLE, IMAGE_FIELDS, payload, settings)
-    except InvalidRequest as exc:
-        raise InvalidRequest(400, exc.code, exc.message, exc.field) from None
-    return ImageRequest(values, _size(str(values["size"]), settings), settings)
+def parse(payload: object, limits: Limits) -> ImageRequest:
+    """Validate a decoded body, or raise InvalidRequest (a 422 is answered 400 under /v1/, as OpenAI's API
+    answers: ``errors.status_for``)."""
+    values = validate(TITLE, IMAGE_FIELDS, payload, limits)
+    return ImageRequest(values, _size(str(values["size"]), limits), limits)
 
 
-def generation_params(payload: object, limits: Settings) -> GenerationParams:
+def generation_params(payload: object, limits: Limits) -> GenerationParams:
     """What to generate for a decoded body, checked against a loaded model's ``limits`` (``Engine.limits``):
     the parser ``jobs.admit`` takes for this route."""
     return parse(payload, limits).params()
 
 
-def parse_edit(form: EditForm, settings: Settings) -> EditRequest:
-    """Validate an edit's fields (400 for every problem, naming the param); its files are checked when its
-    params are made, against a loaded model's limits."""
-    try:
-        values = validate(EDIT_TITLE, EDIT_FIELDS, form.payload, settings)
-    except InvalidRequest as exc:
-        raise InvalidRequest(400, exc.code, exc.message, exc.field) from None
-    return EditRequest(values, _size(str(values["size"]), settings), settings, form.image, form.mask)
+def parse_edit(form: EditForm, limits: Limits) -> EditRequest:
+    """Validate an edit's fields (InvalidRequest naming the param, answered 400 under /v1/); its files are
+    checked when its params are made, against a loaded model's limits."""
+    values = validate(EDIT_TITLE, EDIT_FIELDS, form.payload, limits)
+    return EditRequest(values, _size(str(values["size"]), limits), limits, form.image, form.mask)
 
 
-def edit_params(form: object, limits: Settings) -> GenerationParams:
+def edit_params(form: object, limits: Limits) -> GenerationParams:
     """What to draw for an edit (an ``EditForm``), against a loaded model's ``limits``: the parser
     ``jobs.admit`` takes for /v1/images/edits."""
     assert isinstance(form, EditForm)

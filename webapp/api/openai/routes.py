@@ -23,11 +23,11 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from webapp import errors
-from webapp.api import auth, context, jobs
+from webapp.api import auth, bodies, context, jobs
+from webapp.api.fields import TIMEOUT_HEADER
 from webapp.api.openai import protocol
 from webapp.api.openai.protocol import ImageRequest
-from webapp.api.params import TIMEOUT_HEADER, InvalidRequest
-from webapp.errors import ApiError
+from webapp.errors import ApiError, InvalidRequest
 from webapp.model import adapters
 from webapp.model.request import GenerationParams
 from webapp.runtime import Runtime
@@ -80,7 +80,7 @@ def _check_model(asked: str | None, settings: Settings) -> None:
             f"model {asked!r} is not served here; this server serves {settings.model_name!r} and the LoRA "
             "adapters /v1/models lists"
         )
-        raise InvalidRequest(404, errors.MODEL_NOT_FOUND, message, "model")
+        raise InvalidRequest(errors.MODEL_NOT_FOUND, message, "model")
 
 
 @bp.get("/models")
@@ -137,7 +137,7 @@ def _stream(admitted: jobs.Admitted, kind: str) -> Response:
         try:
             finished = jobs.wait(admitted)
         except ApiError as exc:
-            yield jobs.event(errors.openai_error_body(exc.status, exc.code, exc.message, exc.field), "error")
+            yield jobs.event(exc.shaped(errors.OPENAI_PREFIX), "error")
             return
         answer = _answer(admitted, finished)
         for item in answer["data"]:
@@ -167,8 +167,8 @@ def generations() -> Response:
     runtime = _runtime()
     received = time.monotonic()
     try:
-        payload = jobs.read_json(runtime.settings)
-        image_request: ImageRequest = protocol.parse(payload, runtime.settings)
+        payload = jobs.read_json()
+        image_request: ImageRequest = protocol.parse(payload, runtime.limits)
         return _serve(runtime, received, image_request, payload, protocol.generation_params, "image_generation")
     except ApiError as exc:
         return exc.response()
@@ -194,6 +194,7 @@ def _serve(
 
 
 @bp.post("/images/edits")
+@bodies.takes_uploads
 @auth.required
 def edits() -> Response:
     """OpenAI's image edit: a multipart upload of one image (and a mask for inpainting) with a generation's
@@ -204,7 +205,7 @@ def edits() -> Response:
     try:
         form, files = jobs.read_form(runtime.settings)
         edit = protocol.edit_form(form, files, runtime.settings)
-        edit_request = protocol.parse_edit(edit, runtime.settings)
+        edit_request = protocol.parse_edit(edit, runtime.limits)
         return _serve(runtime, received, edit_request, edit, protocol.edit_params, "image_edit")
     except ApiError as exc:
         return exc.response()
