@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # No hub here: in-process loads (test_loading) must see offline mode whichever test module imports
 # huggingface_hub first, since it reads the variable once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread per process, in this process and every one it starts (servers, benches, scripts): the suite
+# runs on two processes (pytest-xdist) on two cores, and torch's default (a thread per core, per process,
+# spinning while it waits) made concurrent generations several times slower than the same work one thread
+# each. A server with two workers already gets one each (TORCH_THREADS=0 is cores / workers).
+os.environ.setdefault("TORCH_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 READY_DEADLINE_S = 240  # this host is noisy: a cold `import diffusers` has taken 38 s here
 
 
@@ -183,6 +189,10 @@ def server_env(model_cache: Path, workdir: Path, **overrides: str) -> dict[str, 
         LOAD_BACKOFF_INITIAL="0.2",
         LOAD_BACKOFF_MAX="1",
         GRACEFUL_TIMEOUT="5",
+        # The master's import of the model code after the first fork (docs/architecture.md §13) only pays off
+        # when a worker is replaced; elsewhere it is a third process importing torch beside the two workers.
+        # The tests that replace workers, and the shared ready_server, run with the default (1).
+        MASTER_PREIMPORT="0",
     )
     env.update(overrides)
     return env
@@ -220,7 +230,7 @@ def running_server(model_cache: Path, workdir: Path, **overrides: str) -> Iterat
 def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A two-worker server on the default model, READY, shared by every module's read-only tests (one start
     instead of one per module: no test that takes it may break a worker, and its counts only grow)."""
-    with running_server(model_cache, tmp_path_factory.mktemp("ready-server")) as server:
+    with running_server(model_cache, tmp_path_factory.mktemp("ready-server"), MASTER_PREIMPORT="1") as server:
         yield server
 
 
@@ -235,3 +245,25 @@ def keyed_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
         model_cache, tmp_path_factory.mktemp("keyed-server"), WEB_CONCURRENCY="1", API_KEYS=f"{API_KEY},second-key"
     ) as server:
         yield server
+
+
+# Modules whose tests watch timing (probes while clients stall, heartbeats a fraction of a second apart, a load
+# balancer's checks, Prometheus' scrapes): under pytest-xdist they share one group, so they never run against
+# each other.
+TIMING_MODULES = frozenset({"test_slow_clients", "test_faults", "test_loadbalancer", "test_autoscaling"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """xdist groups: the timing modules share one; a module whose tests share a module-scoped server is one
+    group, so that server starts once rather than in each process; any other test goes wherever is free."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in TIMING_MODULES:
+            item.add_marker(pytest.mark.xdist_group("timing"))
+        elif _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.m
 
 
 def test_the_suite_prints_its_table_and_finds_no_false_readiness():
-    command = [sys.executable, "bench/suite.py", "--images", "3", "--samples", "30", "--seconds", "2", "--runs", "1"]
+    command = [sys.executable, "bench/suite.py", "--images", "2", "--samples", "10", "--seconds", "1", "--runs", "1"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
@@ -39,7 +39,7 @@ def test_the_suite_prints_its_table_and_finds_no_false_readiness():
 
 
 def test_the_slow_client_bench_prints_its_rows_and_no_probe_fails():
-    command = [sys.executable, "bench/slowclients.py", "--seconds", "2", "--connections", "10", "--skip-stock"]
+    command = [sys.executable, "bench/slowclients.py", "--seconds", "1", "--connections", "5", "--skip-stock"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| this server")]
@@ -79,7 +79,7 @@ def test_the_quality_bench_checks_its_analyzer_and_prints_a_row_per_model(tmp_pa
 
 
 def test_the_scaling_bench_prints_a_row_per_load_and_sets_the_policy_beside_them():
-    command = [sys.executable, "bench/scaling.py", "--seconds", "2"]
+    command = [sys.executable, "bench/scaling.py", "--seconds", "1"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
@@ -104,7 +104,7 @@ def test_the_gpu_bench_measures_each_family_through_the_servers_own_path():
 
 
 def test_the_probe_bench_prints_both_priorities_and_the_images_they_drew():
-    command = [sys.executable, "bench/probes.py", "--rounds", "1", "--samples", "20", "--seconds", "3"]
+    command = [sys.executable, "bench/probes.py", "--rounds", "1", "--samples", "10", "--seconds", "2"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| 10 ", "| 0 "))]

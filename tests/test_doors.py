@@ -169,3 +169,51 @@ def test_every_error_the_app_answers_by_itself_carries_a_declared_code(tmp_path)
         (404, "not_found"),
     ], codes
     assert {code for _, code in codes} <= declared
+
+
+PROBES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v2/models/any/ready")
+
+
+def test_every_error_on_every_route_carries_a_declared_code_at_its_declared_status(tmp_path):
+    """Each rule and method of the real app, sent an empty body, a body of the wrong type, broken JSON and an
+    object, in process: every error answer names a code declared in webapp.errors, with the status that code
+    declares (a 422 as OpenAI's 400 under /v1/, ``errors.status_for``). No route may make up a code or a
+    status of its own (before, /v1/ answered a bad X-Request-Timeout with 422)."""
+    from webapp import errors
+
+    declared = {str(code): code for code in errors.CODES}
+    rules, _ = url_rules(Settings.from_env({}), tmp_path)
+    board = Board.create(tmp_path, capacity=1, expected_workers=1)
+    seen: set[tuple[str, int]] = set()
+    try:
+        client = create_app(Runtime(Settings.from_env({}), board, Lifecycle(board, 0), None)).test_client()
+        bodies_ = [
+            {},
+            {"data": b"x", "content_type": "text/plain"},
+            {"data": b"{", "content_type": "application/json"},
+            {"json": {"prompt": "x"}, "headers": {"X-Request-Timeout": "soon"}},
+            {"data": b"--x--", "content_type": "multipart/form-data"},
+        ]
+        for rule, methods in rules:
+            path = rule.replace("<path:model>", "any").replace("<path:name>", "any")
+            for method in [*methods, "PATCH"]:
+                for body in bodies_:
+                    answer = client.open(path, method=method, **body)
+                    if answer.status_code < 400:
+                        continue
+                    if answer.mimetype == "text/html":  # the demo's page, its error shown in the form
+                        assert path in ("/", "/demo"), (method, path, answer.status_code)
+                        continue
+                    if "error" not in answer.json:  # a probe's verdict (the server is not ready), not an error
+                        assert path in PROBES, (method, path, answer.status_code, answer.json)
+                        continue
+                    code = declared.get(answer.json["error"]["code"])
+                    assert code is not None, (method, path, answer.json)
+                    own = answer.status_code if code.status is None else code.status
+                    assert answer.status_code == errors.status_for(own, path), (method, path, answer.json)
+                    seen.add((str(code), answer.status_code))
+    finally:
+        board.remove()
+    assert {"method_not_allowed", "unsupported_media_type", "bad_json", "bad_multipart", "not_ready"} <= {
+        code for code, _ in seen
+    }, seen

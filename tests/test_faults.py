@@ -5,6 +5,7 @@ Each test prints what it measured (run pytest with -s to see the lines starting 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -15,6 +16,14 @@ import pytest
 import requests
 
 from tests.conftest import process_state, wait_for
+
+
+@pytest.fixture
+def start_server(start_server):
+    """This module's servers replace workers, so their masters pre-import the model code, as by default
+    (tests/conftest.py turns it off for the rest)."""
+    return functools.partial(start_server, MASTER_PREIMPORT="1")
+
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 

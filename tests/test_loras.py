@@ -208,7 +208,9 @@ def test_v1_models_lists_each_adapter_and_a_model_naming_one_draws_with_it(serve
         client.images.generate(model="daylight", prompt=PROMPT)
 
 
-def test_the_cache_evicts_the_least_recently_used_and_timings_say_what_loading_cost(server):
+def test_the_cache_evicts_the_least_recently_used_and_timings_say_what_loading_cost(server, lora_dir):
+    shutil.copy(NIGHT, lora_dir / "third.safetensors")  # its own third adapter: no other test's leftovers
+
     def events(kind: str) -> float:
         return server.metrics().value("honest_diffusion_lora_cache_total", event=kind)
 
@@ -216,7 +218,7 @@ def test_the_cache_evicts_the_least_recently_used_and_timings_say_what_loading_c
     loads = [draw(server, [{"name": name}])[2]["timings"]["adapter_load_ms"] for name in ("night", "night-folder")]
     again = draw(server, [{"name": "night-folder"}])[2]["timings"]["adapter_load_ms"]
     assert again == 0, "a held adapter costs no load"
-    draw(server, [{"name": "dropped"}])  # a third adapter in a cache of two: the least recently used goes
+    draw(server, [{"name": "third"}])  # a third adapter in a cache of two: the least recently used goes
     assert events("eviction") > evictions
     assert all(load >= 0 for load in loads)
     assert (

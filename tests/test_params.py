@@ -8,10 +8,16 @@ import pytest
 from webapp.api.fields import FIELDS
 from webapp.api.forms import form_fields
 from webapp.api.params import parse, timeout_from_header
-from webapp.api.schema import request_schema
+from webapp.api.schema import model_of
 from webapp.errors import InvalidRequest
 from webapp.model.profile import Limits, profile
 from webapp.settings import Settings
+
+
+def generate_schema(limits):
+    """The JSON Schema of a /generate body under ``limits``, as /openapi.json carries it."""
+    return model_of("GenerateRequest", FIELDS, limits).model_json_schema()
+
 
 SETTINGS = Settings.from_env({"MAX_STEPS": "30", "DEFAULT_STEPS": "10", "MAX_IMAGES": "2"})
 # The limits a request meets once an SD 1.x model of native size 64x64 is loaded.
@@ -19,7 +25,7 @@ LIMITS = Limits.of(SETTINGS, profile("StableDiffusionPipeline", (64, 64), 8, Non
 
 
 def test_the_json_schema_has_every_declared_field_with_the_limits_of_the_settings():
-    schema = request_schema(Limits.before_load(SETTINGS))
+    schema = generate_schema(Limits.before_load(SETTINGS))
     assert list(schema["properties"]) == [field.name for field in FIELDS]
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     steps = schema["properties"]["num_inference_steps"]

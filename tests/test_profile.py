@@ -7,12 +7,19 @@ from __future__ import annotations
 import pytest
 
 from webapp import errors
+from webapp.api.fields import FIELDS
 from webapp.api.openai.protocol import parse as parse_openai
 from webapp.api.params import parse
-from webapp.api.schema import request_schema
+from webapp.api.schema import model_of
 from webapp.errors import InvalidRequest
 from webapp.model.profile import CannotServe, Limits, choose_dtype, family_of, profile
 from webapp.settings import Settings
+
+
+def generate_schema(limits):
+    """The JSON Schema of a /generate body under ``limits``, as /openapi.json carries it."""
+    return model_of("GenerateRequest", FIELDS, limits).model_json_schema()
+
 
 SETTINGS = Settings.from_env({"MODEL_ID": "/models/any", "MAX_IMAGE_SIZE": "256"})
 FLUX_DEV = profile("FluxPipeline", (1024, 1024), 16, None, "bfloat16", guidance_embeds=True)
@@ -38,7 +45,7 @@ def test_a_side_off_the_models_multiple_is_refused_naming_the_field_and_the_mult
         parse_openai({"prompt": "x", "size": "1000x1000"}, limits)
     answered = errors.status_for(refused_openai.value.status, errors.OPENAI_PREFIX)  # as the route answers it
     assert answered == 400 and "multiple of 16" in refused_openai.value.message
-    schema = request_schema(limits)["properties"]["width"]
+    schema = generate_schema(limits)["properties"]["width"]
     assert {"type": "integer", "minimum": 64, "maximum": 1024, "multipleOf": 16} in schema["anyOf"]
     assert schema["default"] == 1024
 
@@ -53,7 +60,7 @@ def test_flux_refuses_a_negative_prompt_and_schnell_a_guidance_scale_by_name():
     with pytest.raises(InvalidRequest) as refused:
         parse({"prompt": "x", "negative_prompt": "blur"}, dev)
     assert refused.value.field == "negative_prompt" and "true classifier-free guidance" in str(refused.value)
-    assert "negative_prompt" not in request_schema(dev)["properties"]
+    assert "negative_prompt" not in generate_schema(dev)["properties"]
     assert parse({"prompt": "x", "negative_prompt": None}, dev).negative_prompt is None  # null is absent
     schnell = Limits.of(SETTINGS, FLUX_SCHNELL)
     with pytest.raises(InvalidRequest) as refused:

@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import wait_for
+from tests.conftest import running_server, wait_for
 from tests.test_faults import LONG_JOB, Background, in_flight
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
@@ -20,11 +20,25 @@ ONE_WORKER = {"WEB_CONCURRENCY": "1"}
 P = "honest_diffusion_"
 
 
+@pytest.fixture(scope="module")
+def server(model_cache, tmp_path_factory):
+    """One worker for the deadline and batching tests, which each wait until it is idle again, and read its
+    counters as differences: a job queued behind a running one waits whatever MAX_BATCH_SIZE is (a running
+    call is never joined)."""
+    with running_server(model_cache, tmp_path_factory.mktemp("traffic"), REQUEST_TIMEOUT="30", **ONE_WORKER) as server:
+        yield server
+
+
+def idle(server):
+    row = server.workers()[0]
+    return row if row["in_flight"] == 0 and row["queued"] == 0 else None
+
+
 def test_overload_at_four_times_capacity_sheds_at_once_and_serves_every_accepted_request(start_server):
     # Capacity 3 jobs (1 running + 2 waiting); 12 requests arrive together.
     server = start_server(**ONE_WORKER, MAX_ONGOING="1", MAX_QUEUED="2", MAX_BATCH_SIZE="1", THREADS="16")
     server.wait_ready()
-    job = {"prompt": "crowd", "num_inference_steps": 20, "seed": 1}
+    job = {"prompt": "crowd", "num_inference_steps": 10, "seed": 1}
     requests_ = [Background(server, job, timeout=120) for _ in range(12)]
 
     health_codes: list[int] = []
@@ -66,10 +80,10 @@ def test_overload_at_four_times_capacity_sheds_at_once_and_serves_every_accepted
     assert metrics.value(P + "batch_images_bucket", le="1.0") == len(accepted)
 
 
-def test_a_job_whose_deadline_passes_in_the_queue_is_dropped_unrun(start_server):
-    server = start_server(**ONE_WORKER, MAX_BATCH_SIZE="1")
-    server.wait_ready()
+def test_a_job_whose_deadline_passes_in_the_queue_is_dropped_unrun(server):
+    wait_for(lambda: idle(server), 60, "the worker to be idle")
     served_before = server.workers()[0]["served"]
+    before = server.metrics()
     long = Background(server, LONG_JOB)
     wait_for(lambda: in_flight(server), 60, "the long job to start")
 
@@ -80,21 +94,18 @@ def test_a_job_whose_deadline_passes_in_the_queue_is_dropped_unrun(start_server)
 
     assert long.wait(120).status_code == 200
 
-    def idle():
-        row = server.workers()[0]
-        return row if row["in_flight"] == 0 and row["queued"] == 0 else None
-
-    row = wait_for(idle, 30, "the worker to be idle")
+    row = wait_for(lambda: idle(server), 30, "the worker to be idle")
     assert row["served"] == served_before + 1, "the expired job must never have run"
     metrics = server.metrics()
-    assert metrics.value(P + "jobs_timed_out_total", phase="queued") == 1
-    assert metrics.value(P + "jobs_timed_out_total", phase="running") == 0
+    for phase, more in (("queued", 1), ("running", 0)):
+        counted = metrics.value(P + "jobs_timed_out_total", phase=phase)
+        assert counted == before.value(P + "jobs_timed_out_total", phase=phase) + more, phase
 
 
-def test_a_running_job_past_its_deadline_is_interrupted_between_steps(start_server):
-    server = start_server(**ONE_WORKER)
-    server.wait_ready()
+def test_a_running_job_past_its_deadline_is_interrupted_between_steps(server):
+    wait_for(lambda: idle(server), 60, "the worker to be idle")
     served_before = server.workers()[0]["served"]
+    before = server.metrics()
     response = server.post("/generate", json=LONG_JOB, headers={"X-Request-Timeout": "1"})
     assert response.status_code == 504
     assert "while running" in response.json()["error"]["message"]
@@ -103,15 +114,16 @@ def test_a_running_job_past_its_deadline_is_interrupted_between_steps(start_serv
     assert "event=batch_interrupted" in server.log_tail(300)
     assert server.workers()[0]["served"] == served_before
     metrics = server.metrics()
-    assert metrics.value(P + "jobs_timed_out_total", phase="running") == 1
-    assert metrics.value(P + "generation_duration_seconds_count", outcome="interrupted") == 1
+    for name, labels in (
+        ("jobs_timed_out_total", {"phase": "running"}),
+        ("generation_duration_seconds_count", {"outcome": "interrupted"}),
+    ):
+        assert metrics.value(P + name, **labels) == before.value(P + name, **labels) + 1, name
     after = server.post("/generate", json={"prompt": "next", "num_inference_steps": 1})
     assert after.status_code == 200
 
 
-def test_deadlines_above_request_timeout_are_refused_not_clamped(start_server):
-    server = start_server(**ONE_WORKER, REQUEST_TIMEOUT="30")
-    server.wait_ready()
+def test_deadlines_above_request_timeout_are_refused_not_clamped(server):
     body = server.post("/generate", json={"prompt": "x", "timeout_s": 31}).json()
     assert body["error"]["field"] == "timeout_s" and "REQUEST_TIMEOUT=30" in body["error"]["message"]
     header = server.post("/generate", json={"prompt": "x"}, headers={"X-Request-Timeout": "soon"})
@@ -124,10 +136,9 @@ def decode(response_json) -> np.ndarray:
         return np.asarray(png.convert("RGB"), dtype=np.int16)
 
 
-def test_a_seed_gives_the_same_image_alone_or_in_a_batch(start_server):
-    server = start_server(**ONE_WORKER, MAX_BATCH_SIZE="4")
-    server.wait_ready()
-    # Three compatible jobs queue behind a long one, so they share the next pipeline call.
+def test_a_seed_gives_the_same_image_alone_or_in_a_batch(server):
+    wait_for(lambda: idle(server), 60, "the worker to be idle")
+    # Three compatible jobs queue behind a long one, so they share the next pipeline call (MAX_BATCH_SIZE: 4).
     long = Background(server, LONG_JOB)
     wait_for(lambda: in_flight(server), 60, "the long job to start")
     jobs = [{"prompt": f"lamp {seed}", "num_inference_steps": 3, "seed": seed} for seed in (5, 6, 7)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -11,6 +12,14 @@ import pytest
 import requests
 
 from tests.conftest import READY_DEADLINE_S, process_state, wait_for
+
+
+@pytest.fixture
+def start_server(start_server):
+    """This module's servers replace workers, so their masters pre-import the model code, as by default
+    (tests/conftest.py turns it off for the rest)."""
+    return functools.partial(start_server, MASTER_PREIMPORT="1")
+
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
 

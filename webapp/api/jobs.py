@@ -29,7 +29,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from webapp import errors
-from webapp.api import bodies, context
+from webapp.api import answers, bodies, context
 from webapp.api.images import encode
 from webapp.api.params import parse, timeout_from_header
 from webapp.engine.core import (
@@ -285,41 +285,37 @@ def answer(admitted: Admitted, images: list[Any]) -> tuple[dict[str, Any], list[
     params = admitted.params
     data = encoded(admitted, images)
     key = f"{params.output_format}_base64"
-    body = {
-        "images": [
-            {"seed": seed, key: base64.b64encode(item).decode("ascii")}
+    body = answers.GenerateResponse(
+        images=[
+            answers.Image.model_validate({"seed": seed, key: base64.b64encode(item).decode("ascii")})
             for seed, item in zip(params.seeds, data, strict=True)
         ],
-        "output_format": params.output_format,
-        "width": params.width,
-        "height": params.height,
-        "num_inference_steps": params.num_inference_steps,
-        "guidance_scale": params.guidance_scale,
-        "timings": timings(admitted),
-        "batch": batch(admitted),
-        "worker": worker(admitted),
-    }
-    if params.mode != "text":
-        body["edit"] = edit(params)
-    return body, data
+        output_format=params.output_format,
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        timings=timings(admitted),
+        batch=batch(admitted),
+        worker=worker(admitted),
+        edit=edit(params),
+    )
+    return body.body(), data
 
 
-def edit(params: GenerationParams) -> dict[str, Any]:
-    """What an edit did: its mode, strength, the steps that ran, and the input's size as uploaded (the image
-    was resized when it differs from the answer's width and height)."""
-    assert params.input_size is not None
-    return {
-        "mode": params.mode,
-        "strength": params.strength,
-        "denoising_steps": params.steps_run,
-        "input_size": f"{params.input_size[0]}x{params.input_size[1]}",
-    }
+def edit(params: GenerationParams) -> answers.Edit | None:
+    """What an edit did, once its upload is decoded (None for text-to-image)."""
+    mode, size = params.mode, params.input_size
+    if mode == "text" or size is None:
+        return None
+    return answers.Edit(
+        mode=mode, strength=params.strength, denoising_steps=params.steps_run, input_size=f"{size[0]}x{size[1]}"
+    )
 
 
-def batch(admitted: Admitted) -> dict[str, int]:
-    """The pipeline call the job rode in: how many jobs and images it held."""
-    return {"jobs": admitted.job.batch_jobs, "images": admitted.job.batch_images}
+def batch(admitted: Admitted) -> answers.Batch:
+    return answers.Batch(jobs=admitted.job.batch_jobs, images=admitted.job.batch_images)
 
 
-def worker(admitted: Admitted) -> dict[str, int]:
-    return {"slot": admitted.runtime.slot, "pid": os.getpid()}
+def worker(admitted: Admitted) -> answers.Worker:
+    return answers.Worker(slot=admitted.runtime.slot, pid=os.getpid())

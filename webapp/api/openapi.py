@@ -3,8 +3,9 @@
 
 Request bodies are the JSON Schemas of the same pydantic models that validate requests
 (``schema.model_of`` over ``fields.FIELDS`` and ``protocol.IMAGE_FIELDS``), so every limit is the
-one this server enforces now. Which routes need an API key comes from the views themselves
-(``auth.required`` marks them). The answers' shapes and status codes are declared once, here; a test
+one this server enforces now. The answers are the JSON Schemas of the typed models the routes build
+(``webapp.api.answers``), the errors' of ``webapp.errors``. Which routes need an API key comes from the views
+themselves (``auth.required`` marks them); the status codes of each operation are declared here. A test
 checks that every rule in Flask's URL map is described, and schemathesis checks the server's answers
 against this document.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from webapp.api import auth, context, images
+from webapp.api import answers, auth, context, images
 from webapp.api.fields import FIELDS, TIMEOUT_HEADER, RequestField
 from webapp.api.health import OIP_FALSE
 from webapp.api.jobs import JSON, MULTIPART
@@ -147,12 +148,10 @@ def _error_schemas() -> dict[str, Any]:
 
 
 def _answer_schemas() -> dict[str, Any]:
-    """The answers that are not errors, besides /v1/models' (``_model_schemas``)."""
-    timings = {"type": "object", "additionalProperties": {"type": "number"}}
+    """The answers that are not errors: the probes' (the readiness verdict's rows), and the JSON Schemas of
+    the typed answers the routes build (``webapp.api.answers``), their nested models beside them."""
     worker = {"type": "object", "properties": {"state": {"type": "string"}, "slot": {"type": "integer"}}}
-    image_keys = {f"{name}_base64": {"type": "string", "contentEncoding": "base64"} for name in images.FORMATS}
-    edit = _ref("Edit")  # EDIT_ANSWER
-    return {
+    found: dict[str, Any] = {
         "Health": {
             "type": "object",
             "required": ["status", "reason", "policy", "required_ready", "workers"],
@@ -164,90 +163,16 @@ def _answer_schemas() -> dict[str, Any]:
                 "workers": {"type": "array", "items": worker},
             },
         },
-        "GenerateResponse": {
-            "type": "object",
-            "required": ["images", "output_format", "width", "height", "timings", "batch", "worker"],
-            "properties": {
-                "images": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["seed"],
-                        "properties": {"seed": {"type": "integer"}, **image_keys},
-                    },
-                },
-                "output_format": {"enum": list(images.FORMATS)},
-                "width": {"type": "integer"},
-                "height": {"type": "integer"},
-                "num_inference_steps": {"type": "integer"},
-                "guidance_scale": {"type": "number"},
-                "timings": timings,
-                "batch": {"type": "object"},
-                "worker": {"type": "object"},
-                "edit": edit,
-            },
-        },
-        "ImagesResponse": {
-            "type": "object",
-            "required": ["created", "data", "output_format", "size"],
-            "properties": {
-                "created": {"type": "integer"},
-                "data": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["b64_json", "seed"],
-                        "properties": {"b64_json": {"type": "string"}, "seed": {"type": "integer"}},
-                    },
-                },
-                "background": {"enum": ["opaque"]},
-                "output_format": {"enum": list(images.FORMATS)},
-                "size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"},
-                "timings": timings,
-                "edit": edit,
-            },
-        },
     }
+    for answer in answers.ANSWERS:
+        schema = answer.model_json_schema(ref_template=REF_TEMPLATE)
+        found.update(schema.pop("$defs", {}))
+        found[answer.__name__] = schema
+    return found
 
 
-EDIT_ANSWER = {  # what an edit did (jobs.edit)
-    "type": "object",
-    "required": ["mode", "strength", "denoising_steps", "input_size"],
-    "properties": {
-        "mode": {"enum": ["image", "inpaint"]},
-        "strength": {"type": "number"},
-        "denoising_steps": {"type": "integer"},
-        "input_size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"},
-    },
-}
-
-
-def _model_schemas(model_name: str) -> dict[str, Any]:
-    """/v1/models' answers: the served model, and each LoRA adapter as a model whose parent it is."""
-    return {
-        "Model": {
-            "type": "object",
-            "required": ["id", "object", "created", "owned_by"],
-            "properties": {
-                "id": {"type": "string", "description": f"{model_name}, or a LoRA adapter in LORA_DIR"},
-                "object": {"const": "model"},
-                "created": {"type": "integer"},
-                "owned_by": {"type": "string"},
-                "parent": {"const": model_name, "description": "An adapter's base model"},
-                "root": {"type": "string"},
-            },
-        },
-        "ModelList": {
-            "type": "object",
-            "required": ["object", "data"],
-            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
-        },
-    }
-
-
-def _component_schemas(limits: Limits, model_name: str) -> dict[str, Any]:
-    answers = {**_answer_schemas(), "Edit": EDIT_ANSWER, **_model_schemas(model_name)}
-    return {**_request_schemas(limits), **_error_schemas(), **answers}
+def _component_schemas(limits: Limits) -> dict[str, Any]:
+    return {**_request_schemas(limits), **_error_schemas(), **_answer_schemas()}
 
 
 def _timeout_header(limits: Limits) -> dict[str, Any]:
@@ -470,7 +395,7 @@ def document(app: Flask, limits: Limits, model_name: str, keys_required: bool) -
         },
         "paths": paths,
         "components": {
-            "schemas": _component_schemas(limits, model_name),
+            "schemas": _component_schemas(limits),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},

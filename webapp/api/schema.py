@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
-from webapp.api.fields import FIELDS, LOSSY_ONLY, TEXT_PATTERN, RequestField
+from webapp.api.fields import LOSSY_ONLY, TEXT_PATTERN, RequestField
 from webapp.model import adapters
 from webapp.model.profile import Limits
 
@@ -94,13 +94,3 @@ def model_of(title: str, fields: tuple[RequestField, ...], limits: Limits) -> ty
 def taken(fields: tuple[RequestField, ...], limits: Limits) -> tuple[RequestField, ...]:
     """The ``fields`` the model under ``limits`` takes."""
     return tuple(field for field in fields if field.taken(limits))
-
-
-def request_model(limits: Limits) -> type[BaseModel]:
-    """The model of a /generate request under ``limits``."""
-    return model_of("GenerateRequest", FIELDS, limits)
-
-
-def request_schema(limits: Limits) -> dict[str, Any]:
-    """The JSON Schema of a /generate request body under ``limits``."""
-    return request_model(limits).model_json_schema()

@@ -1,20 +1,10 @@
 """A worker's state on the board, and the one place that changes it (docs/architecture.md §2).
 
-    transition                        made by                 when
-    EMPTY|DEAD -> STARTING            master  assign()        pre_fork: a fresh record; the crash streak stays
-    STARTING -> LOADING               worker  loading()       attempt 1 begins (after any respawn backoff)
-    LOADING|WARMING -> LOADING        worker  loading()       the next attempt, after a transient error
-    LOADING -> WARMING                worker  warming()       loaded; the one-step warm-up runs
-    WARMING -> READY                  worker  ready()         the warm-up passed; the crash streak ends
-    STARTING|LOADING|WARMING -> FAILED  worker  failed()      the load cannot succeed (or the worker could not start)
-    READY|DRAINING -> UNHEALTHY       worker  unhealthy()     fatal device error, failure streak, stalled step
-    STARTING..READY -> DRAINING       worker  draining()      shutdown: finish what is held, take nothing new
-    any -> DEAD                       master  bury()          child_exit; a death before READY grows the streak
-
-Each transition is written to the board, logged once (event ``state``; level error for FAILED and
-UNHEALTHY, warning for a death that was not a shutdown) and counted once (``worker_state_changes_total``).
-A transition the table does not allow is refused and changes nothing: a load that ends during shutdown must
-not turn a DRAINING worker READY again.
+``TRANSITIONS`` declares each transition once: from which states, to which, made by whom and when (the table
+in docs/architecture.md §2 is written from it, and ``ALLOWED`` is derived from it). Each transition is written
+to the board, logged once (event ``state``; level error for FAILED and UNHEALTHY, warning for a death that was
+not a shutdown) and counted once (``worker_state_changes_total``). A transition the table does not allow is
+refused and changes nothing: a load that ends during shutdown must not turn a DRAINING worker READY again.
 
 The crash streak (deaths in a row of a slot's workers before READY) lives here too: ``bury`` grows it,
 ``assign`` carries it to the slot's next worker, ``ready`` ends it, and ``respawn_delay`` turns it into the
@@ -26,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 from webapp.board.slots import Board, SlotRecord, State
 from webapp.telemetry import logs
@@ -34,16 +25,60 @@ from webapp.telemetry.recorder import recorder
 log = logs.get(__name__)
 
 LOADING_STATES = frozenset({State.STARTING, State.LOADING, State.WARMING})
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Any of ``sources`` may become ``to``, written by ``by`` (the master or the worker, through the function
+    named) ``when`` it says."""
+
+    sources: tuple[State, ...]
+    to: State
+    by: str
+    when: str
+
+
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(
+        (State.EMPTY, State.DEAD),
+        State.STARTING,
+        "master `assign()`",
+        "pre_fork: a fresh record; the crash streak stays",
+    ),
+    Transition((State.STARTING,), State.LOADING, "worker `loading()`", "attempt 1 begins (after any respawn backoff)"),
+    Transition(
+        (State.LOADING, State.WARMING), State.LOADING, "worker `loading()`", "the next attempt, after a transient error"
+    ),
+    Transition((State.LOADING,), State.WARMING, "worker `warming()`", "loaded; the one-step warm-up runs"),
+    Transition((State.WARMING,), State.READY, "worker `ready()`", "the warm-up passed; the crash streak ends"),
+    Transition(
+        (*LOADING_STATES,),
+        State.FAILED,
+        "worker `failed()`",
+        "the load cannot succeed (or the worker could not start): it stays alive, answering 503 with its error",
+    ),
+    Transition(
+        (State.READY, State.DRAINING),
+        State.UNHEALTHY,
+        "worker `unhealthy()`",
+        "fatal device error, failure streak, stalled step: it exits through its own SIGTERM",
+    ),
+    Transition(
+        (*LOADING_STATES, State.READY),
+        State.DRAINING,
+        "worker `draining()`",
+        "shutdown: finish what is held, take nothing new (a load that ends now is refused READY)",
+    ),
+    Transition(
+        tuple(state for state in State if state not in (State.EMPTY, State.DEAD)),
+        State.DEAD,
+        "master `bury()`",
+        "child_exit; a death before READY grows the crash streak",
+    ),
+)
+# What each state may become: a transition not in TRANSITIONS is refused and changes nothing.
 ALLOWED: dict[State, frozenset[State]] = {
-    State.EMPTY: frozenset({State.STARTING}),
-    State.DEAD: frozenset({State.STARTING}),
-    State.STARTING: frozenset({State.LOADING, State.FAILED, State.DRAINING, State.DEAD}),
-    State.LOADING: frozenset({State.LOADING, State.WARMING, State.FAILED, State.DRAINING, State.DEAD}),
-    State.WARMING: frozenset({State.LOADING, State.READY, State.FAILED, State.DRAINING, State.DEAD}),
-    State.READY: frozenset({State.UNHEALTHY, State.DRAINING, State.DEAD}),
-    State.FAILED: frozenset({State.DEAD}),
-    State.UNHEALTHY: frozenset({State.DEAD}),
-    State.DRAINING: frozenset({State.UNHEALTHY, State.DEAD}),
+    state: frozenset(t.to for t in TRANSITIONS if state in t.sources) for state in State
 }
 _SHOWN = ("attempt", "error", "device", "model")  # the fields a state line carries when they change
 

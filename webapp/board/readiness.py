@@ -22,7 +22,16 @@ from webapp.telemetry import logs
 log = logs.get(__name__)
 
 PF_EXITING = 0x4  # include/linux/sched.h: the task is exiting
-STALLED = "generation stalled"
+
+
+class Distrust(enum.Enum):
+    """Why a reader does not believe a worker's record, whatever state it says."""
+
+    TORN = "slot record torn"
+    GONE = "pid gone"
+    STALE = "heartbeat stale"
+    STALLED = "generation stalled"  # alive, but its running call has made no step for STALL_TIMEOUT
+
 
 # States from which a worker can still become ready without a restart (liveness holds).
 
@@ -60,7 +69,8 @@ class WorkerView:
 
     slot: int
     record: SlotRecord
-    problem: str  # empty when the record can be trusted; else why this worker counts as gone
+    problem: str  # empty when the record can be trusted; else why this worker counts as gone, in words
+    distrust: Distrust | None = None  # the kind of ``problem``
 
     @property
     def ready(self) -> bool:
@@ -123,17 +133,21 @@ def view_workers(
     for slot, record in enumerate(records):
         if record.state is State.EMPTY:
             continue
-        problem = ""
+        problem, distrust = "", None
         if record.state is not State.DEAD:
             if record.torn:
                 problem = "slot record torn: its writer stopped mid-write, or it fails its checksum"
+                distrust = Distrust.TORN
             elif record.pid and not is_alive(record.pid):
-                problem = f"pid {record.pid} is gone"
+                problem, distrust = f"pid {record.pid} is gone", Distrust.GONE
             elif record.heartbeat_mono and now - record.heartbeat_mono > heartbeat_timeout:
                 problem = f"heartbeat {now - record.heartbeat_mono:.1f} s old (limit {heartbeat_timeout:g} s)"
+                distrust = Distrust.STALE
             elif record.in_flight and record.last_step_mono and now - record.last_step_mono > stall_timeout:
-                problem = STALLED + f" for {now - record.last_step_mono:.1f} s (limit {stall_timeout:g} s)"
-        views.append(WorkerView(slot, record, problem))
+                stalled_s = now - record.last_step_mono
+                problem = f"{Distrust.STALLED.value} for {stalled_s:.1f} s (limit {stall_timeout:g} s)"
+                distrust = Distrust.STALLED
+        views.append(WorkerView(slot, record, problem, distrust))
     return views
 
 
@@ -187,7 +201,7 @@ def judge(
     live = [w for w in workers if w.record.state is not State.DEAD]
 
     broken = [w for w in live if w.record.state in (State.FAILED, State.UNHEALTHY) and not w.problem]
-    stalled = [w for w in live if w.problem.startswith(STALLED)]
+    stalled = [w for w in live if w.distrust is Distrust.STALLED]
     looping = [w for w in workers if w.record.crashes >= crash_limit]
     alive_brief = ""
     if not master_alive:

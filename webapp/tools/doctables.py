@@ -1,5 +1,6 @@
 """The docs' tables, derived from the declarations: the settings (``webapp.settings``), the request fields
-(``webapp.api.fields``, /generate's and OpenAI's) and the error codes (``webapp.errors``). A test compares
+(``webapp.api.fields``, /generate's and OpenAI's), the error codes (``webapp.errors``) and a worker's state
+transitions (``webapp.board.lifecycle``). A test compares
 each with the docs; ``python -m webapp.tools.doctables`` writes them into the docs after a declaration
 changes.
 """
@@ -32,10 +33,13 @@ def code_table() -> str:
     return "\n".join(rows)
 
 
-def _default_text(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value if isinstance(value, str) else number_text(value)  # type: ignore[arg-type]
+def transition_table() -> str:
+    """docs/architecture.md §2's table of a worker's state transitions."""
+    from webapp.board.lifecycle import TRANSITIONS
+
+    rows = ["| from | to | made by | when |", "|---|---|---|---|"]
+    rows += [f"| {' '.join(s.name for s in t.sources)} | {t.to.name} | {t.by} | {t.when} |" for t in TRANSITIONS]
+    return "\n".join(rows)
 
 
 def _default_text(value: object) -> str:
@@ -74,7 +78,11 @@ def tables() -> dict[str, list[str]]:
 
     limits = Limits.before_load(Settings.from_env({}))
     generate, image, edit = (request_table(limits, fields) for fields in (FIELDS, IMAGE_FIELDS, EDIT_FIELDS))
-    return {"configuration.md": [settings_table()], "api.md": [generate, code_table(), image, edit]}
+    return {
+        "configuration.md": [settings_table()],
+        "api.md": [generate, code_table(), image, edit],
+        "architecture.md": [transition_table()],
+    }
 
 
 def rewrite(text: str, new: list[str]) -> str:

@@ -130,7 +130,7 @@ EDIT_FILES: dict[str, RequestField] = {"image": BY_NAME["image"], "image[]": BY_
 class ImageRequest:
     """A validated OpenAI request: what to generate, and how to answer."""
 
-    values: dict[str, object]
+    values: dict[str, Any]  # every declared field, validated (``params.validate``): its type is its declaration's
     size: tuple[int, int] | None  # None: the model's native size
     limits: Limits  # what it was checked against
 
@@ -140,7 +140,7 @@ class ImageRequest:
 
     @property
     def model(self) -> str | None:
-        return self.values["model"]  # type: ignore[return-value]
+        return self.values["model"]
 
     def params(self) -> GenerationParams:
         """What to generate; the limits must be a loaded model's (``Engine.limits``)."""
@@ -150,17 +150,17 @@ class ImageRequest:
             asked["width"], asked["height"] = self.size
         return GenerationParams(
             **asked,
-            seeds=seeds_from(values["seed"], int(values["n"])),  # type: ignore[arg-type, call-overload]
-            timeout_s=values["timeout_s"],  # type: ignore[arg-type]
-            output_format=str(values["output_format"]),
-            output_compression=int(values["output_compression"]),  # type: ignore[call-overload]
+            seeds=seeds_from(values["seed"], values["n"]),
+            timeout_s=values["timeout_s"],
+            output_format=values["output_format"],
+            output_compression=values["output_compression"],
             loras=self.adapters(),
         )
 
     def adapters(self) -> tuple[tuple[str, float], ...]:
         """The request's ``loras``, and the adapter its ``model`` names (at scale 1), as vLLM serves a LoRA
         module listed by /v1/models."""
-        loras = adapters_of(self.values.get("loras"), self.limits)  # type: ignore[arg-type]
+        loras = adapters_of(self.values.get("loras"), self.limits)
         named = self.model
         listed = adapters.listing(self.limits.lora_dir) if named is not None else {}
         if named in listed and listed[named].problem:
@@ -192,7 +192,7 @@ class EditRequest(ImageRequest):
         edit = edit_values(
             self.image,
             self.mask,
-            self.values["strength"],  # type: ignore[arg-type]
+            self.values["strength"],
             self.size,
             asked.num_inference_steps,
             self.limits,

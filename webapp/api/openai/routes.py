@@ -23,7 +23,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from webapp import errors
-from webapp.api import auth, bodies, context, jobs
+from webapp.api import answers, auth, bodies, context, jobs
 from webapp.api.fields import TIMEOUT_HEADER
 from webapp.api.openai import protocol
 from webapp.api.openai.protocol import ImageRequest
@@ -43,32 +43,26 @@ def _runtime() -> Runtime:
     return context.runtime()
 
 
-def _entry(runtime: Runtime) -> dict[str, Any]:
+def _entry(runtime: Runtime) -> answers.Model:
     """The served model as OpenAI's model object; ``created`` is when this worker's model finished loading.
     Once it has, ``profile`` says what it draws (webapp.model.profile.ModelProfile): OpenAI's clients ignore it."""
     engine = runtime.engine
     loaded = engine.loaded_at if engine is not None else None
-    created = int(loaded if loaded is not None else time.time())
-    entry: dict[str, Any] = {"id": runtime.settings.model_name, "object": "model", "created": created}
-    entry["owned_by"] = OWNED_BY
-    if engine is not None and engine.model is not None:
-        entry["profile"] = engine.model.profile.as_dict()
-    return entry
+    model = engine.model if engine is not None else None
+    return answers.Model(
+        id=runtime.settings.model_name,
+        created=int(loaded if loaded is not None else time.time()),
+        owned_by=OWNED_BY,
+        profile=model.profile.as_dict() if model is not None else None,
+    )
 
 
-def _adapter_entries(runtime: Runtime) -> list[dict[str, Any]]:
+def _adapter_entries(runtime: Runtime) -> list[answers.Model]:
     """Each LoRA adapter in LORA_DIR as a model whose ``parent`` is the served one, as vLLM lists its LoRA
     modules: a request naming it as ``model`` draws with it at scale 1."""
     base = runtime.settings.model_name
     return [
-        {
-            "id": name,
-            "object": "model",
-            "created": adapter.stamp[0] // 1_000_000_000,
-            "owned_by": OWNED_BY,
-            "parent": base,
-            "root": name,
-        }
+        answers.Model(id=name, created=adapter.stamp[0] // 1_000_000_000, owned_by=OWNED_BY, parent=base, root=name)
         for name, adapter in adapters.listing(runtime.settings.lora_dir).items()
         if adapter.problem is None
     ]
@@ -88,7 +82,7 @@ def _check_model(asked: str | None, settings: Settings) -> None:
 def models() -> Response:
     """The served model, as OpenAI's model list."""
     runtime = _runtime()
-    return jsonify({"object": "list", "data": [_entry(runtime), *_adapter_entries(runtime)]})
+    return jsonify(answers.ModelList(data=[_entry(runtime), *_adapter_entries(runtime)]).body())
 
 
 @bp.get("/models/<path:model>")
@@ -100,8 +94,8 @@ def model(model: str) -> Response:
         _check_model(model, runtime.settings)
     except ApiError as exc:
         return exc.response()
-    named = [entry for entry in _adapter_entries(runtime) if entry["id"] == model]
-    return jsonify(named[0] if named and not runtime.settings.serves(model) else _entry(runtime))
+    named = [entry for entry in _adapter_entries(runtime) if entry.id == model]
+    return jsonify((named[0] if named and not runtime.settings.serves(model) else _entry(runtime)).body())
 
 
 def _size(params: GenerationParams) -> str:
@@ -111,20 +105,20 @@ def _size(params: GenerationParams) -> str:
 def _answer(admitted: jobs.Admitted, finished: list[Any]) -> dict[str, Any]:
     params = admitted.params
     data = jobs.encoded(admitted, finished)
-    return {
-        "created": int(time.time()),
-        "data": [
-            {"b64_json": base64.b64encode(item).decode("ascii"), "seed": seed}
+    return answers.ImagesResponse(
+        created=int(time.time()),
+        data=[
+            answers.ImageData(b64_json=base64.b64encode(item).decode("ascii"), seed=seed)
             for seed, item in zip(params.seeds, data, strict=True)
         ],
-        "background": "opaque",
-        "output_format": params.output_format,
-        "size": _size(params),
-        "timings": jobs.timings(admitted),
-        "batch": jobs.batch(admitted),
-        "worker": jobs.worker(admitted),
-        **({"edit": jobs.edit(params)} if params.mode != "text" else {}),
-    }
+        background="opaque",
+        output_format=params.output_format,
+        size=_size(params),
+        timings=jobs.timings(admitted),
+        batch=jobs.batch(admitted),
+        worker=jobs.worker(admitted),
+        edit=jobs.edit(params),
+    ).body()
 
 
 def _stream(admitted: jobs.Admitted, kind: str) -> Response:
