@@ -23,8 +23,15 @@ Format = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 Absent = SkipJsonSchema[None]
 
 
+def _absent_is_not_null(schema: dict[str, Any]) -> None:
+    """An absent field's schema states no default: the answer leaves it out rather than sending null."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+
+
 class _Answer(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, json_schema_extra=_absent_is_not_null)
 
     def body(self) -> dict[str, Any]:
         """The answer as JSON-ready data, its absent fields left out."""
