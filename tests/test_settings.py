@@ -96,6 +96,7 @@ def test_the_embedded_models_have_their_own_size_limit_unless_one_is_set():
     assert Settings.from_env({}).for_workers(2).max_image_size == TINY_MODEL_MAX_SIZE
 
 
+@pytest.mark.slow
 def test_a_stock_worker_class_stops_gunicorn_rather_than_give_each_worker_a_board_of_its_own(tmp_path):
     """gunicorn's stock gthread worker imports ``wsgi_app`` (``webapp:create_app()``) by name. Before, that
     built an app with a standalone runtime in each worker, each with a private one-slot board, so /readyz
