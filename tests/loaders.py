@@ -1,9 +1,10 @@
 """Test loaders, named by MODEL_LOADER, that shape a load without patching the server's code.
 
 Each wraps the real loader (``webapp.model.pipeline.load``), so what finally serves is the real tiny pipeline.
-torch and the pipeline module are imported only once a load really begins: gunicorn's master imports this
-module before its first fork (docs/architecture.md §13), and a server whose gate is never opened (or that
-stops before it loads) then never pays for torch or diffusers.
+This module imports neither torch nor the pipeline module itself: a worker imports them as its load begins
+(``gated``: while it waits at the gate, as the real loader would be importing), and gunicorn's master through
+``preimport``. PREIMPORT_MODEL=0 says a server never loads (its gate stays shut): then neither imports them,
+and the server costs no torch import at all.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def _load(settings: Settings, slot: int) -> pipeline.DiffusersModel:
 
 
 def gated(settings: Settings, slot: int) -> pipeline.DiffusersModel:
-    """Hold the load until the file named by GATE_FILE exists, so a test decides when loading ends."""
+    """Hold the load until the file named by GATE_FILE exists, so a test decides when loading ends; the model
+    code is imported meanwhile (unless PREIMPORT_MODEL=0), so opening the gate leaves the weights to load."""
+    if os.environ.get("PREIMPORT_MODEL", "1") != "0":
+        from webapp.model import pipeline  # noqa: F401 - imported now, as the real loader would be
     gate = Path(os.environ["GATE_FILE"])
     deadline = time.monotonic() + float(os.environ.get("GATE_TIMEOUT", "300"))
     while not gate.exists():

@@ -39,7 +39,7 @@ def test_the_suite_prints_its_table_and_finds_no_false_readiness():
 
 
 def test_the_slow_client_bench_prints_its_rows_and_no_probe_fails():
-    command = [sys.executable, "bench/slowclients.py", "--seconds", "1", "--connections", "5", "--skip-stock"]
+    command = [sys.executable, "bench/slowclients.py", "--seconds", "1", "--connections", "10", "--skip-stock"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| this server")]
