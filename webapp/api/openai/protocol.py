@@ -3,7 +3,7 @@
 
 ``IMAGE_FIELDS`` declares the OpenAI fields this server honours; the fields that steer a diffusion model
 (which OpenAI clients send through ``extra_body``) are /generate's own declarations, taken from
-``params.FIELDS`` rather than written again. Validation is ``params.validate``: a field not declared here
+``fields.FIELDS`` rather than written again. Validation is ``params.validate``: a field not declared here
 (``style``, ``moderation``...) or a value this server cannot honour (``quality: "hd"``,
 ``response_format: "url"``) is refused with a 400 naming the param, never dropped.
 """
@@ -202,7 +202,7 @@ class EditRequest(ImageRequest):
 
 @dataclass(frozen=True)
 class EditForm:
-    """A multipart edit as it arrived: its fields as JSON values (``params.form_value``) and its files' bytes."""
+    """A multipart edit as it arrived: its fields as JSON values (``forms.form_value``) and its files' bytes."""
 
     payload: dict[str, Any]
     image: bytes
