@@ -141,12 +141,12 @@ def test_a_person_edits_a_result_then_an_uploaded_file(browser, ready_server):
     expect(page.locator("#strength-value")).to_have_text("0.5")
     page.click("#generate-button")
     expect(page.locator("#progress-text")).to_have_text("step 10 of 10", timeout=60_000)  # half of 20 steps
-    expect(page.locator("#results figcaption")).to_contain_text("seed 7")
+    # The first result's caption also says "seed 7": wait for the edit's own caption, which replaces it,
+    # before downloading, or the download can race the "done" event and fetch the red original.
+    expect(page.locator("#results figcaption")).to_contain_text("seed 7 · edited from 64x64, strength 0.5")
     with Image.open(io.BytesIO(downloaded_png(page))) as image:
         assert scenes.analyze(image) == scenes.Verdict("white", "blue", "circle")
     page.screenshot(path=str(ARTIFACTS / "demo-edit.png"), full_page=True)
-
-    expect(page.locator("#results figcaption")).to_contain_text("edited from 64x64, strength 0.5")
 
     wide = io.BytesIO()
     Image.new("RGB", (300, 64), (255, 0, 0)).save(wide, format="PNG")
