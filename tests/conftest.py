@@ -253,6 +253,7 @@ def keyed_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
 TIMING_MODULES = frozenset({"test_slow_clients", "test_faults", "test_loadbalancer", "test_autoscaling"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """xdist groups: the timing modules share one; a module whose tests share a module-scoped server is one
     group, so that server starts once rather than in each process; any other test goes wherever is free."""
@@ -267,3 +268,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _shares_a_module_fixture(item: pytest.Item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
     return info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs)
+
+
+def pytest_xdist_node_collection_finished(node: object, ids: list[str]) -> None:
+    """Refuse to run when xdist has not put the groups above into the node ids (the timing modules' tests must
+    end in "@timing"): pytest 9.2 made xdist's way of doing so a silent no-op (pytest-dev/pytest-xdist#1386),
+    and then each process starts every module server for itself and the timing modules run against each
+    other, which is slower and flakier but fails nothing."""
+    lost = [nodeid for nodeid in ids if Path(nodeid.split("::")[0]).stem in TIMING_MODULES and "@" not in nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup has no effect with pytest {pytest.__version__}: {lost[0]}")
