@@ -191,7 +191,7 @@ def server_env(model_cache: Path, workdir: Path, **overrides: str) -> dict[str, 
         GRACEFUL_TIMEOUT="5",
         # The master's import of the model code after the first fork (docs/architecture.md §13) only pays off
         # when a worker is replaced; elsewhere it is a third process importing torch beside the two workers.
-        # The tests that replace workers, and the shared ready_server, run with the default (1).
+        # The tests that replace workers run with the default (1).
         MASTER_PREIMPORT="0",
     )
     env.update(overrides)
@@ -230,7 +230,7 @@ def running_server(model_cache: Path, workdir: Path, **overrides: str) -> Iterat
 def ready_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A two-worker server on the default model, READY, shared by every module's read-only tests (one start
     instead of one per module: no test that takes it may break a worker, and its counts only grow)."""
-    with running_server(model_cache, tmp_path_factory.mktemp("ready-server"), MASTER_PREIMPORT="1") as server:
+    with running_server(model_cache, tmp_path_factory.mktemp("ready-server")) as server:
         yield server
 
 

@@ -20,8 +20,8 @@ from tests.conftest import process_state, wait_for
 
 @pytest.fixture
 def start_server(start_server):
-    """This module's servers replace workers, so their masters pre-import the model code, as by default
-    (tests/conftest.py turns it off for the rest)."""
+    """Most of this module's servers replace workers, so their masters pre-import the model code, as by
+    default (tests/conftest.py turns it off for the rest); the two that replace none turn it off again."""
     return functools.partial(start_server, MASTER_PREIMPORT="1")
 
 
@@ -84,7 +84,7 @@ def test_a_frozen_worker_goes_stale_on_readyz_and_recovers_after_sigcont(start_s
     stale.mkdir()
     (stale / "board").write_bytes(b"HDBOARD1" + bytes(100))
     (stale / "master.lock").touch()  # its master's lock file, which nobody holds any more
-    server = start_server(HEARTBEAT_INTERVAL="0.2", HEARTBEAT_TIMEOUT="1.5", WORKER_TIMEOUT="600")
+    server = start_server(HEARTBEAT_INTERVAL="0.2", HEARTBEAT_TIMEOUT="1.5", WORKER_TIMEOUT="600", MASTER_PREIMPORT="0")
     body = server.wait_ready()
     assert not stale.exists()
     assert "event=stale_board_removed" in server.log_tail(200)
@@ -243,7 +243,7 @@ def test_a_slot_that_crashes_while_loading_backs_off_and_then_fails_liveness(sta
 
 
 def test_sigterm_drains_readyz_at_once_finishes_work_in_flight_and_removes_the_board(start_server, tmp_path):
-    server = start_server(GRACEFUL_TIMEOUT="120")  # longer than LONG_JOB, which must finish
+    server = start_server(GRACEFUL_TIMEOUT="120", MASTER_PREIMPORT="0")  # longer than LONG_JOB, which must finish
     server.wait_ready()
     request = Background(server, LONG_JOB)
     wait_for(lambda: in_flight(server), 60, "the long generation to start")
