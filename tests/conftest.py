@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.forkserver import Forked, ForkServer
+
 ROOT = Path(__file__).resolve().parent.parent
 # No hub here: in-process loads (test_loading) must see offline mode whichever test module imports
 # huggingface_hub first, since it reads the variable once, at import.
@@ -67,7 +69,7 @@ def process_state(pid: int) -> str:
     return data[data.rindex(b")") + 2 : data.rindex(b")") + 3].decode()
 
 
-def terminate(proc: subprocess.Popen, deadline_s: float) -> None:
+def terminate(proc: subprocess.Popen | Forked, deadline_s: float) -> None:
     """SIGTERM ``proc`` if it still runs, and SIGKILL it if it has not exited within ``deadline_s``."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -94,23 +96,41 @@ class Metrics:
         )
 
 
+# This process's fork server (tests/forkserver.py): started by the first server a test starts (the fast lane
+# starts none), stopped by the session fixture below.
+FORKS: dict[str, Any] = {}
+
+
+def fork_server() -> ForkServer | None:
+    if "server" not in FORKS and "exits" in FORKS:
+        FORKS["server"] = ForkServer(dict(os.environ, PYTHONPATH=str(ROOT)), ROOT, FORKS["exits"])
+    return FORKS.get("server")
+
+
 class Server:
     """One gunicorn master started with gunicorn.conf.py, its log in ``log_path``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
-        """Start gunicorn with ``env``; ``args`` are gunicorn command-line options (they override the config)."""
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = (), fresh: bool = False) -> None:
+        """Start gunicorn with ``env``; ``args`` are gunicorn command-line options (they override the config).
+        It is forked from the fork server, with the model libraries already imported, unless ``fresh`` asks
+        for a new interpreter (a test of what the master imports) or ``env`` changes what they read."""
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.seen_pids: set[int] = set()
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self.proc: subprocess.Popen | Forked
+        forks = None if fresh else fork_server()
+        if forks is not None and forks.takes(env):
+            self.proc = forks.start(["-c", "gunicorn.conf.py", *args], env, ROOT, log_path)
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         response = requests.get(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
@@ -170,6 +190,18 @@ class Server:
         self._log.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fork_server_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One fork server per pytest process, for every server it starts (tests/forkserver.py); it is stopped
+    after the last of them, since the session fixtures that start servers are set up after this one."""
+    FORKS["exits"] = tmp_path_factory.mktemp("forks")
+    yield
+    forks = FORKS.pop("server", None)
+    FORKS.clear()
+    if forks is not None:
+        forks.close()
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for the whole session, so the tiny model is built once (by the first worker)."""
@@ -203,9 +235,9 @@ def start_server(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., Se
     """Start servers with environment overrides; every one started is stopped when the test ends."""
     started: list[Server] = []
 
-    def start(**overrides: str) -> Server:
+    def start(fresh: bool = False, **overrides: str) -> Server:
         env = server_env(model_cache, tmp_path, **overrides)
-        server = Server(env, tmp_path / f"gunicorn-{len(started)}.log")
+        server = Server(env, tmp_path / f"gunicorn-{len(started)}.log", fresh=fresh)
         started.append(server)
         return server
 

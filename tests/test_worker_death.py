@@ -18,7 +18,7 @@ from tests.conftest import READY_DEADLINE_S, process_state, wait_for
 def start_server(start_server):
     """This module's servers replace workers, so their masters pre-import the model code, as by default
     (tests/conftest.py turns it off for the rest)."""
-    return functools.partial(start_server, MASTER_PREIMPORT="1")
+    return functools.partial(start_server, MASTER_PREIMPORT="1", fresh=True)
 
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)

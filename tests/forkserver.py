@@ -1,0 +1,201 @@
+"""A fork server for the suite's gunicorn masters: one process per pytest process that imports torch, diffusers,
+transformers and peft once (about 7 CPU-seconds each time, docs/development.md) and then forks a gunicorn
+master for each server a test starts, so that neither the master nor its workers import them again.
+
+Only third-party libraries are imported here, never the project's modules: what the project does at import
+(prometheus_client's folder, the loader's `model_code` line, the quiet logging of the model libraries) still
+happens in the forked server as it does in a fresh one. A server whose environment differs from this
+process's in a variable that those libraries read at import (HF_*, TRANSFORMERS_*, TORCH*, OMP_*...) is
+started fresh instead (`Server`, tests/conftest.py), and so is one a test asks to start fresh (the tests of
+the master's own import, test_worker_death).
+
+Protocol, one JSON line each way: {"argv", "env", "cwd", "log"} in, {"pid"} out. The server reaps its
+children and writes each one's exit status to `<exits>/<pid>` (a number, as `Popen.returncode` has it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Read by those libraries at import: a server whose values differ cannot use this process.
+IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH", "OMP_", "MKL_",
+                        "PYTHON", "CUDA", "PEFT_", "ACCELERATE_", "XDG_", "HOME")  # fmt: skip
+
+
+def import_time_env(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_PREFIXES)}
+
+
+def _child(request: dict, base_path: list[str]) -> None:
+    """In the forked child: become `python -m gunicorn` with the request's argv, env, cwd and log."""
+    code = 1
+    try:
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [request["cwd"], *extra, *base_path]  # as `python -m` starts: the working folder first
+        sys.argv = ["gunicorn", *request["argv"]]
+        from gunicorn.app.wsgiapp import run
+
+        run()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported in the server's log, as an interpreter would
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap(exits: Path) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        partial = exits / f".{pid}"
+        partial.write_text(str(code))
+        partial.rename(exits / str(pid))
+
+
+def serve(exits: Path) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as webapp.model.pipeline has it at import
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from diffusers import (  # noqa: F401 - the classes the loader imports
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        AutoPipelineForText2Image,
+        DiffusionPipeline,
+    )
+    from gunicorn.app import wsgiapp  # noqa: F401
+
+    threads = len(os.listdir("/proc/self/task"))
+    print(json.dumps({"ready": True, "threads": threads}), flush=True)
+    if threads != 1:
+        return  # forking a process with threads is not safe: the client falls back to fresh starts
+    base_path = [p for p in sys.path if p]
+    while True:
+        _reap(exits)
+        readable, _, _ = select.select([sys.stdin], [], [], 0.05)
+        if not readable:
+            continue
+        line = sys.stdin.readline()
+        if not line:
+            break
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request, base_path)
+        print(json.dumps({"pid": pid}), flush=True)
+    while True:  # stdin closed: the suite is done; reap what is left until every child has gone
+        _reap(exits)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+class Forked:
+    """A gunicorn master forked by the fork server, with the part of `subprocess.Popen` the tests use."""
+
+    def __init__(self, pid: int, exits: Path) -> None:
+        self.pid = pid
+        self._exit_file = exits / str(pid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._exit_file.exists():
+            self.returncode = int(self._exit_file.read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ForkServer:
+    """The client: starts the fork server with `env`, and forks gunicorn masters from it."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, exits: Path) -> None:
+        self.env = env
+        self.exits = exits
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.forkserver", str(exits)],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.usable: bool | None = None
+
+    def ready(self) -> bool:
+        if self.usable is None:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            self.usable = bool(line) and json.loads(line).get("threads") == 1
+        return self.usable
+
+    def takes(self, env: dict[str, str]) -> bool:
+        return import_time_env(env) == import_time_env(self.env) and self.ready()
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        return Forked(json.loads(self.proc.stdout.readline())["pid"], self.exits)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))
