@@ -2,12 +2,12 @@
 transformers and peft once (about 7 CPU-seconds each time, docs/development.md) and then forks a gunicorn
 master for each server a test starts, so that neither the master nor its workers import them again.
 
-Only third-party libraries are imported here, never the project's modules: what the project does at import
-(prometheus_client's folder, the loader's `model_code` line, the quiet logging of the model libraries) still
-happens in the forked server as it does in a fresh one. A server whose environment differs from this
-process's in a variable that those libraries read at import (HF_*, TRANSFORMERS_*, TORCH*, OMP_*...) is
-started fresh instead (`Server`, tests/conftest.py), and so is one a test asks to start fresh (the tests of
-the master's own import, test_worker_death).
+Only those libraries are imported here, never gunicorn or the project's own modules, so what those do at
+import (gunicorn's default number of workers from WEB_CONCURRENCY, prometheus_client's metrics folder, the
+loader's `model_code` line) happens in each forked server as in a fresh one. A server whose environment
+differs from this process's in a variable that the imported libraries read at import (HF_*,
+TRANSFORMERS_*, TORCH*, OMP_*...) is started fresh instead (`Server`, tests/conftest.py), and so is one a
+test asks to start fresh (the tests of the master's own import, test_worker_death).
 
 Protocol, one JSON line each way: {"argv", "env", "cwd", "log"} in, {"pid"} out. The server reaps its
 children and writes each one's exit status to `<exits>/<pid>` (a number, as `Popen.returncode` has it).
@@ -54,8 +54,11 @@ def _child(request: dict, base_path: list[str]) -> None:
 
         run()
         code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except SystemExit as stop:  # as the interpreter ends: a number is the status, anything else is printed
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 - reported in the server's log, as an interpreter would
         import traceback
 
@@ -93,7 +96,7 @@ def serve(exits: Path) -> None:
         AutoPipelineForText2Image,
         DiffusionPipeline,
     )
-    from gunicorn.app import wsgiapp  # noqa: F401
+    # Not gunicorn: gunicorn.config reads WEB_CONCURRENCY at import, as the default number of workers.
 
     threads = len(os.listdir("/proc/self/task"))
     print(json.dumps({"ready": True, "threads": threads}), flush=True)
