@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from tests.forkserver import Forked, ForkServer
+from webapp.model import quiet_libraries
 
 ROOT = Path(__file__).resolve().parent.parent
 # No hub here: in-process loads (test_loading) must see offline mode whichever test module imports
@@ -28,6 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # each. A server with two workers already gets one each (TORCH_THREADS=0 is cores / workers).
 os.environ.setdefault("TORCH_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# webapp.model sets LIBRARY_ENV_DEFAULTS in the environment when it is imported, before the model libraries
+# are; set here too, so that this process's environment, the fork server's and every server's agree whether or
+# not a test has imported the model code yet (tests/forkserver.py starts a server fresh when they differ).
+quiet_libraries()
 READY_DEADLINE_S = 240  # this host is noisy: a cold `import diffusers` has taken 38 s here
 
 

@@ -84,7 +84,7 @@ def _reap(exits: Path) -> None:
 
 
 def serve(exits: Path) -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as webapp.model.pipeline has it at import
+    # The environment is the suite's, with webapp.model's LIBRARY_ENV_DEFAULTS set (tests/conftest.py).
     import diffusers  # noqa: F401
     import peft  # noqa: F401
     import safetensors.torch  # noqa: F401
@@ -99,7 +99,8 @@ def serve(exits: Path) -> None:
     # Not gunicorn: gunicorn.config reads WEB_CONCURRENCY at import, as the default number of workers.
 
     threads = len(os.listdir("/proc/self/task"))
-    print(json.dumps({"ready": True, "threads": threads}), flush=True)
+    # With what the imports set themselves (torch: TORCHINDUCTOR_CACHE_DIR), as a fresh server would have it.
+    print(json.dumps({"threads": threads, "env": import_time_env(dict(os.environ))}), flush=True)
     if threads != 1:
         return  # forking a process with threads is not safe: the client falls back to fresh starts
     base_path = [p for p in sys.path if p]
@@ -173,16 +174,26 @@ class ForkServer:
             text=True,
         )
         self.usable: bool | None = None
+        self.imported_env: dict[str, str] = {}
 
     def ready(self) -> bool:
         if self.usable is None:
             assert self.proc.stdout is not None
             line = self.proc.stdout.readline()
-            self.usable = bool(line) and json.loads(line).get("threads") == 1
+            ready = json.loads(line) if line else {}
+            self.usable = ready.get("threads") == 1
+            self.imported_env = ready.get("env", {})
         return self.usable
 
     def takes(self, env: dict[str, str]) -> bool:
-        return import_time_env(env) == import_time_env(self.env) and self.ready()
+        """Whether a server with ``env`` would import those libraries as this process did: the same values of
+        what they read at import, less what they set themselves (which a fresh server's import sets alike)."""
+        if not self.ready():
+            return False
+        theirs = import_time_env(env)
+        for name in self.imported_env.keys() - import_time_env(self.env).keys():
+            theirs.setdefault(name, self.imported_env[name])
+        return theirs == self.imported_env
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked:
         assert self.proc.stdin is not None and self.proc.stdout is not None

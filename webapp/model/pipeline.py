@@ -18,10 +18,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "requires torchvision", printed at import
-
 import numpy as np
 import safetensors.torch
 import torch
@@ -36,7 +32,7 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 from transformers.utils import logging as transformers_logging
 
-from webapp.model import adapters, faults
+from webapp.model import adapters, faults  # the package set LIBRARY_ENV_DEFAULTS before the imports above
 from webapp.model.faults import NonFiniteOutput
 from webapp.model.profile import ModelProfile, choose_dtype, family_of, profile
 from webapp.model.request import GenerationParams, Mode
