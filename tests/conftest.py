@@ -101,15 +101,9 @@ class Metrics:
         )
 
 
-# This process's fork server (tests/forkserver.py): started by the first server a test starts (the fast lane
-# starts none), stopped by the session fixture below.
-FORKS: dict[str, Any] = {}
-
-
-def fork_server() -> ForkServer | None:
-    if "server" not in FORKS and "exits" in FORKS:
-        FORKS["server"] = ForkServer(dict(os.environ, PYTHONPATH=str(ROOT)), ROOT, FORKS["exits"])
-    return FORKS.get("server")
+# This process's fork server (tests/forkserver.py): its process starts with the first server a test starts,
+# and the session fixture below stops it.
+FORKS: list[ForkServer] = []
 
 
 class Server:
@@ -125,7 +119,7 @@ class Server:
         self.seen_pids: set[int] = set()
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc: subprocess.Popen | Forked
-        forks = None if fresh else fork_server()
+        forks = FORKS[0] if FORKS and not fresh else None
         if forks is not None and forks.takes(env):
             self.proc = forks.start(["-c", "gunicorn.conf.py", *args], env, ROOT, log_path)
         else:
@@ -196,15 +190,12 @@ class Server:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fork_server_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One fork server per pytest process, for every server it starts (tests/forkserver.py); it is stopped
     after the last of them, since the session fixtures that start servers are set up after this one."""
-    FORKS["exits"] = tmp_path_factory.mktemp("forks")
+    FORKS.append(ForkServer(dict(os.environ, PYTHONPATH=str(ROOT)), ROOT, tmp_path_factory.mktemp("forks")))
     yield
-    forks = FORKS.pop("server", None)
-    FORKS.clear()
-    if forks is not None:
-        forks.close()
+    FORKS.pop().close()
 
 
 @pytest.fixture(scope="session")

@@ -152,34 +152,27 @@ class Forked:
         if self.poll() is None:
             os.kill(self.pid, sig)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
 
 class ForkServer:
-    """The client: starts the fork server with `env`, and forks gunicorn masters from it."""
+    """The client: starts the fork server with `env` when first asked for a server (the fast lane asks for
+    none), and forks gunicorn masters from it."""
 
     def __init__(self, env: dict[str, str], cwd: Path, exits: Path) -> None:
-        self.env = env
-        self.exits = exits
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.forkserver", str(exits)],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.usable: bool | None = None
+        self.env, self.cwd, self.exits = env, cwd, exits
+        self.proc: subprocess.Popen | None = None
+        self.usable = False
         self.imported_env: dict[str, str] = {}
 
     def ready(self) -> bool:
-        if self.usable is None:
-            assert self.proc.stdout is not None
-            line = self.proc.stdout.readline()
+        """Start the fork server if it is not started, and wait until it has imported the libraries."""
+        if self.proc is None:
+            command = [sys.executable, "-m", "tests.forkserver", str(self.exits)]
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+            self.proc = subprocess.Popen(command, cwd=self.cwd, env=self.env, **pipes)
+            line = self.proc.stdout.readline() if self.proc.stdout else ""
             ready = json.loads(line) if line else {}
             self.usable = ready.get("threads") == 1
             self.imported_env = ready.get("env", {})
@@ -196,12 +189,14 @@ class ForkServer:
         return theirs == self.imported_env
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}) + "\n")
         self.proc.stdin.flush()
         return Forked(json.loads(self.proc.stdout.readline())["pid"], self.exits)
 
     def close(self) -> None:
+        if self.proc is None:
+            return
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         try:
