@@ -148,7 +148,7 @@ def bare(folder: Path) -> dict:
 def server_ready(folder: Path, cache: str, workers: int) -> float:
     env = {key: value for key, value in env_for(folder).items() if key != "HF_HUB_OFFLINE"}  # server() sets it
     with server(cache, WEB_CONCURRENCY=str(workers), **env) as (url, _, start):
-        ready, _ = poll(url + "/readyz", lambda r: r.status_code == 200, 900, interval=0.05)
+        ready, _ = poll(url + "/readyz", lambda r: r.status_code == 200, 900)
     return ready - start
 
 

@@ -7,7 +7,7 @@ markdown table. Run from the repository root (about four minutes on 2 CPUs):
    per-image latency.
 2. One and two workers: start to the port open, to /healthz, to /readyz 200 and to the first image against (1), and the
    memory of master and workers, with the master's imports (docs/architecture.md §13) and without;
-   per-image latency through HTTP against (1).
+   per-image latency through HTTP against (1), on the last one-worker server and bare process of (1).
 3. Two workers, with a checker sending /readyz and then /generate all along, and a client sending one
    /generate at a time: /healthz idle and while both workers generate; a worker SIGKILLed (--runs times:
    to /readyz 503, to 200 again, requests failed) and one SIGSTOPped, to /readyz 503; false-ready time.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -56,9 +58,11 @@ def bare_process(cache: str) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def bare_start(cache: str) -> dict:
+@contextlib.contextmanager
+def bare_start(cache: str) -> Iterator[tuple[dict, subprocess.Popen]]:
     """Import + load + warm-up of the bare pipeline in a fresh process, and its first image: the seconds
-    the process reports, and the wall-clock times from its start (the same clock as a server's start)."""
+    the process reports, and the wall-clock times from its start (the same clock as a server's start).
+    Yields them with the process, which draws more images while the block lasts (``paired_images``)."""
     spawned = time.monotonic()
     with bare_process(cache) as bare:
         header = json.loads(bare.stdout.readline())
@@ -67,8 +71,8 @@ def bare_start(cache: str) -> dict:
         bare.stdin.flush()
         bare.stdout.readline()
         header["first_image_s"] = time.monotonic() - spawned
+        yield header, bare
         bare.stdin.close()
-    return header
 
 
 def first_image(url: str, deadline_s: float) -> float:
@@ -115,34 +119,35 @@ def port_open(url: str, deadline_s: float) -> float:
     raise TimeoutError(f"{url} never accepted a connection within {deadline_s} s")
 
 
-def server_start(cache: str, workers: int, **env: str) -> dict:
+def server_start(cache: str, workers: int, then: Callable[[str], Any] | None = None, **env: str) -> dict:
     """Start to the port open, to /healthz 200, to /readyz 200 and to the first image of a server with
-    ``workers`` workers, and its processes' memory once it has drawn that image and is ready."""
+    ``workers`` workers, and its processes' memory once it has drawn that image and is ready; then
+    ``then(url)``, if given, on the same server (its result under "then")."""
     with server(cache, WEB_CONCURRENCY=str(workers), **env) as (url, proc, start):
         opened = port_open(url, 60)
-        answered, _ = poll(url + "/healthz", lambda r: r.status_code == 200, 60)
+        answered, _ = poll(url + "/healthz", lambda r: r.status_code == 200, 60, interval=0)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             image = pool.submit(first_image, url, 600)
             # Every 50 ms, like an eager probe: polling flat out would take CPU from the load being timed.
-            ready, _ = poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.05)
+            ready, _ = poll(url + "/readyz", lambda r: r.status_code == 200, 600)
             drawn = image.result()
         memory = server_memory(proc.pid)
+        after = then(url) if then is not None else None
     return {
         "port_s": opened - start,
         "healthz_s": answered - start,
         "readyz_s": ready - start,
         "first_image_s": drawn - start,
         "memory": memory,
+        "then": after,
     }
 
 
-def paired_images(cache: str, images: int) -> dict:
-    """``images`` single-image calls each to the bare pipeline and through a one-worker server, alternated,
-    so both see the same host; the same seeds and arguments on both sides."""
+def paired_images(bare: subprocess.Popen, url: str, images: int) -> dict:
+    """``images`` single-image calls each to a bare pipeline process and through a one-worker server,
+    alternated, so both see the same host; the same seeds and arguments on both sides."""
     bare_s, http_s = [], []
-    with bare_process(cache) as bare, server(cache, WEB_CONCURRENCY="1") as (url, _, _), requests.Session() as http:
-        size = json.loads(bare.stdout.readline())["size"]
-        poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.05)
+    with requests.Session() as http:
         for seed in range(images):
             bare.stdin.write(f"{seed}\n")
             bare.stdin.flush()
@@ -151,8 +156,7 @@ def paired_images(cache: str, images: int) -> dict:
             sent = time.perf_counter()
             http.post(url + "/generate", json=job, timeout=120).raise_for_status()
             http_s.append(time.perf_counter() - sent)
-        bare.stdin.close()
-    return {"bare_s": bare_s, "http_s": http_s, "size": size}
+    return {"bare_s": bare_s, "http_s": http_s}
 
 
 class Background:
@@ -259,23 +263,23 @@ def two_workers(cache: str, samples: int, kills: int) -> dict:
         with OneAtATime(url) as client:
             for _ in range(kills):
                 answered = len(client.outcomes)
-                poll(url + "/readyz", lambda r, n=answered: len(client.outcomes) >= n + 3, 120, interval=0.05)
+                poll(url + "/readyz", lambda r, n=answered: len(client.outcomes) >= n + 3, 120)
                 victim = response.json()["workers"][0]["pid"]
                 killed = time.monotonic()
                 os.kill(victim, signal.SIGKILL)
-                flipped, _ = poll(url + "/readyz", lambda r: r.status_code == 503, 30)
+                flipped, _ = poll(url + "/readyz", lambda r: r.status_code == 503, 30, interval=0)
                 healed, response = poll(url + "/readyz", lambda r: r.status_code == 200, 600, interval=0.01)
                 result["sigkill_503_s"].append(flipped - killed)
                 result["sigkill_200_s"].append(healed - killed)
             answered = len(client.outcomes)
-            poll(url + "/readyz", lambda r: len(client.outcomes) >= answered + 3, 120, interval=0.05)
+            poll(url + "/readyz", lambda r: len(client.outcomes) >= answered + 3, 120)
         result["one_at_a_time"] = client
 
         frozen = response.json()["workers"][0]["pid"]
         stopped = time.monotonic()
         os.kill(frozen, signal.SIGSTOP)
         try:
-            flipped, _ = poll(url + "/readyz", lambda r: r.status_code == 503, 60)
+            flipped, _ = poll(url + "/readyz", lambda r: r.status_code == 503, 60, interval=0)
         finally:
             os.kill(frozen, signal.SIGCONT)
         result["sigstop_503_s"] = flipped - stopped
@@ -304,15 +308,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every run the table needs, alternated where the host's noise would otherwise favour one side."""
     with tempfile.TemporaryDirectory() as cache:
         if args.runs > 1:  # a start to warm the page cache (and build a model that needs building) unmeasured
-            bare_start(cache)
-        # Startup is noisy here (the import alone varies by seconds): alternate several starts of each.
+            with bare_start(cache):
+                pass
+        # Startup is noisy here (the import alone varies by seconds): alternate several starts of each. The
+        # last bare process and one-worker server stay up for the per-image pairs, saving a start of each.
         bare_starts, server_starts, pair_starts = [], [], []
-        for _ in range(args.runs):
-            bare_starts.append(bare_start(cache))
-            server_starts.append(server_start(cache, 1))
+        for run in range(args.runs):
+            with bare_start(cache) as (bare, process):
+                bare_starts.append(bare)
+                last = run == args.runs - 1
+                pairs = functools.partial(paired_images, process, images=args.images) if last else None
+                server_starts.append(server_start(cache, 1, then=pairs))
             pair_starts.append(server_start(cache, 2))
         unshared = server_start(cache, 2, MASTER_PREIMPORT="0")  # as before docs/architecture.md §13
-        images = paired_images(cache, args.images)
+        images = {**server_starts[-1]["then"], "size": bare_starts[-1]["size"]}
         pair = two_workers(cache, args.samples, args.runs)
         rows = {name: traffic.run_server(cache, size, 8, args.seconds) for name, size in (("off", 1), ("on", 4))}
     return {
