@@ -50,6 +50,7 @@ def server(cache: str, *args: str, **env: str) -> Iterator[tuple[str, subprocess
         os.environ, HOST="127.0.0.1", PORT=str(port), HF_HUB_OFFLINE="1", MODEL_CACHE_DIR=cache, ACCESS_LOG="0", **env
     )
     with tempfile.TemporaryDirectory() as folder:
+        full_env.setdefault("JOB_STORE", f"sqlite:///{folder}/jobs.sqlite3")
         started = time.monotonic()
         running = Server(full_env, Path(folder) / "gunicorn.log", args)
         try:

@@ -217,6 +217,7 @@ def server_env(model_cache: Path, workdir: Path, **overrides: str) -> dict[str, 
         LOAD_BACKOFF_INITIAL="0.2",
         LOAD_BACKOFF_MAX="1",
         GRACEFUL_TIMEOUT="5",
+        JOB_STORE=f"sqlite:///{workdir / 'jobs.sqlite3'}",  # the test's own: never another server's jobs
         # The master's import of the model code after the first fork (docs/architecture.md §13) only pays off
         # when a worker is replaced; elsewhere it is a third process importing torch beside the two workers.
         # The tests that replace workers run with the default (1).

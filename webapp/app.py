@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webapp import errors
 from webapp import runtime as worker_runtime
-from webapp.api import auth, bodies, context, demo, generate, health, metrics, openapi
+from webapp.api import auth, bodies, context, demo, generate, health, job_routes, metrics, openapi
 from webapp.api.openai import routes as openai_routes
 from webapp.runtime import Runtime
 from webapp.settings import Settings
@@ -48,8 +48,10 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     app.register_blueprint(demo.bp)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(job_routes.bp)
     metrics.init_app(app)
     body_limit = bodies.install(app, settings)  # after every blueprint: it reads the URL map
+    job_routes.install(app, runtime)
 
     @app.before_request
     def assign_request_id() -> None:

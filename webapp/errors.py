@@ -99,6 +99,18 @@ INVALID_IMAGE = _code(
 BAD_MULTIPART = _code(
     "bad_multipart", 400, "a multipart/form-data body without a boundary, or one that cannot be parsed"
 )
+JOB_NOT_FOUND = _code("job_not_found", 404, "no job has this id (or it belongs to another API key)")
+JOB_EXPIRED = _code("job_expired", 410, "the job is past its retention (JOB_TTL): its images were deleted")
+IDEMPOTENCY_CONFLICT = _code(
+    "idempotency_conflict", 422, "the Idempotency-Key already names a job made from another body"
+)
+JOB_STORE_UNAVAILABLE = _code(
+    "job_store_unavailable", 503, "the job store is full (JOB_STORE_MAX_MB) or cannot be written; nothing was stored"
+)
+CANCELED = _code("canceled", 409, "a job canceled by a client (the error of a canceled job, never an HTTP answer)")
+WORKER_LOST = _code(
+    "worker_lost", 500, "the job's worker died on each of its JOB_MAX_ATTEMPTS attempts (a job's error only)"
+)
 NOT_FOUND = _code("not_found", 404, "no route has this path")
 METHOD_NOT_ALLOWED = _code("method_not_allowed", 405, "the route takes other methods, which `Allow` lists")
 HTTP_ERROR = _code("http_error", None, "another HTTP error werkzeug raised before a route could answer")
@@ -107,6 +119,7 @@ BY_HTTP_STATUS = {400: BAD_REQUEST, 404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413
 
 
 OPENAI_PREFIX = "/v1/"
+JOBS_PATH = "/v1/jobs"  # under /v1/ but ours: our error shape and 422s (docs/architecture.md §17)
 OPENAI_MAX_RETRY_AFTER_S = 120
 
 
@@ -154,10 +167,15 @@ class InvalidRequest(ApiError):
     """A client error (4xx) naming the offending ``field`` where there is one."""
 
 
+def is_openai(path: str) -> bool:
+    """Whether ``path`` is the OpenAI-compatible API's (everything under /v1/ but our own /v1/jobs)."""
+    return path.startswith(OPENAI_PREFIX) and not (path == JOBS_PATH or path.startswith(JOBS_PATH + "/"))
+
+
 def status_for(status: int, path: str) -> int:
     """The status a route at ``path`` answers for ``status``: under /v1/ a 422 is OpenAI's 400 (its API has no
     422 for a bad param or file). The one place a status is mapped to a protocol."""
-    return 400 if status == 422 and path.startswith(OPENAI_PREFIX) else status
+    return 400 if status == 422 and is_openai(path) else status
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, dict[str, str | None]]:
@@ -181,7 +199,7 @@ def openai_error_body(status: int, code: str, message: str, field: str | None = 
 def shaped_body(path: str, status: int, code: str, message: str, field: str | None = None) -> dict[str, Any]:
     """The error body for a request to ``path`` answered with ``status`` (``status_for``'s): OpenAI's shape
     under /v1/, ours elsewhere."""
-    if path.startswith(OPENAI_PREFIX):
+    if is_openai(path):
         return openai_error_body(status, code, message, field)
     return error_body(code, message, field)
 
@@ -204,7 +222,7 @@ def error_response(
     path = request.path if has_request_context() else ""
     answered = status_for(_resolved(code, status), path)
     response = jsonify(shaped_body(path, answered, code, message, field))
-    if path.startswith(OPENAI_PREFIX) and "Retry-After" in headers:
+    if is_openai(path) and "Retry-After" in headers:
         headers["Retry-After"] = str(min(int(headers["Retry-After"]), OPENAI_MAX_RETRY_AFTER_S))
     response.status_code = answered
     for name, value in headers.items():

@@ -380,7 +380,45 @@ class _Access(_Group):
     )
 
 
-class Settings(_Access, _Traffic, _Health, _Model, _Serving):
+def _job_store(value: str) -> str:
+    """JOB_STORE: ``sqlite:///`` and an absolute path, as SQLAlchemy writes a SQLite URL (four slashes)."""
+    path = value.removeprefix("sqlite:///")
+    if path == value or not path.startswith("/"):
+        raise ValueError("JOB_STORE must be sqlite:/// followed by an absolute path (sqlite:////data/jobs.sqlite3)")
+    return value
+
+
+class _Jobs(_Group):
+    """Asynchronous jobs (docs/architecture.md §17): where they are kept, for how long, and how often one is
+    tried again."""
+
+    job_store: Annotated[str, AfterValidator(_job_store)] = _setting(
+        "JOB_STORE",
+        "sqlite:////var/lib/honest-diffusion/jobs.sqlite3",
+        "Where jobs are kept: sqlite:/// and an absolute path (WAL mode), in a folder mounted as a volume.",
+    )
+    job_ttl: int = _setting(
+        "JOB_TTL", 86400, "Seconds a job and its images are kept; after that it answers 410.", ge=1, le=31536000
+    )
+    job_lease_seconds: Number = _setting(
+        "JOB_LEASE_SECONDS",
+        30,
+        "A running job's lease, renewed by its worker; one not renewed in time goes back to the queue.",
+        ge=1,
+        le=3600,
+    )
+    job_max_attempts: int = _setting(
+        "JOB_MAX_ATTEMPTS", 2, "Attempts at a job whose worker died, before it fails naming the deaths.", ge=1, le=100
+    )
+    job_store_max_mb: int = _setting(
+        "JOB_STORE_MAX_MB", 1024, "The store's largest size; a full store makes submits 503.", ge=1, le=1048576
+    )
+    job_poll_interval: Number = _setting(
+        "JOB_POLL_INTERVAL", 0.25, "Seconds between a READY worker's looks for queued jobs.", ge=0.01, le=60
+    )
+
+
+class Settings(_Jobs, _Access, _Traffic, _Health, _Model, _Serving):
     """Validated configuration; build it with ``Settings.from_env()``. Each setting is declared once, in the
     group above it belongs to (pydantic collects the groups' fields, the last base's first, so the table
     reads serving, model, health, traffic, access); the relations between settings are checked here."""

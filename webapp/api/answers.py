@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from webapp.api.images import FORMATS
+from webapp.queue.store import STATUSES
 
 SIZE_PATTERN = r"^[0-9]+x[0-9]+$"
 Size = Annotated[str, Field(pattern=SIZE_PATTERN)]
@@ -128,4 +129,64 @@ class ModelList(_Answer):
     data: list[Model]
 
 
-ANSWERS: tuple[type[_Answer], ...] = (GenerateResponse, ImagesResponse, ModelList)
+class JobImage(_Answer):
+    """One image of a finished job: where to fetch its bytes, and its seed."""
+
+    url: str
+    seed: int
+
+
+class JobOutput(_Answer):
+    """A succeeded job's output: /generate's answer with each image's URL in place of its bytes."""
+
+    images: list[JobImage]
+    output_format: Format
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    timings: Timings
+    batch: Batch
+    worker: Worker
+    edit: Edit | Absent = None
+
+
+class JobError(_Answer):
+    code: str
+    message: str
+
+
+class Progress(_Answer):
+    """A running job's last finished denoising step, of ``total``."""
+
+    step: int
+    total: int | Absent = None
+
+
+JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
+
+
+class Job(_Answer):
+    """An asynchronous job (docs/architecture.md §17); times are Unix seconds."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    created_at: float
+    started_at: float | Absent = None
+    completed_at: float | Absent = None
+    expires_at: float
+    queue_position: int | Absent = None
+    progress: Progress | Absent = None
+    attempt: int
+    request: dict[str, Any]
+    error: JobError | Absent = None
+    output: JobOutput | Absent = None
+
+
+class JobList(_Answer):
+    object: Literal["list"] = "list"
+    data: list[Job]
+
+
+ANSWERS: tuple[type[_Answer], ...] = (GenerateResponse, ImagesResponse, ModelList, Job, JobList)

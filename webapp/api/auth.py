@@ -154,6 +154,13 @@ def presented_key() -> str | None:
     return request.headers.get(KEY_HEADER, "").strip() or None
 
 
+def owner() -> str:
+    """Whose the request's jobs are (docs/architecture.md §17): the SHA-256 of its key, stable across restarts
+    and never the key itself; "" when no key is needed (every job is everyone's)."""
+    key = presented_key()
+    return _digest(key).hex() if keys().enabled and key else ""
+
+
 def check(form_field: str | None = None) -> None:
     """Raise a 401 ApiError unless the request carries a key this worker accepts (or none is needed): in
     its headers, or in the form field ``form_field`` (the demo's form without JavaScript)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, jsonify, request
 
 from webapp import errors
-from webapp.api import auth, bodies, context, images, jobs
+from webapp.api import auth, bodies, context, images, job_routes, jobs
 from webapp.api.fields import TIMEOUT_HEADER
 from webapp.api.jobs import JSON
 from webapp.errors import ApiError, InvalidRequest
@@ -56,6 +56,8 @@ def generate() -> Response:
     received = time.monotonic()
     try:
         payload = jobs.read_json()
+        if job_routes.wants_async():  # Prefer: respond-async: stored as a job, answered 202 (§17)
+            return job_routes.accept("generate", payload)
         wants = _negotiate(payload)
         if wants != JSON:
             payload = {"output_format": images.BY_MEDIA_TYPE[wants], **payload}

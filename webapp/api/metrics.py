@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response
 
-from webapp.api import context
+from webapp.api import context, job_routes
 from webapp.board import metric_files, readiness
 from webapp.board.readiness import view_workers
 from webapp.board.slots import State
+from webapp.queue.store import JobStore, StoreUnavailable
 from webapp.telemetry.recorder import PREFIX, recorder
 
 if TYPE_CHECKING:
@@ -116,6 +117,35 @@ def _slot_gauges(settings: Any, records: list[Any], now: float) -> Iterator[Any]
     yield from per_slot.values()
 
 
+class JobsCollector:
+    """The stored jobs by status and the age of the oldest queued one (what an autoscaler scales on), read
+    from the job store at scrape time (docs/architecture.md §17); nothing until a job was ever submitted."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        if not self.store.exists():
+            return
+        try:
+            by_status, oldest_s = self.store.counts()
+        except StoreUnavailable:
+            yield GaugeMetricFamily(PREFIX + "job_store_up", "1 while the job store can be read.", value=0)
+            return
+        yield GaugeMetricFamily(PREFIX + "job_store_up", "1 while the job store can be read.", value=1)
+        jobs = GaugeMetricFamily(PREFIX + "jobs", "Stored jobs by status (expired ones left out).", labels=["status"])
+        for status, count in by_status.items():
+            jobs.add_metric([status], count)
+        yield jobs
+        yield GaugeMetricFamily(
+            PREFIX + "jobs_oldest_queued_age_seconds",
+            "Seconds the oldest queued job has waited (0 when none waits): the backlog to scale on.",
+            value=oldest_s,
+        )
+
+
 @bp.get("/metrics")
 def scrape() -> Response:
     """Prometheus text format for the whole container: every worker's counted events, dead ones included,
@@ -124,6 +154,7 @@ def scrape() -> Response:
 
     registry = CollectorRegistry()
     registry.register(BoardCollector(context.runtime()))
+    registry.register(JobsCollector(job_routes.store()))
     folder = metric_files.folder()
     if folder:
         registry.register(metric_files.FolderCollector(folder))

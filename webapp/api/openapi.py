@@ -185,6 +185,20 @@ def _timeout_header(limits: Limits) -> dict[str, Any]:
     }
 
 
+def _binary_images() -> dict[str, Any]:
+    return {media: {"schema": {"type": "string", "format": "binary"}} for media in images.BY_MEDIA_TYPE}
+
+
+def _prefer_async() -> dict[str, Any]:
+    return {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": "respond-async: store the request as a job and answer 202 with it (/v1/jobs)",
+        "schema": {"type": "string"},
+    }
+
+
 def _oip_answers(field: str) -> dict[str, Any]:
     """The Open Inference Protocol's health answers: the status is the boolean (webapp.api.health)."""
     schema = {
@@ -281,17 +295,18 @@ def _page_operations() -> dict[tuple[str, str], dict[str, Any]]:
 
 def _generation_operations(limits: Limits) -> dict[tuple[str, str], dict[str, Any]]:
     """The routes that generate: /generate, its stream, and the OpenAI API."""
-    image_media = {media: {"schema": {"type": "string", "format": "binary"}} for media in images.BY_MEDIA_TYPE}
+    image_media = _binary_images()
     generate_errors = _answers(
         {**TRANSPORT, 406: "Accept allows none of the answer's types", **GENERATING}, "ErrorBody"
     )
     return {
         ("/generate", "post"): {
             "summary": "Generate images: JSON with base64 images, or one image's bytes (Accept image/png, jpeg, webp)",
-            "parameters": [_timeout_header(limits)],
+            "parameters": [_timeout_header(limits), _prefer_async()],
             "requestBody": {"required": True, "content": _json("GenerateRequest")},
             "responses": {
                 "200": {"description": "The images", "content": {**_json("GenerateResponse"), **image_media}},
+                "202": {"description": "Stored as a job (Prefer: respond-async)", "content": _json("Job")},
                 **generate_errors,
                 **_answers(UNAUTHORIZED, "ErrorBody"),
             },
@@ -348,9 +363,99 @@ def _generation_operations(limits: Limits) -> dict[tuple[str, str], dict[str, An
     }
 
 
+JOB_ERRORS = {
+    404: "No job has this id, or it belongs to another API key",
+    410: "The job is past its retention (JOB_TTL); its images were deleted",
+    503: "The job store cannot be read now: retry after Retry-After",
+}
+
+
+def _job_operations(limits: Limits) -> dict[tuple[str, str], dict[str, Any]]:
+    """Asynchronous jobs (docs/architecture.md §17)."""
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": f"respond-async, and/or wait=N: hold the answer up to N s (at most {limits.request_timeout:g})",
+        "schema": {"type": "string"},
+    }
+    key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "1 to 255 visible ASCII characters: the same key and body return the same job",
+        "schema": {"type": "string"},
+    }
+    job = {"description": "The job", "content": _json("Job")}
+    reads = {**_answers(JOB_ERRORS, "ErrorBody"), **_answers(UNAUTHORIZED, "ErrorBody")}
+    return {
+        ("/v1/jobs", "post"): {
+            "summary": "Store a job from /generate's body; any READY worker runs it",
+            "parameters": [prefer, key],
+            "requestBody": {"required": True, "content": _json("GenerateRequest")},
+            "responses": {
+                "202": {**job, "headers": {"Location": {"description": "The job", "schema": {"type": "string"}}}},
+                "200": {
+                    "description": "The job, finished within Prefer: wait, or an Idempotency-Key repeated",
+                    "content": _json("Job"),
+                },
+                **_answers({**TRANSPORT, 422: GENERATING[422], 503: GENERATING[503]}, "ErrorBody"),
+                **_answers(UNAUTHORIZED, "ErrorBody"),
+            },
+        },
+        ("/v1/jobs", "get"): {
+            "summary": "The caller's jobs, newest first",
+            "parameters": [
+                {"name": "limit", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "status", "in": "query", "required": False, "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {"description": "The jobs", "content": _json("JobList")},
+                **_answers({422: "limit or status is not one this route takes", 503: JOB_ERRORS[503]}, "ErrorBody"),
+                **_answers(UNAUTHORIZED, "ErrorBody"),
+            },
+        },
+        ("/v1/jobs/{job_id}", "get"): {
+            "summary": "One job",
+            "parameters": [job_id],
+            "responses": {"200": job, **reads},
+        },
+        ("/v1/jobs/{job_id}/cancel", "post"): {
+            "summary": "Cancel: a queued job at once, a running one between steps; a finished one is unchanged",
+            "parameters": [job_id],
+            "responses": {"200": job, **reads},
+        },
+        ("/v1/jobs/{job_id}/events", "get"): {
+            "summary": "The job's states as server-sent events; resume with Last-Event-ID",
+            "parameters": [job_id],
+            "responses": {
+                "200": {
+                    "description": "The event stream",
+                    "content": _events("queued", "running", "progress", "succeeded", "failed", "canceled"),
+                },
+                **reads,
+            },
+        },
+        ("/v1/jobs/{job_id}/images/{n}", "get"): {
+            "summary": "A finished job's image",
+            "parameters": [job_id, {"name": "n", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {
+                "200": {
+                    "description": "The image's bytes",
+                    "content": {
+                        media: {"schema": {"type": "string", "format": "binary"}} for media in images.BY_MEDIA_TYPE
+                    },
+                },
+                **reads,
+            },
+        },
+    }
+
+
 def _operations(limits: Limits) -> dict[tuple[str, str], dict[str, Any]]:
     """Every operation: (OpenAPI path, method) -> its description."""
-    return {**_page_operations(), **_oip_operations(), **_generation_operations(limits)}
+    return {**_page_operations(), **_oip_operations(), **_generation_operations(limits), **_job_operations(limits)}
 
 
 def openapi_path(rule: str) -> str:

@@ -168,6 +168,14 @@ class Engine:
             finally:
                 self._publish()
 
+    def free_places(self) -> int:
+        """How many more jobs this worker would admit now (0 unless READY): what a claimer of stored jobs
+        asks before it claims one (docs/architecture.md §17)."""
+        if self.state is not State.READY:
+            return 0
+        with self._lock:
+            return self.scheduler.free_places()
+
     def release(self) -> None:
         """Give back a place ``reserve`` held for a job that will not be submitted."""
         with self._lock:

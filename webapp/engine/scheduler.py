@@ -148,12 +148,16 @@ class Scheduler:
 
     def _make_room(self) -> None:
         """Overloaded when MAX_ONGOING + MAX_QUEUED jobs (places held included) are already here."""
-        capacity = self.max_ongoing + self.max_queued
-        held = len(self.pending) + len(self.forming) + len(self.running) + self.reserved
-        if held >= capacity:
+        if not self.free_places():
             self.shed += 1
-            message = f"this worker holds {held} jobs (MAX_ONGOING + MAX_QUEUED = {capacity})"
+            capacity = self.max_ongoing + self.max_queued
+            message = f"this worker holds {capacity} jobs (MAX_ONGOING + MAX_QUEUED = {capacity})"
             raise Overloaded(message, self.retry_after())
+
+    def free_places(self) -> int:
+        """Places left before ``admit`` sheds (MAX_ONGOING + MAX_QUEUED, less every job held)."""
+        held = len(self.pending) + len(self.forming) + len(self.running) + self.reserved
+        return max(0, self.max_ongoing + self.max_queued - held)
 
     def reserve(self) -> None:
         """Hold a place for a job still being prepared (its upload decoded), or raise Overloaded as ``admit``

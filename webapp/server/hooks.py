@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from webapp.board import lifecycle, metric_files
 from webapp.board.readiness import Gate
 from webapp.board.slots import DIR_PREFIX, Board, master_holds
+from webapp.queue.store import JobStore, StoreUnavailable, lease_owner
 from webapp.settings import Settings, SettingsError, refusal
 from webapp.telemetry import logs
 
@@ -133,6 +134,7 @@ class ServerHooks:
         self.body_limits: Callable[[str], int] | None = None  # in a worker, once its app is built
         self.forks = 0  # workers forked by this master
         self.preimported = False  # the master has imported the model code (or tried)
+        self._app: Flask | None = None  # in a worker, once built
 
     # -- master ---------------------------------------------------------------------------------------
 
@@ -152,6 +154,8 @@ class ServerHooks:
         for name in ("term", "int", "quit"):
             self._flag_shutdown_first(server, name)
         self._preimport_after_first_fork(server)
+        # Nothing runs yet: a job stored as running was held by a worker of the last start (docs/architecture.md §17).
+        self._release_jobs("the container stopped while it ran")
 
     def when_ready(self, server: Any) -> None:
         """The port is bound: import the app for the workers to inherit, before the first fork."""
@@ -233,6 +237,21 @@ class ServerHooks:
         slot = self.slots.pop(worker.age, None)
         if self.board is not None and slot is not None:
             lifecycle.bury(self.board, slot, worker.pid)
+        self._release_jobs(f"worker pid {worker.pid} died", lease_owner(worker.pid))
+
+    def _release_jobs(self, reason: str, holder: str | None = None) -> None:
+        """Put the stored jobs of a dead holder (``holder``, or every one) back in the queue at once, rather
+        than when their leases lapse."""
+        store = JobStore(self.settings)
+        if not store.exists():
+            return
+        try:
+            released = store.release(reason, lease_owner=holder)
+        except StoreUnavailable as exc:  # their leases lapse instead
+            log.warning("job_store_unavailable", error=str(exc))
+            return
+        if released:
+            log.info("jobs_released", jobs=released, reason=reason)
 
     def nworkers_changed(self, server: Any, new_value: int, old_value: int | None) -> None:
         if self.board is not None:
@@ -258,7 +277,7 @@ class ServerHooks:
         from webapp.api import bodies  # inherited from the master (when_ready)
         from webapp.app import create_app
 
-        app = create_app(self.runtime)
+        app = self._app = create_app(self.runtime)
         self.body_limits = bodies.of(app)
         return app
 
@@ -293,3 +312,7 @@ class ServerHooks:
     def worker_exit(self, server: Any, worker: Any) -> None:
         if self.runtime is not None:
             self.runtime.stop()
+        if self._app is not None:
+            from webapp.api import job_routes  # inherited from the master (when_ready)
+
+            job_routes.shutdown(self._app)

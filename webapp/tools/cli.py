@@ -8,6 +8,8 @@ honest-diffusion config [--json]
     (API keys redacted). A bad value prints the line the server would stop with, and exits 1.
 honest-diffusion generate PROMPT [-o FILE] [--url URL] [--api-key KEY] [request flags]
     The retrying client (webapp.tools.client): waits out a loading or busy server within a deadline.
+honest-diffusion jobs list [--status S] [--limit N] | show ID | cancel ID   [--url URL] [--api-key KEY] [--json]
+    The asynchronous jobs of the key (docs/architecture.md §17). Exit 0, 1 for an answer other than 200.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import requests
 
+from webapp.queue.store import STATUSES
 from webapp.settings import Settings, SettingsError, effective, refusal
 from webapp.tools import client
 
@@ -110,6 +113,50 @@ def config(args: argparse.Namespace) -> int:
     return 0
 
 
+JOB_COLUMNS = ("id", "status", "attempt", "progress", "created", "error")
+
+
+def _job_cell(job: dict[str, Any], column: str) -> str:
+    if column == "progress":
+        progress = job.get("progress") or {}
+        return f"{progress['step']}/{progress.get('total', '?')}" if progress else "-"
+    if column == "created":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job["created_at"]))
+    if column == "error":
+        error = job.get("error") or {}
+        return f"{error['code']}: {error['message']}" if error else ""
+    return str(job.get(column, "-"))
+
+
+def jobs(args: argparse.Namespace) -> int:
+    """List, show or cancel jobs over HTTP, as a client would (the key decides which jobs it sees)."""
+    base = args.url.rstrip("/") + "/v1/jobs"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        if args.action == "list":
+            params = {"limit": str(args.limit), **({"status": args.status} if args.status else {})}
+            response = requests.get(base, params=params, headers=headers, timeout=args.timeout)
+        elif args.action == "show":
+            response = requests.get(f"{base}/{args.id}", headers=headers, timeout=args.timeout)
+        else:
+            response = requests.post(f"{base}/{args.id}/cancel", headers=headers, timeout=args.timeout)
+        body = response.json()
+    except (requests.RequestException, ValueError) as exc:
+        print(f"{args.url} is unreachable: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    if response.status_code != 200:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        print(f"{response.status_code} {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return 1
+    if args.json or args.action != "list":
+        print(json.dumps(body, indent=2))
+        return 0
+    rows = [[column.upper() for column in JOB_COLUMNS]]
+    rows += [[_job_cell(job, column) for column in JOB_COLUMNS] for job in body["data"]]
+    print(_table(rows))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="honest-diffusion", description="Operate an honest-diffusion server.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -125,6 +172,16 @@ def parser() -> argparse.ArgumentParser:
     config_parser = commands.add_parser("config", help="the effective settings and where each came from")
     config_parser.add_argument("--json", action="store_true")
     config_parser.set_defaults(run=config)
+    jobs_parser = commands.add_parser("jobs", help="list, show or cancel asynchronous jobs")
+    jobs_parser.add_argument("action", choices=("list", "show", "cancel"))
+    jobs_parser.add_argument("id", nargs="?", help="the job's id (show, cancel)")
+    jobs_parser.add_argument("--status", choices=STATUSES)
+    jobs_parser.add_argument("--limit", type=int, default=20, help="jobs to list, newest first (1 to 100)")
+    jobs_parser.add_argument("--url", default=os.environ.get(client.URL_VARIABLE, client.DEFAULT_URL))
+    jobs_parser.add_argument("--timeout", type=float, default=10.0, help="seconds for one request")
+    jobs_parser.add_argument("--json", action="store_true", help="print the answer as it is")
+    jobs_parser.add_argument("--api-key", default=_operator_key(), help=f"whose jobs (${client.KEY_VARIABLE})")
+    jobs_parser.set_defaults(run=jobs)
     generate_parser = commands.add_parser("generate", help="generate one image, waiting out a loading server")
     client.add_arguments(generate_parser)
     generate_parser.set_defaults(run=client.run)
@@ -132,7 +189,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
+    if args.command == "jobs" and args.action != "list" and not args.id:
+        top.error(f"jobs {args.action} needs a job's id")
     return args.run(args)
 
 

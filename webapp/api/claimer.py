@@ -1,0 +1,180 @@
+"""A worker's side of the stored jobs (docs/architecture.md §17): one thread that claims queued jobs while
+the worker is READY and has room, renews its leases, releases the lapsed leases of others and sweeps
+expired jobs; each claimed job runs on a thread of its own through the same path as a /generate request
+(``jobs.admit``, ``jobs.steps``, ``jobs.wait``, ``jobs.answer``), so it is validated, batched, charged and
+answered exactly as one.
+
+Readiness still decides who works: a worker that is not READY claims nothing, and the engine's own
+admission is asked how many places are free (``Engine.free_places``) before each claim.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from flask import Flask, g
+
+from webapp import errors
+from webapp.api import jobs
+from webapp.api.images import FORMATS
+from webapp.api.params import parse
+from webapp.errors import ApiError
+from webapp.queue.store import JobStore, StoredJob, StoreUnavailable
+from webapp.runtime import Runtime
+from webapp.telemetry import logs
+
+log = logs.get(__name__)
+SWEEP_INTERVAL_S = 60.0
+PARSERS: dict[str, jobs.Parser] = {"generate": parse}  # a stored job's route -> how its request is read
+
+
+def image_url(job_id: str, n: int) -> str:
+    return f"/v1/jobs/{job_id}/images/{n}"
+
+
+class Claimer:
+    """Claims and runs stored jobs for one worker (``start`` returns at once; ``wake`` after a submit here)."""
+
+    def __init__(self, app: Flask, runtime: Runtime, store: JobStore, owner: str) -> None:
+        self.app, self.runtime, self.store, self.owner = app, runtime, store, owner
+        self.settings = runtime.settings
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._held: dict[str, jobs.Admitted | None] = {}  # claimed job id -> its engine job, once admitted
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"claimer-{runtime.slot}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more, and give back what this worker still runs (its engine has stopped)."""
+        self._stop.set()
+        self._wake.set()
+        if self.store.exists():
+            requeued = self.store.requeue(self.owner)
+            if requeued:
+                log.info("jobs_requeued", slot=self.runtime.slot, jobs=requeued)
+
+    def _run(self) -> None:
+        renew_every = self.settings.job_lease_seconds / 3
+        next_renew = next_sweep = 0.0
+        failing = False
+        while not self._stop.is_set():
+            claimed = False
+            try:
+                now = time.monotonic()
+                if self.store.exists():  # else no job was ever submitted here: nothing to do, nothing written
+                    if now >= next_renew:
+                        self._renew()
+                        next_renew = now + renew_every
+                    if now >= next_sweep:
+                        self.store.sweep()
+                        next_sweep = now + SWEEP_INTERVAL_S
+                    claimed = self._claim()
+                failing = False
+            except StoreUnavailable as exc:
+                if not failing:
+                    log.warning("job_store_unavailable", slot=self.runtime.slot, error=str(exc))
+                failing = True
+            except Exception:  # a bug here must not end the thread: stored jobs would wait for nobody
+                log.exception("claimer_error", slot=self.runtime.slot)
+            if not claimed:
+                self._wake.wait(self.settings.job_poll_interval)
+                self._wake.clear()
+
+    def _renew(self) -> None:
+        """Renew this worker's leases (stopping the jobs a client canceled), and put back in the queue the
+        jobs whose holder stopped renewing (a worker that froze, or one the master never saw die)."""
+        for job_id in self.store.renew(self.owner):
+            with self._lock:
+                admitted = self._held.get(job_id)
+            if admitted is not None:
+                admitted.job.abandon()
+        self.store.release("its lease ran out (the worker stopped renewing it)", expired_before=time.time())
+
+    def _claim(self) -> bool:
+        """Claim one job if this worker has room for it; whether one was claimed."""
+        engine = self.runtime.engine
+        with self._lock:
+            held = len(self._held)
+        if engine is None or engine.free_places() <= 0 or held >= self.settings.max_ongoing:
+            return False
+        stored = self.store.claim(self.owner)
+        if stored is None:
+            return False
+        with self._lock:
+            self._held[stored.id] = None
+        threading.Thread(target=self._serve, args=(stored,), name=f"job-{stored.id}", daemon=True).start()
+        return True
+
+    def _serve(self, stored: StoredJob) -> None:
+        try:
+            with self.app.app_context():
+                g.request_id = stored.id
+                logs.bind_request(stored.id)
+                self._run_job(stored)
+        except StoreUnavailable as exc:  # its lease lapses and another attempt runs it
+            log.warning("job_store_unavailable", slot=self.runtime.slot, job=stored.id, error=str(exc))
+        except Exception:
+            log.exception("job_error", slot=self.runtime.slot, job=stored.id)
+            self.store.finish(stored.id, self.owner, "failed", errors.INTERNAL, f"job failed; quote {stored.id}")
+        finally:
+            with self._lock:
+                self._held.pop(stored.id, None)
+            self._wake.set()
+
+    def _run_job(self, stored: StoredJob) -> None:
+        log.info("job_claimed", slot=self.runtime.slot, job=stored.id, attempt=stored.attempt)
+        try:
+            admitted = jobs.admit(self.runtime, stored.request, None, time.monotonic(), PARSERS[stored.route])
+        except ApiError as exc:
+            self._settle_refused(stored, exc)
+            return
+        with self._lock:
+            self._held[stored.id] = admitted
+        total = admitted.params.steps_run
+        canceled = False
+        for step in jobs.steps(admitted):
+            if not self.store.progress(stored.id, self.owner, step, total):
+                admitted.job.abandon()  # asked to cancel (or no longer ours): stop between steps
+                canceled = True
+                break
+        if canceled:
+            self.store.finish(stored.id, self.owner, "canceled", errors.CANCELED, "canceled while running")
+            log.info("job_canceled", slot=self.runtime.slot, job=stored.id)
+            return
+        try:
+            images = jobs.wait(admitted)
+        except ApiError as exc:
+            self.store.finish(stored.id, self.owner, "failed", exc.code, exc.message)
+            log.info("job_failed", slot=self.runtime.slot, job=stored.id, code=exc.code)
+            return
+        body, data = jobs.answer(admitted, images)
+        output = stored_output(stored.id, body)
+        media_type = FORMATS[admitted.params.output_format]
+        if self.store.succeed(stored.id, self.owner, output, [(media_type, item) for item in data]):
+            log.info("job_succeeded", slot=self.runtime.slot, job=stored.id, attempt=stored.attempt)
+
+    def _settle_refused(self, stored: StoredJob, exc: ApiError) -> None:
+        """A claimed job the engine would not take: back to the queue when the worker is the reason (not
+        READY, or full since the claim), else failed with the refusal (its request was valid at submit,
+        so the model's limits changed)."""
+        if exc.code in (errors.NOT_READY, errors.OVERLOADED):
+            self.store.unclaim(stored.id, self.owner)
+            return
+        self.store.finish(stored.id, self.owner, "failed", exc.code, exc.message)
+
+
+def stored_output(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A job's output: /generate's answer (``jobs.answer``) with each image's bytes replaced by its URL."""
+    images = []
+    for n, image in enumerate(body["images"]):
+        kept = {key: value for key, value in image.items() if not key.endswith("_base64")}
+        images.append({"url": image_url(job_id, n), **kept})
+    return {**body, "images": images}
