@@ -96,6 +96,12 @@ def test_routes_that_generate_say_they_need_a_key_and_probes_do_not(document):
         ("/v1/models", "get"),
         ("/v1/models/{model}", "get"),
         ("/demo", "post"),
+        ("/v1/jobs", "post"),
+        ("/v1/jobs", "get"),
+        ("/v1/jobs/{job_id}", "get"),
+        ("/v1/jobs/{job_id}/cancel", "post"),
+        ("/v1/jobs/{job_id}/events", "get"),
+        ("/v1/jobs/{job_id}/images/{n}", "get"),
     }
 
 
