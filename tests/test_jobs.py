@@ -17,6 +17,7 @@ from PIL import Image
 from tests.conftest import API_KEY, Server, wait_for
 
 JOB = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 7}
+WEBHOOK_SECRET = "whsec_" + "dGVzdC1zZWNyZXQtb2YtdGhlLXdlYmhvb2tzLTAxMjM0"  # a test's own, never a real secret
 SLOW_JOB = {"prompt": "a slow blue square", "num_inference_steps": 50, "seed": 3}  # seconds on 2 CPUs
 FINISHED = ("succeeded", "failed", "canceled")
 
@@ -37,8 +38,70 @@ def finished(server: Server, job_id: str, deadline_s: float = 120, **headers: st
 def jobs_server(model_cache, tmp_path_factory):
     from tests.conftest import running_server
 
-    with running_server(model_cache, tmp_path_factory.mktemp("jobs-server"), WEB_CONCURRENCY="1") as server:
+    with running_server(
+        model_cache,
+        tmp_path_factory.mktemp("jobs-server"),
+        WEB_CONCURRENCY="1",
+        WEBHOOK_SECRET=WEBHOOK_SECRET,
+        WEBHOOK_ALLOW_PRIVATE="1",  # the receivers here are on loopback: tests never send anywhere else
+        WEBHOOK_RETRY_SCHEDULE="0.2,0.2,0.2",
+    ) as server:
         yield server
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: answers each delivery with the next of ``statuses`` (then 200),
+    and keeps what it got."""
+
+    def __init__(self, *statuses: int) -> None:
+        import http.server
+        import threading
+
+        self.statuses = list(statuses)
+        self.got: list[tuple[dict[str, str], bytes, int]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                receiver.got.append((dict(self.headers), body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def events(self) -> list[dict]:
+        """Every delivery, verified with the Standard Webhooks reference package as a receiver would."""
+        from standardwebhooks.webhooks import Webhook
+
+        verifier = Webhook(WEBHOOK_SECRET)
+        return [{**verifier.verify(body, headers), "id": headers["webhook-id"], "answered": status}
+                for headers, body, status in self.got]  # fmt: skip
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    made: list[Receiver] = []
+
+    def make(*statuses: int) -> Receiver:
+        made.append(Receiver(*statuses))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
 
 
 def test_a_job_is_stored_before_the_202_runs_and_serves_its_image(jobs_server):
@@ -236,3 +299,60 @@ def test_twenty_jobs_in_flight_all_complete_after_the_whole_server_is_sigkilled_
     assert any(job["attempt"] == 2 for job in done)  # the ones running at the kill ran again
     for job in done:
         assert second.get(job["output"]["images"][0]["url"]).status_code == 200
+
+
+def test_webhooks_are_signed_retried_under_one_id_and_verified_by_the_standard_package(jobs_server, receiver):
+    hook = receiver(503)  # the first delivery fails: it is sent again, under the same webhook-id
+    body = {**JOB, "seed": 51, "webhook": hook.url, "webhook_events_filter": ["start", "progress", "completed"]}
+    job = submit(jobs_server, body).json()
+    assert job["webhook"] == hook.url and job["webhook_events_filter"] == ["start", "progress", "completed"]
+    assert "webhook" not in job["request"]
+    finished(jobs_server, job["id"])
+    events = wait_for(
+        lambda: (lambda got: got if any(e["type"] == "job.completed" and e["answered"] == 200 for e in got) else None)(
+            hook.events()
+        ),
+        30,
+        "the completed event to be delivered",
+    )
+    delivered = [event for event in events if event["answered"] == 200]
+    assert sorted(event["type"] for event in delivered) == [
+        "job.completed", "job.progress", "job.progress", "job.start"
+    ], events  # fmt: skip
+    refused = events[0]
+    assert refused["answered"] == 503 and refused["type"] == "job.start"
+    retried = [event for event in delivered if event["id"] == refused["id"]]
+    assert retried == [{**refused, "answered": 200}]  # the same id and the same signed body
+    assert len({event["id"] for event in delivered}) == 4
+    completed = next(event for event in delivered if event["type"] == "job.completed")
+    assert completed["data"]["status"] == "succeeded" and completed["data"]["id"] == job["id"]
+    assert completed["data"]["output"]["images"][0]["url"] == f"/v1/jobs/{job['id']}/images/0"
+    assert jobs_server.metrics().value("honest_diffusion_webhook_deliveries_total", outcome="retried") >= 1
+
+
+def test_a_receiver_that_answers_410_is_not_sent_to_again_and_one_that_is_down_is_retried(jobs_server, receiver):
+    def failed() -> float:
+        return jobs_server.metrics().value("honest_diffusion_webhook_deliveries_total", outcome="failed")
+
+    before = failed()
+    gone = receiver(410)
+    finished(jobs_server, submit(jobs_server, {**JOB, "seed": 52, "webhook": gone.url}).json()["id"])
+    down = receiver()
+    url = down.url
+    down.close()  # nothing listens there now: connection refused, tried again 3 times 0.2 s apart
+    finished(jobs_server, submit(jobs_server, {**JOB, "seed": 53, "webhook": url}).json()["id"])
+    wait_for(lambda: failed() >= before + 2, 30, "the 410 and the last retry to fail for good")
+    assert len(gone.got) == 1  # 410: never again
+    assert jobs_server.metrics().value("honest_diffusion_webhook_deliveries_total", outcome="retried") >= 3
+
+
+def test_a_webhook_to_a_private_or_odd_address_is_refused_at_submit(start_server):
+    server = start_server(WEB_CONCURRENCY="1", WEBHOOK_SECRET=WEBHOOK_SECRET)
+    server.wait_ready()
+    for url in ("http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://[::1]:9/", "ftp://127.0.0.1/x",
+                "http://user:pw@127.0.0.1/", "not a url"):  # fmt: skip
+        answer = submit(server, {**JOB, "webhook": url})
+        assert answer.status_code == 422 and answer.json()["error"]["field"] == "webhook", (url, answer.text)
+    filtered = submit(server, {**JOB, "webhook": "http://127.0.0.1:9/", "webhook_events_filter": ["done"]})
+    assert filtered.status_code == 422 and filtered.json()["error"]["field"] == "webhook_events_filter"
+    assert server.get("/v1/jobs").json()["data"] == []

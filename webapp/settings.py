@@ -380,6 +380,36 @@ class _Access(_Group):
     )
 
 
+def _webhook_secret(value: SecretStr) -> SecretStr:
+    """WEBHOOK_SECRET: empty, or ``whsec_`` and base64 of at least 24 bytes (the Standard Webhooks form)."""
+    import base64
+    import binascii
+
+    text = value.get_secret_value()
+    if not text:
+        return value
+    try:
+        key = base64.b64decode(text.removeprefix("whsec_") + "==", validate=False)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not text.startswith("whsec_") or len(key) < 24:
+        raise ValueError("WEBHOOK_SECRET must be whsec_ followed by the base64 of at least 24 random bytes")
+    return value
+
+
+def _schedule(value: Any) -> Any:
+    """WEBHOOK_RETRY_SCHEDULE: comma-separated seconds, each from 0 to a week."""
+    if not isinstance(value, str):
+        return value
+    try:
+        delays = tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise ValueError("WEBHOOK_RETRY_SCHEDULE must be seconds separated by commas (5,300,1800)") from None
+    if not all(0 <= delay <= 604800 for delay in delays):
+        raise ValueError("WEBHOOK_RETRY_SCHEDULE's delays must be from 0 to 604800 seconds")
+    return delays
+
+
 def _job_store(value: str) -> str:
     """JOB_STORE: ``sqlite:///`` and an absolute path, as SQLAlchemy writes a SQLite URL (four slashes)."""
     path = value.removeprefix("sqlite:///")
@@ -415,6 +445,24 @@ class _Jobs(_Group):
     )
     job_poll_interval: Number = _setting(
         "JOB_POLL_INTERVAL", 0.25, "Seconds between a READY worker's looks for queued jobs.", ge=0.01, le=60
+    )
+    webhook_secret: Annotated[SecretStr, AfterValidator(_webhook_secret)] = _setting(
+        "WEBHOOK_SECRET",
+        "",
+        "The key webhooks are signed with (Standard Webhooks: whsec_ and base64); empty = jobs may not name one.",
+    )
+    webhook_retry_schedule: Annotated[tuple[float, ...], BeforeValidator(_schedule)] = _setting(
+        "WEBHOOK_RETRY_SCHEDULE",
+        "5,300,1800,7200,18000,36000,50400,72000,86400",
+        "Seconds before each retry of a webhook delivery, comma-separated (the Standard Webhooks schedule).",
+    )
+    webhook_allow_private: bool = _setting(
+        "WEBHOOK_ALLOW_PRIVATE",
+        False,
+        "1 = webhooks may target loopback and private addresses (never link-local or multicast).",
+    )
+    webhook_timeout: Number = _setting(
+        "WEBHOOK_TIMEOUT", 10, "Seconds one webhook delivery may take before it counts as failed.", ge=0.1, le=300
     )
 
 
@@ -541,7 +589,13 @@ class Settings(_Jobs, _Access, _Traffic, _Health, _Model, _Serving):
         return _validated(type(self), {**self.model_dump(), "workers": workers})
 
 
-SECRET = frozenset({"API_KEYS", "api_keys"})  # never shown: not in errors, logs or `config`
+# Never shown, in errors, logs or `config`: every setting declared a SecretStr (API_KEYS, WEBHOOK_SECRET).
+SECRET = frozenset(
+    name
+    for attribute, declared in Settings.model_fields.items()
+    if declared.annotation is SecretStr
+    for name in (attribute, declared.validation_alias)
+)
 
 
 def _declared() -> list[FieldInfo]:

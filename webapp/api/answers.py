@@ -182,6 +182,8 @@ class Job(_Answer):
     request: dict[str, Any]
     error: JobError | Absent = None
     output: JobOutput | Absent = None
+    webhook: str | Absent = None
+    webhook_events_filter: list[str] | Absent = None
 
 
 class JobList(_Answer):

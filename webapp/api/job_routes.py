@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from webapp import errors
-from webapp.api import answers, auth, bodies, context, jobs
+from webapp.api import answers, auth, bodies, context, jobs, webhooks
 from webapp.api.claimer import PARSERS, Claimer
 from webapp.engine.core import NotReady
 from webapp.errors import ApiError, InvalidRequest
@@ -38,7 +38,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as Stripe's and the IETF draft's keys
 STORE_RETRY_AFTER_S = 5
 EVENTS_POLL_S = 0.2
-_STORE, _CLAIMER = "honest_diffusion.job_store", "honest_diffusion.claimer"
+_STORE, _CLAIMER, _DELIVERER = "honest_diffusion.job_store", "honest_diffusion.claimer", "honest_diffusion.webhooks"
 
 
 def install(app: Flask, runtime: Runtime) -> None:
@@ -47,12 +47,17 @@ def install(app: Flask, runtime: Runtime) -> None:
     app.extensions[_STORE] = job_store
     if runtime.engine is not None:
         claimer = Claimer(app, runtime, job_store, lease_owner(os.getpid()))
-        app.extensions[_CLAIMER] = claimer
+        deliverer = webhooks.Deliverer(job_store, runtime.settings, _body, runtime.slot)
+        app.extensions[_CLAIMER], app.extensions[_DELIVERER] = claimer, deliverer
         claimer.start()
+        deliverer.start()
 
 
 def shutdown(app: Flask) -> None:
     """The worker exits: its claimer stops and gives back the jobs it still runs."""
+    deliverer = app.extensions.get(_DELIVERER)
+    if deliverer is not None:
+        deliverer.stop()
     claimer = app.extensions.get(_CLAIMER)
     if claimer is not None:
         try:
@@ -96,6 +101,7 @@ def accept(route: str, payload: object) -> Response:
     if runtime.engine is None:
         raise ApiError(errors.NOT_READY, f"this worker is {runtime.lifecycle.state.name}; see /readyz",
                        headers={"Retry-After": str(STORE_RETRY_AFTER_S)})  # fmt: skip
+    payload, webhook, events = webhooks.read_fields(payload, runtime.settings)
     try:
         PARSERS[route](payload, runtime.engine.limits())
     except NotReady as exc:
@@ -108,7 +114,7 @@ def accept(route: str, payload: object) -> Response:
     wait_s = _wait_s()
     assert isinstance(payload, dict)  # the parser refused anything else
     try:
-        stored, created = store().submit(auth.owner(), route, payload, key)
+        stored, created = store().submit(auth.owner(), route, payload, key, webhook, events)
     except IdempotencyConflict as exc:
         message = f"{IDEMPOTENCY_HEADER} {key!r} already names job {exc} made from another body"
         raise InvalidRequest(errors.IDEMPOTENCY_CONFLICT, message, IDEMPOTENCY_HEADER) from None
@@ -178,6 +184,8 @@ def _body(stored: StoredJob) -> dict[str, object]:
         request=stored.request,
         error=error,
         output=answers.JobOutput.model_validate(stored.output) if stored.output else None,
+        webhook=stored.webhook,
+        webhook_events_filter=list(stored.webhook_events) if stored.webhook else None,
     ).body()
 
 

@@ -64,7 +64,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     output TEXT,
     deaths TEXT NOT NULL DEFAULT '[]',
     version INTEGER NOT NULL DEFAULT 1,
-    swept INTEGER NOT NULL DEFAULT 0
+    swept INTEGER NOT NULL DEFAULT 0,
+    webhook TEXT,
+    webhook_events TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
@@ -75,7 +77,23 @@ CREATE TABLE IF NOT EXISTS images (
     data BLOB NOT NULL,
     PRIMARY KEY (job_id, n)
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    url TEXT NOT NULL,
+    payload TEXT,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempt INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    lease_until REAL,
+    last_error TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_at);
 """
+WEBHOOK_EVENTS = ("start", "progress", "completed")  # a job's webhook_events_filter picks among these
 
 
 class StoreUnavailable(Exception):
@@ -111,6 +129,8 @@ class StoredJob:
     deaths: list[str]
     version: int
     swept: bool
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ()
     queue_position: int | None = field(default=None)
 
     @property
@@ -210,12 +230,19 @@ class JobStore:
     # -- clients' side ----------------------------------------------------------------------------------
 
     def submit(
-        self, owner: str, route: str, request: dict[str, Any], idempotency_key: str | None = None
+        self,
+        owner: str,
+        route: str,
+        request: dict[str, Any],
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        webhook_events: tuple[str, ...] = (),
     ) -> tuple[StoredJob, bool]:
         """Store a queued job and commit it; return it and whether it is new. With an ``idempotency_key``
         the same owner's earlier job made from the same body is returned instead (IdempotencyConflict when
         its body differs); two submits racing with one key make one job (the key is unique per owner)."""
-        digest = request_hash(route, request)
+        digest = request_hash(route, [request, webhook, sorted(webhook_events)])
+        events = "," + ",".join(webhook_events) + "," if webhook else ""
         now = time.time()
         for _ in range(2):  # a racing submit with the same key may commit between the look and the insert
             with self._write() as db:
@@ -240,8 +267,20 @@ class JobStore:
                 try:
                     db.execute(
                         "INSERT INTO jobs (id, owner, status, route, request, request_hash, idempotency_key, "
-                        "created_at, expires_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                        (job_id, owner, route, json.dumps(request), digest, idempotency_key, now, now + self.ttl),
+                        "created_at, expires_at, webhook, webhook_events) "
+                        "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            job_id,
+                            owner,
+                            route,
+                            json.dumps(request),
+                            digest,
+                            idempotency_key,
+                            now,
+                            now + self.ttl,
+                            webhook,
+                            events,
+                        ),
                     )
                 except sqlite3.IntegrityError:
                     continue
@@ -281,11 +320,13 @@ class JobStore:
         finished one unchanged. Idempotent."""
         now = time.time()
         with self._write() as db:
-            db.execute(
+            canceled = db.execute(
                 "UPDATE jobs SET status = 'canceled', completed_at = ?, version = version + 1, error_code = ?, "
-                "error_message = 'canceled while queued' WHERE id = ? AND status = 'queued'",
+                "error_message = 'canceled while queued' WHERE id = ? AND status = 'queued' RETURNING id",
                 (now, errors.CANCELED.code, job_id),
-            )
+            ).fetchone()
+            if canceled is not None:
+                _announce(db, job_id, "completed", now)
             db.execute(
                 "UPDATE jobs SET cancel_requested = 1, version = version + 1 WHERE id = ? AND status = 'running' "
                 "AND cancel_requested = 0",
@@ -305,6 +346,8 @@ class JobStore:
                 "WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) RETURNING *",
                 (lease_owner, now + self.lease_s, now),
             ).fetchone()
+            if row is not None:
+                _announce(db, row["id"], "start", now)
         return _job(row) if row is not None else None
 
     def renew(self, lease_owner: str) -> list[str]:
@@ -329,6 +372,8 @@ class JobStore:
                 "WHERE id = ? AND lease_owner = ? AND status = 'running' RETURNING cancel_requested",
                 (step, total, job_id, lease_owner),
             ).fetchone()
+            if row is not None:
+                _announce(db, job_id, "progress", time.time())
         return row is not None and not row["cancel_requested"]
 
     def succeed(self, job_id: str, lease_owner: str, output: dict[str, Any], images: list[tuple[str, bytes]]) -> bool:
@@ -343,6 +388,7 @@ class JobStore:
             ).fetchone()
             if row is None:
                 return False
+            _announce(db, job_id, "completed", time.time())
             db.executemany(
                 "INSERT OR REPLACE INTO images (job_id, n, media_type, data) VALUES (?, ?, ?, ?)",
                 [(job_id, n, media_type, data) for n, (media_type, data) in enumerate(images)],
@@ -358,6 +404,8 @@ class JobStore:
                 "RETURNING id",
                 (status, time.time(), code, message, job_id, lease_owner),
             ).fetchone()
+            if row is not None:
+                _announce(db, job_id, "completed", time.time())
         return row is not None
 
     def unclaim(self, job_id: str, lease_owner: str) -> None:
@@ -410,7 +458,47 @@ class JobStore:
                     "completed_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END WHERE id = ? AND status = 'running'",
                     (status, code, message, json.dumps(deaths), status, now, row["id"]),
                 )
+                if status != "queued":
+                    _announce(db, row["id"], "completed", now)
         return len(rows)
+
+    # -- webhook deliveries (their outbox: a restart loses none) -----------------------------------------
+
+    def claim_delivery(self, lease_s: float) -> sqlite3.Row | None:
+        """The oldest delivery that is due (pending, or one whose deliverer's lease lapsed), leased for
+        ``lease_s``; None when none is due."""
+        now = time.time()
+        with self._write() as db:
+            return db.execute(
+                "UPDATE deliveries SET status = 'sending', attempt = attempt + 1, lease_until = ? WHERE seq = ("
+                "SELECT seq FROM deliveries WHERE (status = 'pending' AND next_at <= ?) OR "
+                "(status = 'sending' AND lease_until < ?) ORDER BY next_at LIMIT 1) RETURNING *",
+                (now + lease_s, now, now),
+            ).fetchone()
+
+    def delivery_payload(self, delivery_id: str, payload: str) -> None:
+        """Keep the body first sent, so every retry sends the same bytes under the same webhook-id."""
+        with self._write() as db:
+            db.execute("UPDATE deliveries SET payload = ? WHERE id = ? AND payload IS NULL", (payload, delivery_id))
+
+    def delivery_ended(self, delivery_id: str, status: str, error: str | None = None) -> None:
+        """``delivered``, or ``failed`` for good (refused, 410, a 4xx, or the schedule ran out)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE deliveries SET status = ?, last_error = ?, lease_until = NULL WHERE id = ?",
+                (status, error, delivery_id),
+            )
+
+    def delivery_later(self, delivery_id: str, delay_s: float, error: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE deliveries SET status = 'pending', next_at = ?, last_error = ?, lease_until = NULL "
+                "WHERE id = ?",
+                (time.time() + delay_s, error, delivery_id),
+            )
+
+    def deliveries(self, job_id: str) -> list[sqlite3.Row]:
+        return self._read("SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq", job_id)
 
     # -- housekeeping -----------------------------------------------------------------------------------
 
@@ -426,6 +514,9 @@ class JobStore:
             ).fetchall()
             db.executemany("DELETE FROM images WHERE job_id = ?", [(row["id"],) for row in expired])
             db.execute("DELETE FROM jobs WHERE swept = 1 AND expires_at <= ?", (now - self.ttl,))
+            db.execute(
+                "DELETE FROM deliveries WHERE status IN ('delivered', 'failed') AND created_at <= ?", (now - self.ttl,)
+            )
         return len(expired)
 
     def counts(self) -> tuple[dict[str, int], float]:
@@ -434,6 +525,17 @@ class JobStore:
         by_status = dict.fromkeys(STATUSES, 0) | {row["status"]: row["n"] for row in rows}
         oldest = self._read("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'")[0][0]
         return by_status, (max(0.0, time.time() - oldest) if oldest is not None else 0.0)
+
+
+def _announce(db: sqlite3.Connection, job_id: str, event: str, now: float) -> None:
+    """Queue a webhook delivery of ``event`` for the job, in the transaction of the change it reports, if the
+    job has a webhook whose filter takes the event."""
+    db.execute(
+        "INSERT INTO deliveries (id, job_id, event, url, next_at, created_at) "
+        "SELECT ?, id, ?, webhook, ?, ? FROM jobs "
+        "WHERE id = ? AND webhook IS NOT NULL AND instr(webhook_events, ?) > 0",
+        ("msg_" + secrets.token_urlsafe(18), event, now, now, job_id, f",{event},"),
+    )
 
 
 def _job(row: sqlite3.Row) -> StoredJob:
@@ -459,6 +561,8 @@ def _job(row: sqlite3.Row) -> StoredJob:
         deaths=json.loads(row["deaths"]),
         version=row["version"],
         swept=bool(row["swept"]),
+        webhook=row["webhook"],
+        webhook_events=tuple(event for event in row["webhook_events"].split(",") if event),
     )
 
 
