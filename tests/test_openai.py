@@ -11,6 +11,7 @@ import threading
 
 import openai
 import pytest
+import requests
 from flask import Flask
 from PIL import Image
 
@@ -80,7 +81,8 @@ def test_output_format_and_compression(keyed_server, output_format, pil_format):
         ({"n": 50}, "n"),
         ({"quality": "hd"}, "quality"),
         ({"style": "vivid"}, "style"),
-        ({"response_format": "url"}, "response_format"),
+        ({"response_format": "bytes"}, "response_format"),
+        ({"response_format": "url", "stream": True}, "response_format"),
         ({"output_format": "gif"}, "output_format"),
         ({"output_compression": 50}, "output_compression"),  # with png, which is lossless
         ({"partial_images": 2}, "partial_images"),
@@ -95,6 +97,25 @@ def test_a_bad_param_raises_bad_request_naming_it(keyed_server, fields, param):
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
     assert param in caught.value.message
+
+
+def test_response_format_url_answers_urls_to_the_stored_images_for_the_same_key(keyed_server):
+    """The images are kept as a finished job (docs/architecture.md §17): the URL serves the same picture as
+    b64_json for the same seed, to the key that asked and nobody else."""
+    by_url = client(keyed_server).images.generate(
+        prompt="a red circle", response_format="url", extra_body={"seed": 5, "num_inference_steps": 2}
+    )
+    inline = client(keyed_server).images.generate(
+        prompt="a red circle", extra_body={"seed": 5, "num_inference_steps": 2}
+    )
+    url = by_url.data[0].url
+    assert url.startswith(keyed_server.url + "/v1/jobs/job_") and by_url.data[0].b64_json is None
+    fetched = requests.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert fetched.status_code == 200 and fetched.headers["Content-Type"] == "image/png"
+    assert decoded(base64.b64encode(fetched.content).decode()).tobytes() == decoded(inline.data[0].b64_json).tobytes()
+    assert requests.get(url, headers={"X-API-Key": "second-key"}, timeout=10).status_code == 404
+    job = requests.get(url.rsplit("/images/", 1)[0], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert job.json()["status"] == "succeeded" and job.json()["request"]["prompt"] == "a red circle"
 
 
 def test_a_bad_timeout_header_is_a_bad_request_naming_it(keyed_server):

@@ -91,9 +91,11 @@ class GenerateResponse(_Answer):
 
 
 class ImageData(_Answer):
-    """One image of OpenAI's answer; ``seed`` is ours (OpenAI's clients ignore it)."""
+    """One image of OpenAI's answer: its bytes in base64, or with ``response_format: "url"`` its URL (a
+    finished job's image, docs/architecture.md §17); ``seed`` is ours (OpenAI's clients ignore it)."""
 
-    b64_json: str
+    b64_json: str | Absent = None
+    url: str | Absent = None
     seed: int
 
 

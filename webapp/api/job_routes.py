@@ -25,10 +25,19 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from webapp import errors
 from webapp.api import answers, auth, bodies, context, jobs, webhooks
-from webapp.api.claimer import PARSERS, Claimer
+from webapp.api.claimer import PARSERS, Claimer, stored_output
+from webapp.api.images import FORMATS
 from webapp.engine.core import NotReady
 from webapp.errors import ApiError, InvalidRequest
-from webapp.queue.store import STATUSES, IdempotencyConflict, JobStore, StoredJob, StoreUnavailable, lease_owner
+from webapp.queue.store import (
+    STATUSES,
+    IdempotencyConflict,
+    JobStore,
+    StoredJob,
+    StoreUnavailable,
+    lease_owner,
+    new_id,
+)
 from webapp.runtime import Runtime
 from webapp.telemetry import logs
 
@@ -137,6 +146,20 @@ def accept(route: str, payload: object) -> Response:
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def keep_finished(route: str, kept: dict[str, object], admitted: jobs.Admitted, finished: list[object]) -> list[str]:
+    """Store a request answered at once as a finished job, with its images, for its client to fetch by URL
+    (OpenAI's ``response_format: "url"``); the images' paths. 503 job_store_unavailable when it cannot."""
+    job_id = new_id()
+    body, data = jobs.answer(admitted, finished)
+    output = stored_output(job_id, body)
+    media_type = FORMATS[admitted.params.output_format]
+    try:
+        store().record(job_id, auth.owner(), route, kept, output, [(media_type, item) for item in data])
+    except StoreUnavailable as exc:
+        raise _store_unavailable(exc) from None
+    return [image["url"] for image in output["images"]]
 
 
 def _store_unavailable(exc: StoreUnavailable) -> ApiError:

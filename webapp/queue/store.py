@@ -257,12 +257,7 @@ class JobStore:
                         existing = self.get(row["id"])
                         assert existing is not None
                         return existing, False
-                used = db.execute(
-                    "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count, pragma_freelist_count, "
-                    "pragma_page_size"
-                ).fetchone()[0]
-                if used >= self.max_bytes:  # the running jobs may still write their images: only submits stop
-                    raise StoreUnavailable(f"job store {self.path} is full: {used} bytes of JOB_STORE_MAX_MB")
+                self._check_room(db)
                 job_id = new_id()
                 try:
                     db.execute(
@@ -288,6 +283,40 @@ class JobStore:
             assert made is not None
             return made, True
         raise StoreUnavailable("an Idempotency-Key was being claimed by two submits at once; send it again")
+
+    def record(
+        self,
+        job_id: str,
+        owner: str,
+        route: str,
+        request: dict[str, Any],
+        output: dict[str, Any],
+        images: list[tuple[str, bytes]],
+    ) -> None:
+        """Keep a request that was answered at once as a succeeded job with its images (their URLs are its
+        answer: OpenAI's ``response_format: "url"``); StoreUnavailable when full, as a submit."""
+        now = time.time()
+        with self._write() as db:
+            self._check_room(db)
+            db.execute(
+                "INSERT INTO jobs (id, owner, status, route, request, request_hash, created_at, started_at, "
+                "completed_at, expires_at, attempt, output) VALUES (?, ?, 'succeeded', ?, ?, '', ?, ?, ?, ?, 1, ?)",
+                (job_id, owner, route, json.dumps(request), now, now, now, now + self.ttl, json.dumps(output)),
+            )
+            db.executemany(
+                "INSERT INTO images (job_id, n, media_type, data) VALUES (?, ?, ?, ?)",
+                [(job_id, n, media_type, data) for n, (media_type, data) in enumerate(images)],
+            )
+
+    def _check_room(self, db: sqlite3.Connection) -> None:
+        """StoreUnavailable when the store holds JOB_STORE_MAX_MB already (only new jobs are held to it: the
+        running ones may still write their images)."""
+        used = db.execute(
+            "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count, pragma_freelist_count, "
+            "pragma_page_size"
+        ).fetchone()[0]
+        if used >= self.max_bytes:
+            raise StoreUnavailable(f"job store {self.path} is full: {used} bytes of JOB_STORE_MAX_MB")
 
     def get(self, job_id: str) -> StoredJob | None:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", job_id)

@@ -5,7 +5,7 @@
 (which OpenAI clients send through ``extra_body``) are /generate's own declarations, taken from
 ``fields.FIELDS`` rather than written again. Validation is ``params.validate``: a field not declared here
 (``style``, ``moderation``...) or a value this server cannot honour (``quality: "hd"``,
-``response_format: "url"``) is refused with a 400 naming the param, never dropped.
+``response_format: "url"`` with ``stream``) is refused with a 400 naming the param, never dropped.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ IMAGE_FIELDS: tuple[RequestField, ...] = (
         "response_format",
         "choice",
         "Response format",
-        "b64_json only: the server keeps no files, so it has no URL to give.",
+        "b64_json: the images in the answer; url: each image's URL under /v1/jobs, kept for JOB_TTL seconds "
+        "(not with stream).",
         default="b64_json",
-        choices=("b64_json",),
+        choices=("b64_json", "url"),
     ),
     BY_NAME["output_format"],
     BY_NAME["output_compression"],

@@ -23,7 +23,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from webapp import errors
-from webapp.api import answers, auth, bodies, context, jobs
+from webapp.api import answers, auth, bodies, context, job_routes, jobs
 from webapp.api.fields import TIMEOUT_HEADER
 from webapp.api.openai import protocol
 from webapp.api.openai.protocol import ImageRequest
@@ -98,19 +98,28 @@ def model(model: str) -> Response:
     return jsonify((named[0] if named and not runtime.settings.serves(model) else _entry(runtime)).body())
 
 
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, list, dict))
+
+
 def _size(params: GenerationParams) -> str:
     return f"{params.width}x{params.height}"
 
 
-def _answer(admitted: jobs.Admitted, finished: list[Any]) -> dict[str, Any]:
+def _answer(admitted: jobs.Admitted, finished: list[Any], urls: list[str] | None = None) -> dict[str, Any]:
+    """OpenAI's answer: each image in base64, or at its URL when ``urls`` are given (already stored)."""
     params = admitted.params
-    data = jobs.encoded(admitted, finished)
-    return answers.ImagesResponse(
-        created=int(time.time()),
-        data=[
+    if urls is None:
+        data = jobs.encoded(admitted, finished)
+        items = [
             answers.ImageData(b64_json=base64.b64encode(item).decode("ascii"), seed=seed)
             for seed, item in zip(params.seeds, data, strict=True)
-        ],
+        ]
+    else:
+        items = [answers.ImageData(url=url, seed=seed) for seed, url in zip(params.seeds, urls, strict=True)]
+    return answers.ImagesResponse(
+        created=int(time.time()),
+        data=items,
         background="opaque",
         output_format=params.output_format,
         size=_size(params),
@@ -178,11 +187,20 @@ def _serve(
     who = image_request.values.get("user") or image_request.values.get("safety_identifier")
     if who:
         log.info("openai_user", user=who)
+    by_url = image_request.values.get("response_format") == "url"
+    if by_url and image_request.stream:
+        message = 'response_format "url" cannot be streamed: the events carry b64_json'
+        raise InvalidRequest(errors.INVALID_FIELD, message, "response_format")
     admitted = jobs.admit(runtime, payload, request.headers.get(TIMEOUT_HEADER), received, parser=parser)
     if image_request.stream:
         return _stream(admitted, kind)
     finished = jobs.wait(admitted)
-    response = jsonify(_answer(admitted, finished))
+    if by_url:
+        kept = {key: value for key, value in image_request.values.items() if _plain(value)}  # an edit's files: not
+        urls = job_routes.keep_finished("openai", kept, admitted, finished)
+        response = jsonify(_answer(admitted, finished, [request.url_root.rstrip("/") + url for url in urls]))
+    else:
+        response = jsonify(_answer(admitted, finished))
     response.headers["X-Seeds"] = ",".join(str(seed) for seed in admitted.params.seeds)
     return response
 
