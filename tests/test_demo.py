@@ -89,6 +89,29 @@ def test_a_person_generates_an_image_and_watches_the_progress(browser, ready_ser
     assert console_errors == []
 
 
+def test_a_person_runs_a_job_reloads_the_page_and_finds_the_image_again(browser, ready_server):
+    """Run as a job (docs/api.md, Asynchronous jobs), the image outlives the page: a reload follows the kept
+    job's id and shows the same picture."""
+    page = open_page(browser, ready_server.url + "/")
+    expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
+    page.fill("#prompt", "a blue square")
+    page.fill("#num_inference_steps", "6")
+    page.uncheck("#random_seed")
+    page.fill("#seed", "77")
+    page.check("#as_job")
+    page.click("#generate-button")
+    expect(page.locator("#results figcaption")).to_contain_text("seed 77", timeout=60_000)
+    expect(page.locator("#job-text")).to_contain_text("succeeded")
+    job_id = page.evaluate("localStorage.getItem('job_id')")
+    assert job_id.startswith("job_")
+    first = downloaded_png(page)
+
+    page.reload()
+    expect(page.locator("#results figcaption")).to_contain_text("seed 77", timeout=30_000)
+    expect(page.locator("#job-text")).to_have_text(f"job {job_id}: succeeded")
+    assert downloaded_png(page) == first
+
+
 def test_a_person_clicks_an_example_and_gets_the_scene_it_names_drawn_large_and_sharp(browser, ready_server):
     page = open_page(browser, ready_server.url + "/", viewport={"width": 1280, "height": 900})
     expect(page.locator("#workers li.state-ready")).to_have_count(2, timeout=30_000)

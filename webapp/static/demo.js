@@ -139,6 +139,75 @@ function setProgress(step, total) {
   $("progress-text").textContent = `step ${step} of ${total}`;
 }
 
+function authHeaders(extra = {}) {
+  const headers = { ...extra };
+  const key = $("api_key");
+  if (key) {
+    // Kept for this tab only: sessionStorage is gone when the tab closes, and the key never enters the URL.
+    sessionStorage.setItem("api_key", key.value);
+    headers.Authorization = `Bearer ${key.value}`;
+  }
+  return headers;
+}
+
+// -- jobs (docs/api.md, Asynchronous jobs): the job's id is kept in localStorage, so a reload follows it again.
+
+function blobToBase64(blob) {
+  return new Promise((resolve) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",")[1]);
+    reader.readAsDataURL(blob);
+  });
+}
+
+async function showJob(job) {
+  if (job.status === "succeeded") {
+    const images = await Promise.all(
+      job.output.images.map(async (image) => {
+        const response = await fetch(image.url, { headers: authHeaders() });
+        return { seed: image.seed, png_base64: await blobToBase64(await response.blob()) };
+      }),
+    );
+    showImages({ ...job.output, images });
+    $("progress-box").hidden = true;
+  } else if (job.error) {
+    showError(job.error);
+    $("progress-box").hidden = true;
+  }
+  $("job-text").textContent = `job ${job.id}: ${job.status}`;
+}
+
+async function followJob(jobId) {
+  $("job-text").textContent = `job ${jobId}: following`;
+  const response = await fetch(`/v1/jobs/${jobId}/events`, { headers: authHeaders() });
+  if (!response.ok) {
+    localStorage.removeItem("job_id");
+    $("job-text").textContent = `job ${jobId}: ${(await response.json()).error.message}`;
+    return;
+  }
+  await readEvents(response, async (name, job) => {
+    $("job-text").textContent = `job ${job.id}: ${job.status}`;
+    if (job.progress) setProgress(job.progress.step, job.progress.total || job.progress.step);
+    if (["succeeded", "failed", "canceled"].includes(name)) await showJob(job);
+  });
+}
+
+async function submitJob(payload) {
+  const response = await fetch("/v1/jobs", {
+    method: "POST",
+    headers: authHeaders({ "Content-Type": "application/json" }),
+    body: JSON.stringify(payload),
+  });
+  const body = await response.json();
+  if (!response.ok) {
+    showError(body.error, response.headers.get("Retry-After"), response.status);
+    $("progress-box").hidden = true;
+    return;
+  }
+  localStorage.setItem("job_id", body.id);
+  await followJob(body.id);
+}
+
 async function generate(event) {
   event.preventDefault();
   if (busy) return;
@@ -146,14 +215,19 @@ async function generate(event) {
   busy = true;
   updateButton("");
   const payload = payloadFromForm(event.target);
-  const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
-  const key = $("api_key");
-  if (key) {
-    // Kept for this tab only: sessionStorage is gone when the tab closes, and the key never enters the URL.
-    sessionStorage.setItem("api_key", key.value);
-    headers.Authorization = `Bearer ${key.value}`;
-  }
+  const headers = authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" });
   setProgress(0, payload.num_inference_steps || Number(event.target.dataset.maxSteps));
+  if ($("as_job").checked) {
+    try {
+      await submitJob(payload);
+    } catch (error) {
+      showError({ message: `The request failed: ${error.message}` });
+    } finally {
+      busy = false;
+      updateButton("");
+    }
+    return;
+  }
   try {
     const response = await fetch("/generate/stream", { method: "POST", headers, body: JSON.stringify(payload) });
     if (!response.ok) {
@@ -172,7 +246,7 @@ async function generate(event) {
   }
 }
 
-async function readEvents(response) {
+async function readEvents(response, onEvent = streamEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -186,14 +260,18 @@ async function readEvents(response) {
       buffer = buffer.slice(end + 2);
       const name = (block.match(/^event: (.*)$/m) || [])[1];
       const data = JSON.parse((block.match(/^data: (.*)$/m) || [])[1] || "{}");
-      if (name === "queued") setProgress(0, data.total);
-      if (name === "progress") setProgress(data.step, data.total);
-      if (name === "done") showImages(data);
-      if (name === "error") {
-        showError(data);
-        $("progress-box").hidden = true;
-      }
+      await onEvent(name, data);
     }
+  }
+}
+
+function streamEvent(name, data) {
+  if (name === "queued") setProgress(0, data.total);
+  if (name === "progress") setProgress(data.step, data.total);
+  if (name === "done") showImages(data);
+  if (name === "error") {
+    showError(data);
+    $("progress-box").hidden = true;
   }
 }
 
@@ -220,6 +298,12 @@ document.addEventListener("DOMContentLoaded", () => {
     $("strength").addEventListener("input", () => ($("strength-value").textContent = $("strength").value));
   }
   if ($("api_key")) $("api_key").value = sessionStorage.getItem("api_key") || "";
+  $("as-job-box").hidden = false;
+  const kept = localStorage.getItem("job_id");
+  if (kept) {
+    $("as_job").checked = true;
+    followJob(kept).catch((error) => showError({ message: `Following job ${kept} failed: ${error.message}` }));
+  }
   syncSeed();
   refreshHealth();
   setInterval(refreshHealth, 2000);
