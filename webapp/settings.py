@@ -444,7 +444,7 @@ class _Jobs(_Group):
         "JOB_STORE_MAX_MB", 1024, "The store's largest size; a full store makes submits 503.", ge=1, le=1048576
     )
     job_poll_interval: Number = _setting(
-        "JOB_POLL_INTERVAL", 0.25, "Seconds between a READY worker's looks for queued jobs.", ge=0.01, le=60
+        "JOB_POLL_INTERVAL", 0.05, "Seconds between a READY worker's looks for queued jobs.", ge=0.01, le=60
     )
     webhook_secret: Annotated[SecretStr, AfterValidator(_webhook_secret)] = _setting(
         "WEBHOOK_SECRET",

@@ -9,8 +9,8 @@
     GET  /v1/jobs/<id>/images/<n>       an image's bytes
     POST /v1/jobs/<id>/cancel           idempotent
 
-``Prefer: wait=N`` holds the answer up to N seconds (at most REQUEST_TIMEOUT) for the job to finish, and
-says what it applied in ``Preference-Applied``. An ``Idempotency-Key`` makes a submit safe to repeat.
+``Prefer: wait=N`` on a submit or a GET holds the answer up to N seconds (at most REQUEST_TIMEOUT) for the job
+to finish, and says what it applied in ``Preference-Applied``. An ``Idempotency-Key`` makes a submit safe to repeat.
 """
 
 from __future__ import annotations
@@ -243,8 +243,16 @@ def list_jobs() -> Response:
 @bp.get("/<job_id>")
 @auth.required
 def get_job(job_id: str) -> Response:
+    """The job; with ``Prefer: wait=N``, once it finishes or N seconds pass (a long poll: one request
+    instead of one every few hundred milliseconds)."""
     try:
-        return jsonify(_body(_read(job_id)))
+        stored = _read(job_id)
+        wait_s = _wait_s()
+        if wait_s is None:
+            return jsonify(_body(stored))
+        response = jsonify(_body(_wait_for(stored, wait_s)))
+        response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+        return response
     except ApiError as exc:
         return exc.response()
 

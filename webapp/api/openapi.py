@@ -417,8 +417,8 @@ def _job_operations(limits: Limits) -> dict[tuple[str, str], dict[str, Any]]:
             },
         },
         ("/v1/jobs/{job_id}", "get"): {
-            "summary": "One job",
-            "parameters": [job_id],
+            "summary": "One job (with Prefer: wait=N, once it finishes or N s pass)",
+            "parameters": [job_id, prefer],
             "responses": {"200": job, **reads},
         },
         ("/v1/jobs/{job_id}/cancel", "post"): {

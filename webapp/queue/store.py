@@ -366,7 +366,10 @@ class JobStore:
     # -- workers' side ----------------------------------------------------------------------------------
 
     def claim(self, lease_owner: str) -> StoredJob | None:
-        """The oldest queued job, now running under ``lease_owner``'s lease (attempt + 1), or None."""
+        """The oldest queued job, now running under ``lease_owner``'s lease (attempt + 1), or None. A read
+        looks first, so an idle poll takes no write lock."""
+        if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
+            return None
         now = time.time()
         with self._write() as db:
             row = db.execute(
@@ -495,8 +498,11 @@ class JobStore:
 
     def claim_delivery(self, lease_s: float) -> sqlite3.Row | None:
         """The oldest delivery that is due (pending, or one whose deliverer's lease lapsed), leased for
-        ``lease_s``; None when none is due."""
+        ``lease_s``; None when none is due (a read looks first)."""
         now = time.time()
+        due = "(status = 'pending' AND next_at <= ?) OR (status = 'sending' AND lease_until < ?)"
+        if not self._read(f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1", now, now):
+            return None
         with self._write() as db:
             return db.execute(
                 "UPDATE deliveries SET status = 'sending', attempt = attempt + 1, lease_until = ? WHERE seq = ("
