@@ -145,3 +145,15 @@ def test_the_adapter_churn_bench_prints_its_slopes():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| loads | adapters (pread) | no adapters | adapters (mmap, before) |" in done.stdout, done.stdout
     assert "| MB per 1000 loads, from load 4 |" in done.stdout, done.stdout
+
+
+def test_the_jobs_bench_prints_its_rows_and_loses_no_job():
+    command = [sys.executable, "bench/jobs.py", "--seconds", "2", "--rounds", "1", "--jobs", "6"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert "images/s through jobs (submit, long poll)" in rows, done.stdout
+    assert "submit p50 / p99, every worker generating" in rows, done.stdout
+    lost = rows["jobs lost through a worker SIGKILL and a whole-server SIGKILL + restart"]
+    assert lost.startswith("| jobs lost through a worker SIGKILL and a whole-server SIGKILL + restart | 0 of 6 |"), lost
+    assert rows["completed webhooks duplicated / missing"].endswith("| pass |"), done.stdout

@@ -410,6 +410,14 @@ def _schedule(value: Any) -> Any:
     return delays
 
 
+def _default_job_store(value: Any) -> Any:
+    """An empty JOB_STORE: a file in the user's state folder (XDG), which a server run by anyone can write."""
+    if value not in ("", None):
+        return value
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return f"sqlite:///{os.path.abspath(os.path.join(state, 'honest-diffusion', 'jobs.sqlite3'))}"
+
+
 def _job_store(value: str) -> str:
     """JOB_STORE: ``sqlite:///`` and an absolute path, as SQLAlchemy writes a SQLite URL (four slashes)."""
     path = value.removeprefix("sqlite:///")
@@ -422,10 +430,11 @@ class _Jobs(_Group):
     """Asynchronous jobs (docs/architecture.md §17): where they are kept, for how long, and how often one is
     tried again."""
 
-    job_store: Annotated[str, AfterValidator(_job_store)] = _setting(
+    job_store: Annotated[str, BeforeValidator(_default_job_store), AfterValidator(_job_store)] = _setting(
         "JOB_STORE",
-        "sqlite:////var/lib/honest-diffusion/jobs.sqlite3",
-        "Where jobs are kept: sqlite:/// and an absolute path (WAL mode), in a folder mounted as a volume.",
+        "",
+        "Where jobs are kept: sqlite:/// and an absolute path (WAL mode), in a folder mounted as a volume; empty "
+        "= $XDG_STATE_HOME (~/.local/state)/honest-diffusion/jobs.sqlite3 (the image sets /var/lib/honest-diffusion).",
     )
     job_ttl: int = _setting(
         "JOB_TTL", 86400, "Seconds a job and its images are kept; after that it answers 410.", ge=1, le=31536000

@@ -46,7 +46,7 @@ bp = Blueprint("jobs", __name__, url_prefix=errors.JOBS_PATH)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as Stripe's and the IETF draft's keys
 STORE_RETRY_AFTER_S = 5
-EVENTS_POLL_S = 0.2
+EVENTS_POLL_S = 0.05  # how often a long poll or an event stream reads the job: how late a client may learn
 _STORE, _CLAIMER, _DELIVERER = "honest_diffusion.job_store", "honest_diffusion.claimer", "honest_diffusion.webhooks"
 
 
