@@ -25,6 +25,7 @@ import http.server
 import os
 import signal
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -130,30 +131,32 @@ def statuses(url: str, ids: list[str]) -> list[dict]:
     return [requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json() for job_id in ids]
 
 
-def kills(cache: str, store: str, jobs: int) -> dict[str, object]:
-    """Jobs through a worker SIGKILL, then a whole-server SIGKILL and a restart on the same store."""
-    receiver = Receiver()
+def server_env(store: str) -> dict[str, str]:
     # A job may be on the killed worker and then on the killed server: two deaths, so three attempts.
-    env = {"WEB_CONCURRENCY": "2", "JOB_STORE": store, "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOW_PRIVATE": "1",
-           "JOB_MAX_ATTEMPTS": "3"}  # fmt: skip
+    return {"WEB_CONCURRENCY": "2", "JOB_STORE": store, "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOW_PRIVATE": "1",
+            "JOB_MAX_ATTEMPTS": "3"}  # fmt: skip
+
+
+def kills(cache: str, url: str, proc: subprocess.Popen, store: str, jobs: int) -> dict[str, object]:
+    """Jobs through a worker SIGKILL, then a whole-server SIGKILL (of ``proc``, serving ``url``) and a
+    restart on the same store."""
+    receiver = Receiver()
+    env = server_env(store)
     body = {**JOB, "webhook": receiver.url}
-    with server(cache, **env) as (url, proc, _):
-        poll(url + "/readyz", lambda r: r.status_code == 200, 300)
-        ids = [
-            requests.post(url + "/v1/jobs", json={**body, "seed": seed}, timeout=30).json()["id"]
-            for seed in range(jobs)
-        ]
-        _, ready = poll(url + "/readyz", lambda r: any(w["in_flight"] for w in r.json()["workers"]), 60, 0.01)
-        busy = next(w["pid"] for w in ready.json()["workers"] if w["in_flight"])
-        os.kill(busy, signal.SIGKILL)
-        poll(url + "/readyz", lambda r: r.status_code == 200 and busy not in [w["pid"] for w in r.json()["workers"]],
-             120)  # fmt: skip
-        poll(url + "/readyz", lambda r: any(w["in_flight"] for w in r.json()["workers"]), 60, 0.01)
-        workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-        for pid in (proc.pid, *workers):
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(30)
-        before = statuses_from_store(store, ids)
+    ids = [
+        requests.post(url + "/v1/jobs", json={**body, "seed": seed}, timeout=30).json()["id"] for seed in range(jobs)
+    ]
+    _, ready = poll(url + "/readyz", lambda r: any(w["in_flight"] for w in r.json()["workers"]), 60, 0.01)
+    busy = next(w["pid"] for w in ready.json()["workers"] if w["in_flight"])
+    os.kill(busy, signal.SIGKILL)
+    poll(url + "/readyz", lambda r: r.status_code == 200 and busy not in [w["pid"] for w in r.json()["workers"]],
+         120)  # fmt: skip
+    poll(url + "/readyz", lambda r: any(w["in_flight"] for w in r.json()["workers"]), 60, 0.01)
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    for pid in (proc.pid, *workers):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(30)
+    before = statuses_from_store(store, ids)
     held = [job_id for job_id, status in before.items() if status == "running"]
     with server(cache, **env) as (url, _, started):
         seen_running, _ = poll(
@@ -167,7 +170,9 @@ def kills(cache: str, store: str, jobs: int) -> dict[str, object]:
         while time.monotonic() < end and not all(job["status"] in DONE for job in statuses(url, ids)):
             time.sleep(0.2)
         final = statuses(url, ids)
-        time.sleep(1)  # the last webhooks are sent as the jobs finish
+        sent_by = time.monotonic() + 30  # the last completed webhooks are sent as their jobs finish
+        while time.monotonic() < sent_by and any(receiver.completed[job_id] == 0 for job_id in ids):
+            time.sleep(0.05)
     return {
         "jobs": jobs,
         "running_at_kill": len(held),
@@ -197,13 +202,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         store = f"sqlite:///{cache}/jobs.sqlite3"
         sync_rates, job_runs = [], []
-        with server(cache, WEB_CONCURRENCY="2", JOB_STORE=store) as (url, _, _):
+        with server(cache, **server_env(store)) as (url, proc, _):
             poll(url + "/readyz", lambda r: r.status_code == 200, 300)
             traffic.drive(url, 4, 2.0)  # warm up
             for _ in range(args.rounds):
                 sync_rates.append(traffic.drive(url, CLIENTS, args.seconds)["images_per_s"])
                 job_runs.append(job_clients(url, CLIENTS, args.seconds))
-        killed = kills(cache, f"sqlite:///{cache}/kills.sqlite3", args.jobs)
+            killed = kills(cache, url, proc, store, args.jobs)
     sync = statistics.median(sync_rates)
     through_jobs = statistics.median(run["images_per_s"] for run in job_runs)
     submits = [s for run in job_runs for s in run["submits"]]

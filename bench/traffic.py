@@ -87,7 +87,10 @@ def drive(
 def run_server(cache: str, batch_size: int, clients: int | tuple[int, ...], seconds: float) -> dict:
     """One worker (MAX_ONGOING=4, MAX_QUEUED=2) driven by each number of ``clients`` in turn; the results by
     number of clients, or the one result when ``clients`` is a number."""
-    env = {"WEB_CONCURRENCY": "1", "MAX_BATCH_SIZE": str(batch_size), "MAX_ONGOING": "4", "MAX_QUEUED": "2"}
+    # One worker: the master's import of the model code (docs/architecture.md §13) only pays off for a
+    # replacement, which this run never makes; without it, the model code is imported once, not twice.
+    env = {"WEB_CONCURRENCY": "1", "MAX_BATCH_SIZE": str(batch_size), "MAX_ONGOING": "4", "MAX_QUEUED": "2",
+           "MASTER_PREIMPORT": "0"}  # fmt: skip
     counts = (clients,) if isinstance(clients, int) else clients
     with server(cache, **env) as (url, _, _):
         poll(url + "/readyz", lambda r: r.status_code == 200, 300)

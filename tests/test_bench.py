@@ -148,7 +148,7 @@ def test_the_adapter_churn_bench_prints_its_slopes():
 
 
 def test_the_jobs_bench_prints_its_rows_and_loses_no_job():
-    command = [sys.executable, "bench/jobs.py", "--seconds", "2", "--rounds", "1", "--jobs", "6"]
+    command = [sys.executable, "bench/jobs.py", "--seconds", "1", "--rounds", "1", "--jobs", "6"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}

@@ -132,7 +132,7 @@ def test_every_route_in_the_url_map_is_refused_past_its_own_limit(ready_server, 
     settings = Settings.from_env({})
     rules, limit = url_rules(settings, tmp_path)
     assert "/demo" in {rule for rule, _ in rules} and len(rules) > 10
-    assert limit.upload_paths == {"/generate", "/generate/stream", "/v1/images/edits"}
+    assert limit.upload_paths == {"/generate", "/generate/stream", "/v1/images/edits", "/v1/jobs"}
     for rule, methods in rules:
         path = rule.replace("<path:model>", "any").replace("<path:name>", "any")
         for method in methods:

@@ -126,6 +126,24 @@ def test_a_job_is_stored_before_the_202_runs_and_serves_its_image(jobs_server):
     assert jobs_server.get(f"/v1/jobs/{job['id']}/images/1").status_code == 404
 
 
+def test_a_job_that_fails_as_it_runs_is_failed_with_the_error_and_counted(jobs_server):
+    """A PNG whose header is sound but whose pixels are cut short passes the check at submit (headers only,
+    docs/architecture.md §15) and fails when its worker decodes it: the job fails with that error."""
+    import base64
+
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(picture, format="PNG")
+    truncated = base64.b64encode(picture.getvalue()[:-40]).decode("ascii")
+    job = submit(jobs_server, {**JOB, "image": truncated, "strength": 0.5})
+    assert job.status_code == 202, job.text
+    done = finished(jobs_server, job.json()["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "invalid_image", done
+    metrics = jobs_server.metrics()
+    assert metrics.value("honest_diffusion_jobs", status="failed") >= 1
+    assert metrics.value("honest_diffusion_jobs", status="succeeded") >= 1
+    assert metrics.value("honest_diffusion_job_store_up") == 1
+
+
 def test_a_bad_field_is_refused_as_generate_refuses_it_and_nothing_is_stored(jobs_server):
     before = jobs_server.get("/v1/jobs?limit=100").json()["data"]
     answer = submit(jobs_server, {**JOB, "num_inference_steps": 10_000})
@@ -270,8 +288,8 @@ def test_a_job_whose_worker_is_sigkilled_runs_again_as_attempt_2(start_server):
 
 
 @pytest.mark.slow
-def test_a_job_that_outlives_its_last_attempt_fails_naming_the_deaths(start_server):
-    server = start_server(WEB_CONCURRENCY="1", JOB_MAX_ATTEMPTS="1")
+def test_a_job_that_outlives_its_last_attempt_fails_naming_the_deaths_and_a_sigterm_counts_no_attempt(start_server):
+    server = start_server(WEB_CONCURRENCY="1", JOB_MAX_ATTEMPTS="1", GRACEFUL_TIMEOUT="1")
     server.wait_ready()
     job = submit(server, SLOW_JOB).json()
     wait_for(lambda: server.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", 60, "the job to run")
@@ -280,6 +298,20 @@ def test_a_job_that_outlives_its_last_attempt_fails_naming_the_deaths(start_serv
     done = finished(server, job["id"], 60)
     assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
     assert f"worker pid {worker['pid']} died" in done["error"]["message"]
+
+    # SIGTERM (a deploy) is not a death: the job it cut short is queued again without counting an attempt,
+    # so even with JOB_MAX_ATTEMPTS=1 the next start runs it.
+    server.wait_ready()
+    cut = submit(server, {**SLOW_JOB, "seed": 4}).json()
+    waiting = submit(server, {**JOB, "seed": 5}).json()
+    wait_for(lambda: server.get(f"/v1/jobs/{cut['id']}").json()["status"] == "running", 60, "the job to run")
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    again = start_server(WEB_CONCURRENCY="1", JOB_MAX_ATTEMPTS="1")
+    again.wait_ready()
+    for job in (cut, waiting):
+        done = finished(again, job["id"], 120)
+        assert done["status"] == "succeeded" and done["attempt"] == 1, done
 
 
 @pytest.mark.slow
@@ -354,3 +386,31 @@ def test_a_webhook_to_a_private_or_odd_address_is_refused_at_submit(start_server
     filtered = submit(server, {**JOB, "webhook": "http://127.0.0.1:9/", "webhook_events_filter": ["done"]})
     assert filtered.status_code == 422 and filtered.json()["error"]["field"] == "webhook_events_filter"
     assert server.get("/v1/jobs").json()["data"] == []
+
+
+def test_the_operator_lists_shows_and_cancels_jobs_with_the_command(jobs_server):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "honest-diffusion"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(script), "jobs", *args, "--url", jobs_server.url], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+
+    queued = submit(jobs_server, {**SLOW_JOB, "seed": 61}).json()
+    behind = submit(jobs_server, {**SLOW_JOB, "seed": 62}).json()
+    listed = cli("list", "--limit", "5")
+    assert listed.returncode == 0 and listed.stdout.startswith("ID"), listed.stderr
+    assert behind["id"] in listed.stdout
+    shown = cli("show", behind["id"])
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == behind["id"]
+    for job in (behind, queued):
+        canceled = cli("cancel", job["id"])
+        assert canceled.returncode == 0 and json.loads(canceled.stdout)["status"] in ("canceled", "running")
+    finished(jobs_server, queued["id"], 60)
+    missing = cli("show", "job_nothing")
+    assert missing.returncode == 1 and "404 job_not_found" in missing.stderr
+    assert cli("cancel").returncode == 2  # an id is needed

@@ -118,6 +118,25 @@ def test_response_format_url_answers_urls_to_the_stored_images_for_the_same_key(
     assert job.json()["status"] == "succeeded" and job.json()["request"]["prompt"] == "a red circle"
 
 
+def test_prefer_respond_async_makes_an_openai_request_a_job(keyed_server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Prefer": "respond-async"}
+    body = {"prompt": "a red circle", "n": 2, "seed": 9, "num_inference_steps": 2}
+    answer = requests.post(keyed_server.url + "/v1/images/generations", json=body, headers=headers, timeout=30)
+    assert answer.status_code == 202 and answer.headers["Location"].startswith("/v1/jobs/job_"), answer.text
+    job = wait_for(
+        lambda: (lambda j: j if j["status"] == "succeeded" else None)(
+            requests.get(keyed_server.url + answer.headers["Location"], headers=headers, timeout=10).json()
+        ),
+        60,
+        "the job to finish",
+    )
+    assert [image["seed"] for image in job["output"]["images"]] == [9, 10]
+    refused = requests.post(
+        keyed_server.url + "/v1/images/generations", json={**body, "stream": True}, headers=headers, timeout=30
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+
+
 def test_a_bad_timeout_header_is_a_bad_request_naming_it(keyed_server):
     """Under /v1/ a bad X-Request-Timeout is OpenAI's 400, as docs/api.md says (it was a 422 before)."""
     with pytest.raises(openai.BadRequestError) as caught:

@@ -75,10 +75,9 @@ class Image(_Answer):
 Timings = dict[str, float]  # milliseconds: queue_ms, generate_ms, encode_ms, total_ms (adapter_load_ms)
 
 
-class GenerateResponse(_Answer):
-    """/generate's JSON answer (and its stream's ``done`` event)."""
+class _Drawn(_Answer):
+    """What /generate's answer and a finished job's output both say of the images (their list apart)."""
 
-    images: list[Image]
     output_format: Format
     width: int
     height: int
@@ -88,6 +87,12 @@ class GenerateResponse(_Answer):
     batch: Batch
     worker: Worker
     edit: Edit | Absent = None
+
+
+class GenerateResponse(_Drawn):
+    """/generate's JSON answer (and its stream's ``done`` event)."""
+
+    images: list[Image]
 
 
 class ImageData(_Answer):
@@ -138,19 +143,10 @@ class JobImage(_Answer):
     seed: int
 
 
-class JobOutput(_Answer):
+class JobOutput(_Drawn):
     """A succeeded job's output: /generate's answer with each image's URL in place of its bytes."""
 
     images: list[JobImage]
-    output_format: Format
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    timings: Timings
-    batch: Batch
-    worker: Worker
-    edit: Edit | Absent = None
 
 
 class JobError(_Answer):

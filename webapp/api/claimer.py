@@ -19,6 +19,7 @@ from flask import Flask, g
 from webapp import errors
 from webapp.api import jobs
 from webapp.api.images import FORMATS
+from webapp.api.openai import protocol
 from webapp.api.params import parse
 from webapp.errors import ApiError
 from webapp.queue.store import JobStore, StoredJob, StoreUnavailable
@@ -27,7 +28,8 @@ from webapp.telemetry import logs
 
 log = logs.get(__name__)
 SWEEP_INTERVAL_S = 60.0
-PARSERS: dict[str, jobs.Parser] = {"generate": parse}  # a stored job's route -> how its request is read
+# A stored job's route -> how its request is read: /generate's body, or OpenAI's (Prefer: respond-async).
+PARSERS: dict[str, jobs.Parser] = {"generate": parse, "openai": protocol.generation_params}
 
 
 def image_url(job_id: str, n: int) -> str:

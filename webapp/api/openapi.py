@@ -323,13 +323,14 @@ def _generation_operations(limits: Limits) -> dict[tuple[str, str], dict[str, An
         },
         ("/v1/images/generations", "post"): {
             "summary": "OpenAI's Images API: generate images (stream: true for server-sent events)",
-            "parameters": [_timeout_header(limits)],
+            "parameters": [_timeout_header(limits), _prefer_async()],
             "requestBody": {"required": True, "content": _json("CreateImageRequest")},
             "responses": {
                 "200": {
                     "description": "The images",
                     "content": {**_json("ImagesResponse"), **_events("image_generation.completed", "error")},
                 },
+                "202": {"description": "Stored as a job (Prefer: respond-async)", "content": _json("Job")},
                 **_answers({**OPENAI, **UNAUTHORIZED}, "OpenAIError"),
             },
         },

@@ -172,6 +172,14 @@ def generations() -> Response:
     try:
         payload = jobs.read_json()
         image_request: ImageRequest = protocol.parse(payload, runtime.limits)
+        if job_routes.wants_async():  # Prefer: respond-async: stored as a job, answered 202 (§17)
+            _check_model(image_request.model, runtime.settings)
+            if image_request.stream or image_request.values.get("response_format") == "url":
+                message = "a job (Prefer: respond-async) is fetched from its URLs: drop stream and response_format"
+                raise InvalidRequest(
+                    errors.INVALID_FIELD, message, "stream" if image_request.stream else "response_format"
+                )
+            return job_routes.accept("openai", payload)
         return _serve(runtime, received, image_request, payload, protocol.generation_params, "image_generation")
     except ApiError as exc:
         return exc.response()
