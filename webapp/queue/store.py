@@ -450,14 +450,16 @@ class JobStore:
                 (job_id, lease_owner),
             )
 
-    def requeue(self, lease_owner: str) -> int:
-        """Give back every job ``lease_owner`` still runs as it stops on purpose (SIGTERM, past its graceful
-        timeout): queued again, the attempt not counted (a deploy is not the job's fault)."""
+    def requeue(self, lease_owner: str | None = None) -> int:
+        """Give back every job ``lease_owner`` (or, None, anyone: the whole server stopped) still runs as it
+        stops on purpose (SIGTERM, past its graceful timeout): queued again, the attempt not counted (a
+        deploy is not the job's fault)."""
+        where, args = ("lease_owner = ?", (lease_owner,)) if lease_owner is not None else ("1 = 1", ())
         with self._write() as db:
             rows = db.execute(
                 "UPDATE jobs SET status = 'queued', attempt = attempt - 1, lease_owner = NULL, lease_until = NULL, "
-                "step = NULL, version = version + 1 WHERE lease_owner = ? AND status = 'running' RETURNING id",
-                (lease_owner,),
+                f"step = NULL, version = version + 1 WHERE {where} AND status = 'running' RETURNING id",
+                args,
             ).fetchall()
         return len(rows)
 

@@ -237,16 +237,18 @@ class ServerHooks:
         slot = self.slots.pop(worker.age, None)
         if self.board is not None and slot is not None:
             lifecycle.bury(self.board, slot, worker.pid)
-        self._release_jobs(f"worker pid {worker.pid} died", lease_owner(worker.pid))
+        stopping = self.board is not None and self.board.shutting_down
+        self._release_jobs(f"worker pid {worker.pid} died", lease_owner(worker.pid), counted=not stopping)
 
-    def _release_jobs(self, reason: str, holder: str | None = None) -> None:
+    def _release_jobs(self, reason: str, holder: str | None = None, counted: bool = True) -> None:
         """Put the stored jobs of a dead holder (``holder``, or every one) back in the queue at once, rather
-        than when their leases lapse."""
+        than when their leases lapse; as a death (``counted``), or not, when the server is stopping and its
+        workers were killed past GRACEFUL_TIMEOUT (docs/architecture.md §17)."""
         store = JobStore(self.settings)
         if not store.exists():
             return
         try:
-            released = store.release(reason, lease_owner=holder)
+            released = store.release(reason, lease_owner=holder) if counted else store.requeue(holder)
         except StoreUnavailable as exc:  # their leases lapse instead
             log.warning("job_store_unavailable", error=str(exc))
             return
@@ -258,6 +260,19 @@ class ServerHooks:
             self.board.set_expected_workers(new_value)
 
     def on_exit(self, server: Any) -> None:
+        # A stop on purpose (SIGTERM, SIGINT): every worker is gone, and gunicorn SIGKILLed those still busy
+        # past GRACEFUL_TIMEOUT, often before child_exit saw them. Their jobs go back to the queue without
+        # counting an attempt (docs/architecture.md §17). A master that is SIGKILLed never gets here: its
+        # jobs are released at the next start, as deaths.
+        store = JobStore(self.settings)
+        if store.exists():
+            try:
+                requeued = store.requeue()
+            except StoreUnavailable as exc:
+                log.warning("job_store_unavailable", error=str(exc))
+            else:
+                if requeued:
+                    log.info("jobs_requeued", jobs=requeued, reason="the server stopped")
         if self.board is not None:
             self.board.remove()
             self.board = None
