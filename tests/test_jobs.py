@@ -240,6 +240,7 @@ def noise_png(side: int) -> str:
     return base64.b64encode(data.getvalue()).decode("ascii")
 
 
+@pytest.mark.slow  # a server of its own
 def test_a_full_store_refuses_submits_with_503_and_a_job_past_its_retention_answers_410(start_server, tmp_path):
     server = start_server(WEB_CONCURRENCY="1", JOB_STORE_MAX_MB="1", JOB_TTL="12")
     server.wait_ready()
@@ -376,6 +377,7 @@ def test_a_receiver_that_answers_410_is_not_sent_to_again_and_one_that_is_down_i
     assert jobs_server.metrics().value("honest_diffusion_webhook_deliveries_total", outcome="retried") >= 3
 
 
+@pytest.mark.slow  # a server of its own
 def test_a_webhook_to_a_private_or_odd_address_is_refused_at_submit(start_server):
     server = start_server(WEB_CONCURRENCY="1", WEBHOOK_SECRET=WEBHOOK_SECRET)
     server.wait_ready()
