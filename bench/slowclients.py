@@ -93,31 +93,37 @@ def probe(url: str, seconds: float) -> dict[str, dict[str, float]]:
     }
 
 
-def run(cache: str, label: str, seconds: float, connections: int, *args: str) -> str:
+def run(cache: str, label: str, seconds: float, connections: tuple[int, ...], *args: str) -> str:
+    """The probes' latency on one server with each number of ``connections`` of each kind held open in turn
+    (0: none), one table row per probe and number."""
+    rows = []
     with server(cache, *args, WEB_CONCURRENCY="2", THREADS="16") as (url, _, _):
         poll(url + "/readyz", lambda r: r.status_code == 200, 300, interval=0.1)
-        stop = threading.Event()
-        opened = [0]
         port = int(url.rsplit(":", 1)[1])
-        holders = [
-            threading.Thread(target=hold, args=(port, first, connections, stop, opened), daemon=True)
-            for first in (KINDS.values() if connections else [])
-        ]
-        for thread in holders:
-            thread.start()
-        if holders:
-            deadline = time.monotonic() + 60
-            while opened[0] < connections * len(KINDS) and time.monotonic() < deadline:
-                time.sleep(0.05)  # wait until every connection is open before timing the probes
-        result = probe(url, seconds)
-        stop.set()
-        for thread in holders:
-            thread.join(timeout=10)
-    held = f"{connections} of each kind ({opened[0]} opened)" if connections else "none"
-    return "\n".join(
-        f"| {label} | {held} | {path} | {r['probes']:.0f} | {r['failures']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} |"
-        for path, r in result.items()
-    )
+        for count in connections:
+            stop = threading.Event()
+            opened = [0]
+            holders = [
+                threading.Thread(target=hold, args=(port, first, count, stop, opened), daemon=True)
+                for first in (KINDS.values() if count else [])
+            ]
+            for thread in holders:
+                thread.start()
+            if holders:
+                deadline = time.monotonic() + 60
+                while opened[0] < count * len(KINDS) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # wait until every connection is open before timing the probes
+            result = probe(url, seconds)
+            stop.set()
+            for thread in holders:
+                thread.join(timeout=10)
+            held = f"{count} of each kind ({opened[0]} opened)" if count else "none"
+            rows += [
+                f"| {label} | {held} | {path} | {r['probes']:.0f} | {r['failures']:.0f} | {r['p50']:.1f} | "
+                f"{r['p99']:.1f} |"
+                for path, r in result.items()
+            ]
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -129,10 +135,11 @@ def main() -> None:
     cache = os.environ.get("MODEL_CACHE_DIR") or tempfile.mkdtemp(prefix="bench-cache-")
     print("| worker | held connections | probe | sent | failed | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")
-    print(run(cache, "this server's (webapp/server/gthread.py)", options.seconds, 0), flush=True)
-    print(run(cache, "this server's (webapp/server/gthread.py)", options.seconds, options.connections), flush=True)
+    ours = "this server's (webapp/server/gthread.py)"
+    print(run(cache, ours, options.seconds, (0, options.connections)), flush=True)
     if not options.skip_stock:
-        print(run(cache, "gunicorn's stock gthread", options.seconds, options.connections, "-k", "gthread"), flush=True)
+        stock = run(cache, "gunicorn's stock gthread", options.seconds, (options.connections,), "-k", "gthread")
+        print(stock, flush=True)
 
 
 if __name__ == "__main__":

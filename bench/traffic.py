@@ -94,7 +94,7 @@ def run_server(cache: str, batch_size: int, clients: int | tuple[int, ...], seco
     counts = (clients,) if isinstance(clients, int) else clients
     with server(cache, **env) as (url, _, _):
         poll(url + "/readyz", lambda r: r.status_code == 200, 300)
-        drive(url, 2, 2.0)  # warm the caches and the service-time estimate
+        drive(url, 2, min(2.0, seconds))  # warm the caches and the service-time estimate
         results = {count: drive(url, count, seconds) for count in counts}
     return results[clients] if isinstance(clients, int) else results
 
