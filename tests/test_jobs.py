@@ -217,6 +217,28 @@ def test_server_sent_events_follow_a_job_and_resume_after_the_last_event_seen(jo
     assert again.status_code == 200 and again.text == ""  # nothing after the last event seen
 
 
+def test_clients_following_jobs_never_take_the_threads_the_probes_need(jobs_server):
+    """THREADS 16, MAX_ONGOING 4, MAX_QUEUED 8: two threads may wait on jobs for clients, two stay free for the
+    probes. A third event stream is a 503, a third long poll answers at once, and /readyz answers."""
+    job = submit(jobs_server, {**SLOW_JOB, "num_inference_steps": 100, "seed": 71}).json()
+    url = jobs_server.url + f"/v1/jobs/{job['id']}/events"
+    streams = [requests.get(url, stream=True, timeout=60) for _ in range(2)]
+    try:
+        assert [stream.status_code for stream in streams] == [200, 200]
+        third = requests.get(url, timeout=10)
+        assert third.status_code == 503 and third.json()["error"]["code"] == "followers_full", third.text
+        assert third.headers["Retry-After"] == "1"
+        polled = jobs_server.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=30"}, timeout=10)
+        assert polled.status_code == 200 and "Preference-Applied" not in polled.headers  # declined: answered at once
+        assert jobs_server.get("/readyz").status_code == 200
+    finally:
+        jobs_server.post(f"/v1/jobs/{job['id']}/cancel")
+        for stream in streams:
+            stream.close()
+    finished(jobs_server, job["id"], 60)
+    wait_for(lambda: requests.get(url, timeout=10).status_code == 200, 30, "the places to be given back")
+
+
 def test_a_job_is_visible_only_to_the_key_that_made_it(keyed_server):
     server, mine = keyed_server, {"Authorization": f"Bearer {API_KEY}"}
     job = submit(server, JOB, **mine).json()

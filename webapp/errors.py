@@ -107,6 +107,11 @@ IDEMPOTENCY_CONFLICT = _code(
 JOB_STORE_UNAVAILABLE = _code(
     "job_store_unavailable", 503, "the job store is full (JOB_STORE_MAX_MB) or cannot be written; nothing was stored"
 )
+FOLLOWERS_FULL = _code(
+    "followers_full",
+    503,
+    "this worker already holds THREADS - MAX_ONGOING - MAX_QUEUED - 2 event streams and long polls of jobs",
+)
 CANCELED = _code("canceled", 409, "a job canceled by a client (the error of a canceled job, never an HTTP answer)")
 WORKER_LOST = _code(
     "worker_lost", 500, "the job's worker died on each of its JOB_MAX_ATTEMPTS attempts (a job's error only)"

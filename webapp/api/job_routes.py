@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 
@@ -39,6 +40,7 @@ from webapp.queue.store import (
     new_id,
 )
 from webapp.runtime import Runtime
+from webapp.settings import Settings
 from webapp.telemetry import logs
 
 log = logs.get(__name__)
@@ -48,12 +50,28 @@ _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as Stripe's
 STORE_RETRY_AFTER_S = 5
 EVENTS_POLL_S = 0.05  # how often a long poll or an event stream reads the job: how late a client may learn
 _STORE, _CLAIMER, _DELIVERER = "honest_diffusion.job_store", "honest_diffusion.claimer", "honest_diffusion.webhooks"
+_WAITERS, _WAITERS_ANY = "honest_diffusion.job_waiters", "honest_diffusion.job_waiters_any"
+
+
+def waiting_places(settings: Settings) -> int:
+    """How many long polls and event streams a worker holds at once: the request threads left over when
+    every admitted /generate holds one and two stay free for the probes (THREADS - MAX_ONGOING - MAX_QUEUED
+    - 2). A request thread that waits on a job is not free to answer /readyz: without this bound, clients
+    following jobs could starve the probes (docs/architecture.md §17)."""
+    return settings.threads - settings.max_ongoing - settings.max_queued - 2
+
+
+def _waiting_place() -> bool:
+    """Take a place to wait in, if one is free (give it back with ``_leave``)."""
+    return bool(current_app.extensions[_WAITERS_ANY]) and current_app.extensions[_WAITERS].acquire(blocking=False)
 
 
 def install(app: Flask, runtime: Runtime) -> None:
     """Give ``app`` the job store, and for a worker with an engine the claimer that runs stored jobs."""
     job_store = JobStore(runtime.settings)
     app.extensions[_STORE] = job_store
+    app.extensions[_WAITERS] = threading.BoundedSemaphore(max(1, waiting_places(runtime.settings)))
+    app.extensions[_WAITERS_ANY] = waiting_places(runtime.settings) > 0
     if runtime.engine is not None:
         claimer = Claimer(app, runtime, job_store, lease_owner(os.getpid()))
         deliverer = webhooks.Deliverer(job_store, runtime.settings, _body, runtime.slot)
@@ -134,8 +152,9 @@ def accept(route: str, payload: object) -> Response:
         claimer.wake()
     applied = []
     if wait_s is not None:
-        stored = _wait_for(stored, wait_s)
-        applied.append(f"wait={wait_s:g}")
+        stored, waited = _wait_for(stored, wait_s)
+        if waited:
+            applied.append(f"wait={wait_s:g}")
     response = jsonify(_body(stored))
     response.status_code = 200 if stored.finished else 202
     response.headers["Location"] = f"{errors.JOBS_PATH}/{stored.id}"
@@ -167,12 +186,21 @@ def _store_unavailable(exc: StoreUnavailable) -> ApiError:
     return ApiError(errors.JOB_STORE_UNAVAILABLE, message, headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
 
-def _wait_for(stored: StoredJob, seconds: float) -> StoredJob:
-    end = time.monotonic() + seconds
-    while not stored.finished and time.monotonic() < end:
-        time.sleep(min(EVENTS_POLL_S, max(0.0, end - time.monotonic())))
-        stored = _read(stored.id)
-    return stored
+def _wait_for(stored: StoredJob, seconds: float) -> tuple[StoredJob, bool]:
+    """The job once it finishes or ``seconds`` pass, and whether it was waited for: when every waiting place
+    of this worker is taken (``waiting_places``), the job as it stands, at once (RFC 7240: a preference the
+    server may decline; Preference-Applied then leaves it out)."""
+    if stored.finished or not _waiting_place():
+        return stored, stored.finished
+    places = current_app.extensions[_WAITERS]
+    try:
+        end = time.monotonic() + seconds
+        while not stored.finished and time.monotonic() < end:
+            time.sleep(min(EVENTS_POLL_S, max(0.0, end - time.monotonic())))
+            stored = _read(stored.id)
+    finally:
+        places.release()
+    return stored, True
 
 
 def _read(job_id: str) -> StoredJob:
@@ -250,8 +278,10 @@ def get_job(job_id: str) -> Response:
         wait_s = _wait_s()
         if wait_s is None:
             return jsonify(_body(stored))
-        response = jsonify(_body(_wait_for(stored, wait_s)))
-        response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+        stored, waited = _wait_for(stored, wait_s)
+        response = jsonify(_body(stored))
+        if waited:
+            response.headers["Preference-Applied"] = f"wait={wait_s:g}"
         return response
     except ApiError as exc:
         return exc.response()
@@ -299,6 +329,13 @@ def events(job_id: str) -> Response:
         stored = _read(job_id)
     except ApiError as exc:
         return exc.response()
+    if not _waiting_place():
+        places = waiting_places(context.runtime().settings)
+        message = (
+            f"this worker already follows {max(0, places)} jobs for clients (THREADS - MAX_ONGOING - MAX_QUEUED - 2, "
+            "so that the probes always find a thread): poll GET /v1/jobs/<id>, or follow again after Retry-After"
+        )
+        return ApiError(errors.FOLLOWERS_FULL, message, headers={"Retry-After": "1"}).response()
     seen = request.headers.get("Last-Event-ID", "")
     last = int(seen) if seen.isdigit() else 0
     until = time.monotonic() + context.runtime().settings.request_timeout
@@ -323,4 +360,5 @@ def events(job_id: str) -> Response:
 
     response = Response(stream(stored, last), mimetype="text/event-stream")
     response.headers["X-Accel-Buffering"] = "no"
+    response.call_on_close(current_app.extensions[_WAITERS].release)  # when the stream ends or its client leaves
     return response
