@@ -204,7 +204,7 @@ def main() -> None:
         sync_rates, job_runs = [], []
         with server(cache, **server_env(store)) as (url, proc, _):
             poll(url + "/readyz", lambda r: r.status_code == 200, 300)
-            traffic.drive(url, 4, 2.0)  # warm up
+            traffic.drive(url, 4, min(2.0, args.seconds))  # warm up
             for _ in range(args.rounds):
                 sync_rates.append(traffic.drive(url, CLIENTS, args.seconds)["images_per_s"])
                 job_runs.append(job_clients(url, CLIENTS, args.seconds))

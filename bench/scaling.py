@@ -38,7 +38,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as cache, server(cache, **env) as (url, _, _):
         poll(url + "/readyz", lambda r: r.status_code == 200, 300, interval=0.2)
-        drive(url, 2, 3.0, job=job)  # warm the caches and the service-time estimate
+        drive(url, 2, min(3.0, 2 * args.seconds), job=job)  # warm the caches and the service-time estimate
         for name, clients in loads.items():
             rows.append((name, clients, drive(url, clients, args.seconds, job=job)))
     print(
