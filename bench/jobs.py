@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import http.server
 import os
 import signal
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import requests
 import traffic
-from servers import poll, server
+from servers import Receiver, poll, server
 
 JOB = {"prompt": "a quiet harbour", "num_inference_steps": 10}
 SECRET = "whsec_" + "YmVuY2gtc2VjcmV0LW9mLXRoZS13ZWJob29rcy0wMTIzNDU="  # the bench's own
@@ -101,30 +100,9 @@ def job_clients(url: str, clients: int, seconds: float) -> dict[str, object]:
     }
 
 
-class Receiver:
-    """Counts the completed webhooks each job got (loopback only)."""
-
-    def __init__(self) -> None:
-        self.completed: collections.Counter[str] = collections.Counter()
-        received = self.completed
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                import json
-
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if body["type"] == "job.completed":
-                    received[body["data"]["id"]] += 1
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+def completed(receiver: Receiver) -> collections.Counter[str]:
+    """The completed webhooks each job got, every delivery verified with its signature."""
+    return collections.Counter(event["data"]["id"] for event in receiver.events() if event["type"] == "job.completed")
 
 
 def statuses(url: str, ids: list[str]) -> list[dict]:
@@ -140,7 +118,7 @@ def server_env(store: str) -> dict[str, str]:
 def kills(cache: str, url: str, proc: subprocess.Popen, store: str, jobs: int) -> dict[str, object]:
     """Jobs through a worker SIGKILL, then a whole-server SIGKILL (of ``proc``, serving ``url``) and a
     restart on the same store."""
-    receiver = Receiver()
+    receiver = Receiver(SECRET)
     env = server_env(store)
     body = {**JOB, "webhook": receiver.url}
     ids = [
@@ -171,15 +149,15 @@ def kills(cache: str, url: str, proc: subprocess.Popen, store: str, jobs: int) -
             time.sleep(0.2)
         final = statuses(url, ids)
         sent_by = time.monotonic() + 30  # the last completed webhooks are sent as their jobs finish
-        while time.monotonic() < sent_by and any(receiver.completed[job_id] == 0 for job_id in ids):
+        while time.monotonic() < sent_by and any(completed(receiver)[job_id] == 0 for job_id in ids):
             time.sleep(0.05)
     return {
         "jobs": jobs,
         "running_at_kill": len(held),
         "lost": sum(job["status"] != "succeeded" for job in final),
         "attempts": collections.Counter(job["attempt"] for job in final),
-        "webhooks_missing": sum(receiver.completed[job_id] == 0 for job_id in ids),
-        "webhooks_duplicated": sum(max(0, receiver.completed[job_id] - 1) for job_id in ids),
+        "webhooks_missing": sum(completed(receiver)[job_id] == 0 for job_id in ids),
+        "webhooks_duplicated": sum(max(0, completed(receiver)[job_id] - 1) for job_id in ids),
         "restart_to_requeued_running_s": seen_running - started,
         "restart_to_ready_s": ready - started,
     }

@@ -16,9 +16,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts from bench/; the suite's helpers live in tests/
 
-from tests.conftest import Server, free_port  # noqa: E402 - needs the path above
+from tests.conftest import Receiver, Server, free_port  # noqa: E402 - needs the path above
 
-__all__ = ["ROOT", "free_port", "poll", "server"]
+__all__ = ["ROOT", "Receiver", "free_port", "poll", "server"]
 
 
 def poll(

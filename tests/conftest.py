@@ -103,6 +103,49 @@ class Metrics:
 
 # This process's fork server (tests/forkserver.py): its process starts with the first server a test starts,
 # and the session fixture below stops it.
+class Receiver:
+    """A webhook receiver on 127.0.0.1 (never anywhere else): answers each delivery with the next of
+    ``statuses`` (then 200), keeps what it got, and verifies it with ``secret`` as a receiver would."""
+
+    def __init__(self, secret: str, *statuses: int) -> None:
+        import http.server
+        import threading
+
+        self.secret = secret
+        self.statuses = list(statuses)
+        self.got: list[tuple[dict[str, str], bytes, int]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                receiver.got.append((dict(self.headers), body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def events(self) -> list[dict]:
+        """Every delivery, verified with the Standard Webhooks reference package as a receiver would."""
+        from standardwebhooks.webhooks import Webhook
+
+        verifier = Webhook(self.secret)
+        return [{**verifier.verify(body, headers), "id": headers["webhook-id"], "answered": status}
+                for headers, body, status in self.got]  # fmt: skip
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 FORKS: list[ForkServer] = []
 
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import API_KEY, Server, wait_for
+from tests.conftest import API_KEY, Receiver, Server, wait_for
 
 JOB = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 7}
 WEBHOOK_SECRET = "whsec_" + "dGVzdC1zZWNyZXQtb2YtdGhlLXdlYmhvb2tzLTAxMjM0"  # a test's own, never a real secret
@@ -49,54 +49,12 @@ def jobs_server(model_cache, tmp_path_factory):
         yield server
 
 
-class Receiver:
-    """A webhook receiver on 127.0.0.1: answers each delivery with the next of ``statuses`` (then 200),
-    and keeps what it got."""
-
-    def __init__(self, *statuses: int) -> None:
-        import http.server
-        import threading
-
-        self.statuses = list(statuses)
-        self.got: list[tuple[dict[str, str], bytes, int]] = []
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                receiver.got.append((dict(self.headers), body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def events(self) -> list[dict]:
-        """Every delivery, verified with the Standard Webhooks reference package as a receiver would."""
-        from standardwebhooks.webhooks import Webhook
-
-        verifier = Webhook(WEBHOOK_SECRET)
-        return [{**verifier.verify(body, headers), "id": headers["webhook-id"], "answered": status}
-                for headers, body, status in self.got]  # fmt: skip
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver():
     made: list[Receiver] = []
 
     def make(*statuses: int) -> Receiver:
-        made.append(Receiver(*statuses))
+        made.append(Receiver(WEBHOOK_SECRET, *statuses))
         return made[-1]
 
     yield make
