@@ -168,7 +168,7 @@ class Claimer:
         READY, or full since the claim), else failed with the refusal (its request was valid at submit,
         so the model's limits changed)."""
         if exc.code in (errors.NOT_READY, errors.OVERLOADED):
-            self.store.unclaim(stored.id, self.owner)
+            self.store.requeue(self.owner, stored.id)
             return
         self.store.finish(stored.id, self.owner, "failed", exc.code, exc.message)
 

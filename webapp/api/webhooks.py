@@ -37,6 +37,7 @@ from standardwebhooks.webhooks import Webhook
 
 from webapp import errors
 from webapp.errors import InvalidRequest
+from webapp.queue.outbox import Outbox
 from webapp.queue.store import WEBHOOK_EVENTS, JobStore, StoreUnavailable
 from webapp.settings import Settings
 from webapp.telemetry import logs
@@ -184,6 +185,7 @@ class Deliverer:
 
     def __init__(self, store: JobStore, settings: Settings, describe: Any, slot: int) -> None:
         self.store, self.settings, self.describe, self.slot = store, settings, describe, slot
+        self.outbox = Outbox(store)
         self.policy = retry_policy(settings)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"webhooks-{slot}", daemon=True)
@@ -208,7 +210,7 @@ class Deliverer:
                 self._stop.wait(self.settings.job_poll_interval)
 
     def _send_one(self) -> bool:
-        delivery = self.store.claim_delivery(self.settings.webhook_timeout + 30)
+        delivery = self.outbox.claim(self.settings.webhook_timeout + 30)
         if delivery is None:
             return False
         body = delivery["payload"]
@@ -217,20 +219,20 @@ class Deliverer:
             data = self.describe(job) if job is not None else {"id": delivery["job_id"]}
             stamp = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
             body = json.dumps({"type": f"job.{delivery['event']}", "timestamp": stamp, "data": data})
-            self.store.delivery_payload(delivery["id"], body)
+            self.outbox.keep_payload(delivery["id"], body)
         try:
             send(delivery["url"], delivery["id"], body, self.settings)
         except Failed as failure:
             delay = next_try_in(self.policy, delivery["attempt"], failure)
             if delay is None:
-                self.store.delivery_ended(delivery["id"], "failed", str(failure))
+                self.outbox.ended(delivery["id"], "failed", str(failure))
                 outcome = "refused" if str(failure).startswith("refused") else "failed"
             else:
-                self.store.delivery_later(delivery["id"], delay, str(failure))
+                self.outbox.later(delivery["id"], delay, str(failure))
                 outcome = "retried"
             log.info("webhook", outcome=outcome, job=delivery["job_id"], kind=delivery["event"], error=str(failure))
         else:
-            self.store.delivery_ended(delivery["id"], "delivered")
+            self.outbox.ended(delivery["id"], "delivered")
             outcome = "delivered"
         recorder().webhook_deliveries.labels(outcome).inc()
         return True

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from webapp import errors
+from webapp.queue import outbox
 from webapp.settings import Settings
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
@@ -199,7 +200,7 @@ class JobStore:
         return db
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE: writers queue for the lock instead of failing midway)."""
         db = self._connection()
         try:
@@ -221,7 +222,7 @@ class JobStore:
                 db.execute("ROLLBACK")
             raise
 
-    def _read(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         try:
             return self._connection().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -245,7 +246,7 @@ class JobStore:
         events = "," + ",".join(webhook_events) + "," if webhook else ""
         now = time.time()
         for _ in range(2):  # a racing submit with the same key may commit between the look and the insert
-            with self._write() as db:
+            with self.transaction() as db:
                 if idempotency_key is not None:
                     row = db.execute(
                         "SELECT id, request_hash FROM jobs WHERE owner = ? AND idempotency_key = ?",
@@ -296,7 +297,7 @@ class JobStore:
         """Keep a request that was answered at once as a succeeded job with its images (their URLs are its
         answer: OpenAI's ``response_format: "url"``); StoreUnavailable when full, as a submit."""
         now = time.time()
-        with self._write() as db:
+        with self.transaction() as db:
             self._check_room(db)
             db.execute(
                 "INSERT INTO jobs (id, owner, status, route, request, request_hash, created_at, started_at, "
@@ -319,12 +320,12 @@ class JobStore:
             raise StoreUnavailable(f"job store {self.path} is full: {used} bytes of JOB_STORE_MAX_MB")
 
     def get(self, job_id: str) -> StoredJob | None:
-        rows = self._read("SELECT * FROM jobs WHERE id = ?", job_id)
+        rows = self.query("SELECT * FROM jobs WHERE id = ?", job_id)
         if not rows:
             return None
         job = _job(rows[0])
         if job.status == "queued":
-            ahead = self._read("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", rows[0]["seq"])
+            ahead = self.query("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", rows[0]["seq"])
             job = _with_position(job, ahead[0][0])
         return job
 
@@ -338,24 +339,24 @@ class JobStore:
             where.append("status = ?")
             args.append(status)
         sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
-        return [_job(row) for row in self._read(sql, *args, limit)]
+        return [_job(row) for row in self.query(sql, *args, limit)]
 
     def image(self, job_id: str, n: int) -> tuple[str, bytes] | None:
-        rows = self._read("SELECT media_type, data FROM images WHERE job_id = ? AND n = ?", job_id, n)
+        rows = self.query("SELECT media_type, data FROM images WHERE job_id = ? AND n = ?", job_id, n)
         return (rows[0]["media_type"], bytes(rows[0]["data"])) if rows else None
 
     def cancel(self, job_id: str) -> StoredJob | None:
         """Cancel: a queued job at once, a running one flagged for its holder (it stops between steps), a
         finished one unchanged. Idempotent."""
         now = time.time()
-        with self._write() as db:
+        with self.transaction() as db:
             canceled = db.execute(
                 "UPDATE jobs SET status = 'canceled', completed_at = ?, version = version + 1, error_code = ?, "
                 "error_message = 'canceled while queued' WHERE id = ? AND status = 'queued' RETURNING id",
                 (now, errors.CANCELED.code, job_id),
             ).fetchone()
             if canceled is not None:
-                _announce(db, job_id, "completed", now)
+                outbox.announce(db, job_id, "completed", now)
             db.execute(
                 "UPDATE jobs SET cancel_requested = 1, version = version + 1 WHERE id = ? AND status = 'running' "
                 "AND cancel_requested = 0",
@@ -368,10 +369,10 @@ class JobStore:
     def claim(self, lease_owner: str) -> StoredJob | None:
         """The oldest queued job, now running under ``lease_owner``'s lease (attempt + 1), or None. A read
         looks first, so an idle poll takes no write lock."""
-        if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
+        if not self.query("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
             return None
         now = time.time()
-        with self._write() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = ?, lease_until = ?, "
                 "started_at = ?, step = 0, total_steps = NULL, version = version + 1 "
@@ -379,12 +380,12 @@ class JobStore:
                 (lease_owner, now + self.lease_s, now),
             ).fetchone()
             if row is not None:
-                _announce(db, row["id"], "start", now)
+                outbox.announce(db, row["id"], "start", now)
         return _job(row) if row is not None else None
 
     def renew(self, lease_owner: str) -> list[str]:
         """Extend every lease ``lease_owner`` holds; the ids of its jobs a client asked to cancel."""
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND status = 'running'",
                 (time.time() + self.lease_s, lease_owner),
@@ -398,20 +399,20 @@ class JobStore:
     def progress(self, job_id: str, lease_owner: str, step: int, total: int) -> bool:
         """Record a finished denoising step; False when the job was asked to cancel (or is no longer
         this holder's)."""
-        with self._write() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET step = ?, total_steps = ?, version = version + 1 "
                 "WHERE id = ? AND lease_owner = ? AND status = 'running' RETURNING cancel_requested",
                 (step, total, job_id, lease_owner),
             ).fetchone()
             if row is not None:
-                _announce(db, job_id, "progress", time.time())
+                outbox.announce(db, job_id, "progress", time.time())
         return row is not None and not row["cancel_requested"]
 
     def succeed(self, job_id: str, lease_owner: str, output: dict[str, Any], images: list[tuple[str, bytes]]) -> bool:
         """The job's images and output, in one transaction with its status; False if the lease was lost
         (the job went back to the queue: another attempt owns it now, and these images are dropped)."""
-        with self._write() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET status = 'succeeded', completed_at = ?, output = ?, lease_owner = NULL, "
                 "lease_until = NULL, version = version + 1 WHERE id = ? AND lease_owner = ? AND status = 'running' "
@@ -420,7 +421,7 @@ class JobStore:
             ).fetchone()
             if row is None:
                 return False
-            _announce(db, job_id, "completed", time.time())
+            outbox.announce(db, job_id, "completed", time.time())
             db.executemany(
                 "INSERT OR REPLACE INTO images (job_id, n, media_type, data) VALUES (?, ?, ?, ?)",
                 [(job_id, n, media_type, data) for n, (media_type, data) in enumerate(images)],
@@ -429,7 +430,7 @@ class JobStore:
 
     def finish(self, job_id: str, lease_owner: str, status: str, code: str, message: str) -> bool:
         """The job failed (or was canceled) with ``code`` and ``message``; False if the lease was lost."""
-        with self._write() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET status = ?, completed_at = ?, error_code = ?, error_message = ?, lease_owner = NULL, "
                 "lease_until = NULL, version = version + 1 WHERE id = ? AND lease_owner = ? AND status = 'running' "
@@ -437,25 +438,18 @@ class JobStore:
                 (status, time.time(), code, message, job_id, lease_owner),
             ).fetchone()
             if row is not None:
-                _announce(db, job_id, "completed", time.time())
+                outbox.announce(db, job_id, "completed", time.time())
         return row is not None
 
-    def unclaim(self, job_id: str, lease_owner: str) -> None:
-        """Give back a job this holder claimed but could not start (its worker stopped being READY or
-        filled up since): queued again where it was, the attempt not counted."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'queued', attempt = attempt - 1, lease_owner = NULL, lease_until = NULL, "
-                "step = NULL, version = version + 1 WHERE id = ? AND lease_owner = ? AND status = 'running'",
-                (job_id, lease_owner),
-            )
-
-    def requeue(self, lease_owner: str | None = None) -> int:
-        """Give back every job ``lease_owner`` (or, None, anyone: the whole server stopped) still runs as it
-        stops on purpose (SIGTERM, past its graceful timeout): queued again, the attempt not counted (a
-        deploy is not the job's fault)."""
+    def requeue(self, lease_owner: str | None = None, job_id: str | None = None) -> int:
+        """Give back, queued again where they were and the attempt not counted, the running jobs of
+        ``lease_owner`` (None: anyone's, the whole server stopped) as it stops on purpose (SIGTERM, past its
+        graceful timeout: a deploy is not the job's fault), or just ``job_id``, claimed but not started (its
+        worker stopped being READY or filled up since the claim)."""
         where, args = ("lease_owner = ?", (lease_owner,)) if lease_owner is not None else ("1 = 1", ())
-        with self._write() as db:
+        if job_id is not None:
+            where, args = f"{where} AND id = ?", (*args, job_id)
+        with self.transaction() as db:
             rows = db.execute(
                 "UPDATE jobs SET status = 'queued', attempt = attempt - 1, lease_owner = NULL, lease_until = NULL, "
                 f"step = NULL, version = version + 1 WHERE {where} AND status = 'running' RETURNING id",
@@ -475,7 +469,7 @@ class JobStore:
         else:
             where, args = "1 = 1", ()
         now = time.time()
-        with self._write() as db:
+        with self.transaction() as db:
             rows = db.execute(f"SELECT * FROM jobs WHERE status = 'running' AND {where}", args).fetchall()
             for row in rows:
                 deaths = [*json.loads(row["deaths"]), f"attempt {row['attempt']}: {reason}"]
@@ -493,49 +487,8 @@ class JobStore:
                     (status, code, message, json.dumps(deaths), status, now, row["id"]),
                 )
                 if status != "queued":
-                    _announce(db, row["id"], "completed", now)
+                    outbox.announce(db, row["id"], "completed", now)
         return len(rows)
-
-    # -- webhook deliveries (their outbox: a restart loses none) -----------------------------------------
-
-    def claim_delivery(self, lease_s: float) -> sqlite3.Row | None:
-        """The oldest delivery that is due (pending, or one whose deliverer's lease lapsed), leased for
-        ``lease_s``; None when none is due (a read looks first)."""
-        now = time.time()
-        due = "(status = 'pending' AND next_at <= ?) OR (status = 'sending' AND lease_until < ?)"
-        if not self._read(f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1", now, now):
-            return None
-        with self._write() as db:
-            return db.execute(
-                "UPDATE deliveries SET status = 'sending', attempt = attempt + 1, lease_until = ? WHERE seq = ("
-                "SELECT seq FROM deliveries WHERE (status = 'pending' AND next_at <= ?) OR "
-                "(status = 'sending' AND lease_until < ?) ORDER BY next_at LIMIT 1) RETURNING *",
-                (now + lease_s, now, now),
-            ).fetchone()
-
-    def delivery_payload(self, delivery_id: str, payload: str) -> None:
-        """Keep the body first sent, so every retry sends the same bytes under the same webhook-id."""
-        with self._write() as db:
-            db.execute("UPDATE deliveries SET payload = ? WHERE id = ? AND payload IS NULL", (payload, delivery_id))
-
-    def delivery_ended(self, delivery_id: str, status: str, error: str | None = None) -> None:
-        """``delivered``, or ``failed`` for good (refused, 410, a 4xx, or the schedule ran out)."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE deliveries SET status = ?, last_error = ?, lease_until = NULL WHERE id = ?",
-                (status, error, delivery_id),
-            )
-
-    def delivery_later(self, delivery_id: str, delay_s: float, error: str) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE deliveries SET status = 'pending', next_at = ?, last_error = ?, lease_until = NULL "
-                "WHERE id = ?",
-                (time.time() + delay_s, error, delivery_id),
-            )
-
-    def deliveries(self, job_id: str) -> list[sqlite3.Row]:
-        return self._read("SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq", job_id)
 
     # -- housekeeping -----------------------------------------------------------------------------------
 
@@ -543,7 +496,7 @@ class JobStore:
         """Drop the images and bodies of finished jobs past their retention, keeping a row that says so
         (410, not 404) for one more JOB_TTL; rows older than that go."""
         now = time.time() if now is None else now
-        with self._write() as db:
+        with self.transaction() as db:
             expired = db.execute(
                 "UPDATE jobs SET swept = 1, request = '{}', output = NULL, version = version + 1 "
                 f"WHERE swept = 0 AND expires_at <= ? AND status IN {FINISHED} RETURNING id",
@@ -558,21 +511,10 @@ class JobStore:
 
     def counts(self) -> tuple[dict[str, int], float]:
         """Jobs by status (the swept ones apart), and the age in seconds of the oldest queued job (0 when none)."""
-        rows = self._read("SELECT status, COUNT(*) AS n FROM jobs WHERE swept = 0 GROUP BY status")
+        rows = self.query("SELECT status, COUNT(*) AS n FROM jobs WHERE swept = 0 GROUP BY status")
         by_status = dict.fromkeys(STATUSES, 0) | {row["status"]: row["n"] for row in rows}
-        oldest = self._read("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'")[0][0]
+        oldest = self.query("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'")[0][0]
         return by_status, (max(0.0, time.time() - oldest) if oldest is not None else 0.0)
-
-
-def _announce(db: sqlite3.Connection, job_id: str, event: str, now: float) -> None:
-    """Queue a webhook delivery of ``event`` for the job, in the transaction of the change it reports, if the
-    job has a webhook whose filter takes the event."""
-    db.execute(
-        "INSERT INTO deliveries (id, job_id, event, url, next_at, created_at) "
-        "SELECT ?, id, ?, webhook, ?, ? FROM jobs "
-        "WHERE id = ? AND webhook IS NOT NULL AND instr(webhook_events, ?) > 0",
-        ("msg_" + secrets.token_urlsafe(18), event, now, now, job_id, f",{event},"),
-    )
 
 
 def _job(row: sqlite3.Row) -> StoredJob:
