@@ -16,9 +16,22 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts from bench/; the suite's helpers live in tests/
 
-from tests.conftest import Receiver, Server, free_port  # noqa: E402 - needs the path above
+from tests.conftest import FORKS, Receiver, Server, free_port  # noqa: E402 - needs the path above
+from tests.forkserver import Forked, ForkServer  # noqa: E402 - needs the path above
 
 __all__ = ["ROOT", "Receiver", "free_port", "poll", "server"]
+
+# Run by the test suite (tests/test_bench.py), a benchmark forks its servers from the suite's fork server
+# (tests/forkserver.py): the tests check that it runs end to end, not its figures, and each fresh interpreter
+# would import torch again. Run from the README, it is not set, and every server is a fresh interpreter.
+FORK_SERVER = os.environ.get("TEST_FORK_SERVER", "")
+if FORK_SERVER:
+    FORKS.append(ForkServer.attach(FORK_SERVER))
+FORKED_NOTE = (
+    "note: servers forked from the test suite's fork server (TEST_FORK_SERVER): their start times and memory "
+    "are not a fresh start's"
+)
+_noted: list[bool] = []
 
 
 def poll(
@@ -53,6 +66,9 @@ def server(cache: str, *args: str, **env: str) -> Iterator[tuple[str, subprocess
         full_env.setdefault("JOB_STORE", f"sqlite:///{folder}/jobs.sqlite3")
         started = time.monotonic()
         running = Server(full_env, Path(folder) / "gunicorn.log", args)
+        if isinstance(running.proc, Forked) and not _noted:
+            print(FORKED_NOTE, flush=True)
+            _noted.append(True)
         try:
             yield running.url, running.proc, started
         finally:

@@ -9,8 +9,12 @@ differs from this process's in a variable that the imported libraries read at im
 TRANSFORMERS_*, TORCH*, OMP_*...) is started fresh instead (`Server`, tests/conftest.py), and so is one a
 test asks to start fresh (the tests of the master's own import, test_worker_death).
 
-Protocol, one JSON line each way: {"argv", "env", "cwd", "log"} in, {"pid"} out. The server reaps its
-children and writes each one's exit status to `<exits>/<pid>` (a number, as `Popen.returncode` has it).
+The server listens on a Unix socket, `<exits>/socket`, so that a process the tests start can fork its servers
+from it too: a benchmark run by test_bench.py attaches through `TEST_FORK_SERVER` (bench/servers.py). A
+connection carries one JSON line each way: {"argv", "env", "cwd", "log"} in, {"pid"} out; or {"describe":
+true} in, and what the server imported with out. The server reaps its children and writes each one's exit
+status to `<exits>/<pid>` (a number, as `Popen.returncode` has it). It ends when its standard input closes
+(the pytest process that started it is done), once every child has gone.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,10 +38,12 @@ def import_time_env(env: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_PREFIXES)}
 
 
-def _child(request: dict, base_path: list[str]) -> None:
+def _child(request: dict, base_path: list[str], inherited: list[int]) -> None:
     """In the forked child: become `python -m gunicorn` with the request's argv, env, cwd and log."""
     code = 1
     try:
+        for fd in inherited:  # the server's listening socket and this request's connection
+            os.close(fd)
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -85,6 +92,7 @@ def _reap(exits: Path) -> None:
 
 def serve(exits: Path) -> None:
     # The environment is the suite's, with webapp.model's LIBRARY_ENV_DEFAULTS set (tests/conftest.py).
+    started_env = import_time_env(dict(os.environ))
     import diffusers  # noqa: F401
     import peft  # noqa: F401
     import safetensors.torch  # noqa: F401
@@ -100,24 +108,33 @@ def serve(exits: Path) -> None:
 
     threads = len(os.listdir("/proc/self/task"))
     # With what the imports set themselves (torch: TORCHINDUCTOR_CACHE_DIR), as a fresh server would have it.
-    print(json.dumps({"threads": threads, "env": import_time_env(dict(os.environ))}), flush=True)
+    described = {"threads": threads, "started_env": started_env, "env": import_time_env(dict(os.environ))}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(exits / "socket"))
+    listener.listen(16)
+    print(json.dumps(described), flush=True)
     if threads != 1:
-        return  # forking a process with threads is not safe: the client falls back to fresh starts
+        return  # forking a process with threads is not safe: the clients fall back to fresh starts
     base_path = [p for p in sys.path if p]
     while True:
         _reap(exits)
-        readable, _, _ = select.select([sys.stdin], [], [], 0.05)
-        if not readable:
-            continue
-        line = sys.stdin.readline()
-        if not line:
+        readable, _, _ = select.select([sys.stdin, listener], [], [], 0.05)
+        if sys.stdin in readable and not sys.stdin.readline():
             break
-        request = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(request, base_path)
-        print(json.dumps({"pid": pid}), flush=True)
+        if listener not in readable:
+            continue
+        connection, _ = listener.accept()
+        with connection, connection.makefile("rw") as stream:
+            request = json.loads(stream.readline())
+            if request.get("describe"):
+                stream.write(json.dumps(described) + "\n")
+                continue
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(request, base_path, [listener.fileno(), connection.fileno()])
+            stream.write(json.dumps({"pid": pid}) + "\n")
+    listener.close()
     while True:  # stdin closed: the suite is done; reap what is left until every child has gone
         _reap(exits)
         try:
@@ -158,41 +175,62 @@ class Forked:
 
 class ForkServer:
     """The client: starts the fork server with `env` when first asked for a server (the fast lane asks for
-    none), and forks gunicorn masters from it."""
+    none), and forks gunicorn masters from it; or, made by `attach`, forks them from one another process
+    started."""
 
     def __init__(self, env: dict[str, str], cwd: Path, exits: Path) -> None:
         self.env, self.cwd, self.exits = env, cwd, exits
         self.proc: subprocess.Popen | None = None
-        self.usable = False
-        self.imported_env: dict[str, str] = {}
+        self.described: dict | None = None
+
+    @classmethod
+    def attach(cls, address: str) -> ForkServer:
+        """The client of a fork server another process started, at its `address`."""
+        return cls({}, Path.cwd(), Path(address).parent)
+
+    @property
+    def address(self) -> str:
+        return str(self.exits / "socket")
 
     def ready(self) -> bool:
-        """Start the fork server if it is not started, and wait until it has imported the libraries."""
-        if self.proc is None:
-            command = [sys.executable, "-m", "tests.forkserver", str(self.exits)]
-            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
-            self.proc = subprocess.Popen(command, cwd=self.cwd, env=self.env, **pipes)
-            line = self.proc.stdout.readline() if self.proc.stdout else ""
-            ready = json.loads(line) if line else {}
-            self.usable = ready.get("threads") == 1
-            self.imported_env = ready.get("env", {})
-        return self.usable
+        """Start the fork server if it is not started (or ask the one attached to), and wait until it has
+        imported the libraries."""
+        if self.described is None:
+            if self.env:
+                command = [sys.executable, "-m", "tests.forkserver", str(self.exits)]
+                pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+                self.proc = subprocess.Popen(command, cwd=self.cwd, env=self.env, **pipes)
+                line = self.proc.stdout.readline() if self.proc.stdout else ""
+                self.described = json.loads(line) if line else {}
+            else:
+                try:
+                    self.described = self._ask({"describe": True})
+                except OSError:
+                    self.described = {}
+        return self.described.get("threads") == 1
 
     def takes(self, env: dict[str, str]) -> bool:
-        """Whether a server with ``env`` would import those libraries as this process did: the same values of
-        what they read at import, less what they set themselves (which a fresh server's import sets alike)."""
+        """Whether a server with ``env`` would import those libraries as the fork server did: the same values
+        of what they read at import, less what they set themselves (which a fresh server's import sets alike)."""
         if not self.ready():
             return False
+        assert self.described is not None
+        imported, started = self.described["env"], self.described["started_env"]
         theirs = import_time_env(env)
-        for name in self.imported_env.keys() - import_time_env(self.env).keys():
-            theirs.setdefault(name, self.imported_env[name])
-        return theirs == self.imported_env
+        for name in imported.keys() - started.keys():
+            theirs.setdefault(name, imported[name])
+        return theirs == imported
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked:
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}) + "\n")
-        self.proc.stdin.flush()
-        return Forked(json.loads(self.proc.stdout.readline())["pid"], self.exits)
+        answer = self._ask({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)})
+        return Forked(answer["pid"], self.exits)
+
+    def _ask(self, request: dict) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, sock.makefile("rw") as stream:
+            sock.connect(self.address)
+            stream.write(json.dumps(request) + "\n")
+            stream.flush()
+            return json.loads(stream.readline())
 
     def close(self) -> None:
         if self.proc is None:

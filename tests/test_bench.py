@@ -1,5 +1,6 @@
 """The benchmark suite runs end to end (short), finds no false readiness and no request failed through a SIGKILL.
-No timing is asserted."""
+No timing is asserted: the benchmarks fork their servers from this process's fork server (bench/servers.py),
+so their start and memory figures here are not a fresh start's."""
 
 from __future__ import annotations
 
@@ -9,15 +10,27 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import FORKS, ROOT
 
 pytestmark = pytest.mark.slow  # the fast lane leaves it out (docs/development.md)
+FORKED = "note: servers forked from the test suite's fork server"
+
+
+def bench(*command: str, timeout: float = 600, servers: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run ``bench/<command>`` to the end; one that starts ``servers`` forks them from this process's fork
+    server, and says so (a bench that silently started fresh interpreters would cost minutes)."""
+    forks = FORKS[0]
+    assert forks.ready(), "the fork server could not start"
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), TEST_FORK_SERVER=forks.address, **env)
+    done = subprocess.run([sys.executable, f"bench/{command[0]}", *command[1:]], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    assert (FORKED in done.stdout) == servers, done.stdout
+    return done
 
 
 def test_the_suite_prints_its_table_and_finds_no_false_readiness():
-    command = [sys.executable, "bench/suite.py", "--images", "2", "--samples", "10", "--seconds", "1", "--runs", "1"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("suite.py", "--images", "2", "--samples", "10", "--seconds", "1", "--runs", "1", timeout=900)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
     for measure in (
         "start to the port open, a TCP probe passes (median of 1)",
@@ -39,9 +52,7 @@ def test_the_suite_prints_its_table_and_finds_no_false_readiness():
 
 
 def test_the_slow_client_bench_prints_its_rows_and_no_probe_fails():
-    command = [sys.executable, "bench/slowclients.py", "--seconds", "1", "--connections", "10", "--skip-stock"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("slowclients.py", "--seconds", "1", "--connections", "10", "--skip-stock")
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| this server")]
     assert [(row[1].split(" (")[0], row[2]) for row in rows] == [
         ("none", "/healthz"),
@@ -53,19 +64,16 @@ def test_the_slow_client_bench_prints_its_rows_and_no_probe_fails():
 
 
 def test_the_encoding_bench_prints_a_row_per_picture_size_and_format():
-    command = [sys.executable, "bench/encoding.py", "--repeats", "1", "--sizes", "64"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = bench("encoding.py", "--repeats", "1", "--sizes", "64", timeout=120, servers=False)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| scene") or line.startswith("| noise")]
     assert len(rows) == 2 * 3
     assert all(float(row.split("|")[4]) > 0 for row in rows)
 
 
 def test_the_quality_bench_checks_its_analyzer_and_prints_a_row_per_model(tmp_path):
-    command = [sys.executable, "bench/quality.py", "--images", "2", "--steps", "1"]
-    env = {**os.environ, "MODEL_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = bench(
+        "quality.py", "--images", "2", "--steps", "1", timeout=300, servers=False, MODEL_CACHE_DIR=str(tmp_path)
+    )
     assert "analyzer on the renderer's own scenes: 100.0% right" in result.stdout
     assert "outline fit on the renderer's own scenes: 100.0% of shapes right" in result.stdout
     lines = result.stdout.splitlines()
@@ -79,9 +87,7 @@ def test_the_quality_bench_checks_its_analyzer_and_prints_a_row_per_model(tmp_pa
 
 
 def test_the_scaling_bench_prints_a_row_per_load_and_sets_the_policy_beside_them():
-    command = [sys.executable, "bench/scaling.py", "--seconds", "1"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("scaling.py", "--seconds", "1")
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row[0].lstrip("| ") for row in rows[1:]] == ["one client", "target", "capacity"], done.stdout
     assert [int(row[1]) for row in rows[1:]] == [1, 8, 24]  # from the task definition: 2 x 4, 2 x (4 + 8)
@@ -91,9 +97,7 @@ def test_the_scaling_bench_prints_a_row_per_load_and_sets_the_policy_beside_them
 
 def test_the_gpu_bench_measures_each_family_through_the_servers_own_path():
     # No GPU here: the harness runs on the CPU with the tiny builds, so the command in the README works.
-    command = [sys.executable, "bench/gpu.py", "--tiny", "--repeats", "1", "--batch", "2", "--steps", "1"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("gpu.py", "--tiny", "--repeats", "1", "--batch", "2", "--steps", "1", servers=False)
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| tiny-")]
     assert [(row[1], row[3], row[4]) for row in rows] == [
         ("sdxl", "float32", "64x64"),
@@ -104,53 +108,42 @@ def test_the_gpu_bench_measures_each_family_through_the_servers_own_path():
 
 
 def test_the_probe_bench_prints_both_priorities_and_the_images_they_drew():
-    command = [sys.executable, "bench/probes.py", "--rounds", "1", "--samples", "10", "--seconds", "2"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("probes.py", "--rounds", "1", "--samples", "10", "--seconds", "2")
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| 10 ", "| 0 "))]
     assert [row[0] for row in rows] == ["| 10", "| 0"], done.stdout
     assert all(float(row[1]) > 0 and float(row[3].rstrip(" |")) > 0 for row in rows), done.stdout
 
 
 def test_the_edit_bench_prints_memory_and_every_mode_beside_text_to_image():
-    command = [sys.executable, "bench/edits.py", "--runs", "1", "--steps", "4"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("edits.py", "--runs", "1", "--steps", "4", servers=False)
     rows = {line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")}
     assert {"RSS after images in every mode it serves", "PSS after images in every mode it serves"} <= rows
     assert {"text-to-image", "image-to-image, strength 0.8", "inpainting, strength 1.0"} <= rows, done.stdout
 
 
 def test_the_lora_bench_prints_first_use_per_image_and_the_cycling_workload():
-    command = [sys.executable, "bench/loras.py", "--adapters", "3", "--cache", "1", "--requests", "6", "--runs", "1"]
-    command += ["--steps", "2"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench(
+        "loras.py", "--adapters", "3", "--cache", "1", "--requests", "6", "--runs", "1", "--steps", "2", servers=False
+    )
     rows = [line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("first use of an adapter") and rows[2].startswith("one image with an adapter held")
     assert rows[3].startswith("6 requests cycling 3 adapters, cache 1"), done.stdout
 
 
 def test_the_upload_bomb_bench_prints_a_row_per_route():
-    command = [sys.executable, "bench/uploads.py", "--clients", "6", "--runs", "1", "--limits", "default"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("uploads.py", "--clients", "6", "--runs", "1", "--limits", "default")
     rows = [line for line in done.stdout.splitlines() if line.startswith("| /") or line.startswith("| both")]
     assert len(rows) == 3 and all("| 1048576 |" in row for row in rows), done.stdout
 
 
 def test_the_adapter_churn_bench_prints_its_slopes():
-    command = [sys.executable, "bench/lora_churn.py", "--loads", "8", "--mapped-loads", "4", "--every", "4"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("lora_churn.py", "--loads", "8", "--mapped-loads", "4", "--every", "4", servers=False)
     assert "| loads | adapters (pread) | no adapters | adapters (mmap, before) |" in done.stdout, done.stdout
     assert "| MB per 1000 loads, from load 4 |" in done.stdout, done.stdout
 
 
 def test_the_jobs_bench_prints_its_rows_and_loses_no_job():
-    command = [sys.executable, "bench/jobs.py", "--seconds", "1", "--rounds", "1", "--jobs", "4"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = bench("jobs.py", "--seconds", "1", "--rounds", "1", "--jobs", "4")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
     assert "images/s through jobs (submit, long poll)" in rows, done.stdout
     assert "submit p50 / p99, every worker generating" in rows, done.stdout
