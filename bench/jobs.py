@@ -40,8 +40,10 @@ CLIENTS = 8
 DONE = ("succeeded", "failed", "canceled")
 
 
-def job_clients(url: str, clients: int, seconds: float) -> dict[str, object]:
-    """``clients`` closed-loop clients: submit a job, poll it every 50 ms until done, again, for ``seconds``."""
+def job_clients(urls: list[str], clients: int, seconds: float) -> dict[str, object]:
+    """``clients`` closed-loop clients: submit a job, wait for it with a long poll, again, for ``seconds``.
+    Client ``i`` submits to ``urls[i]`` and follows the job at the next one (round robin): with two
+    replicas, every job is followed at the replica it was not submitted to."""
     submits: list[float] = []
     polls: list[float] = []
     images: list[float] = []
@@ -56,13 +58,14 @@ def job_clients(url: str, clients: int, seconds: float) -> dict[str, object]:
         while time.monotonic() < end:
             seed += 1
             sent = time.monotonic()
+            url, follow = urls[index % len(urls)], urls[(index + 1) % len(urls)]
             answer = session.post(url + "/v1/jobs", json={**JOB, "seed": seed}, timeout=60)
             submitted = time.monotonic() - sent
             if answer.status_code != 202:
                 with lock:
                     failed.append(str(answer.status_code))
                 continue
-            location = url + answer.headers["Location"]
+            location = follow + answer.headers["Location"]
             with lock:
                 known_ids.append(answer.json()["id"])
             while True:  # a long poll: the answer comes when the job is done (or after 60 s)
@@ -80,7 +83,7 @@ def job_clients(url: str, clients: int, seconds: float) -> dict[str, object]:
                 known = list(known_ids)
             if known:
                 asked = time.monotonic()
-                session.get(url + "/v1/jobs/" + known[-1], timeout=60)
+                session.get(urls[0] + "/v1/jobs/" + known[-1], timeout=60)
                 with lock:
                     polls.append(time.monotonic() - asked)
             time.sleep(0.1)
@@ -185,7 +188,7 @@ def main() -> None:
             traffic.drive(url, 4, min(2.0, args.seconds))  # warm up
             for _ in range(args.rounds):
                 sync_rates.append(traffic.drive(url, CLIENTS, args.seconds)["images_per_s"])
-                job_runs.append(job_clients(url, CLIENTS, args.seconds))
+                job_runs.append(job_clients([url], CLIENTS, args.seconds))
             killed = kills(cache, url, proc, store, args.jobs)
     sync = statistics.median(sync_rates)
     through_jobs = statistics.median(run["images_per_s"] for run in job_runs)

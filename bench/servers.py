@@ -16,10 +16,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts from bench/; the suite's helpers live in tests/
 
-from tests.conftest import FORKS, Receiver, Server, free_port  # noqa: E402 - needs the path above
+from tests.conftest import FORKS, Receiver, RedisServer, Server, free_port  # noqa: E402 - needs the path above
 from tests.forkserver import Forked, ForkServer  # noqa: E402 - needs the path above
 
-__all__ = ["ROOT", "Receiver", "free_port", "poll", "server"]
+__all__ = ["ROOT", "Receiver", "RedisServer", "free_port", "poll", "server"]
 
 # Run by the test suite (tests/test_bench.py), a benchmark forks its servers from the suite's fork server
 # (tests/forkserver.py): the tests check that it runs end to end, not its figures, and each fresh interpreter

@@ -85,6 +85,55 @@ def terminate(proc: subprocess.Popen | Forked, deadline_s: float) -> None:
             proc.wait(timeout=30)
 
 
+class RedisServer:
+    """Debian's ``redis-server`` on a free loopback port, its data in ``folder`` with append-only persistence on
+    (fsync every second, as docs/deployment.md advises), stopped by pid. ``start`` again on the same folder
+    is a restart: Redis loads what it appended."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder),
+                   "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                   "--logfile", str(self.folder / "redis.log")]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(self.answers, 30, f"redis-server on port {self.port} to answer PING")
+
+    def answers(self) -> bool:
+        import redis
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"redis-server exited: {(self.folder / 'redis.log').read_text()[-2000:]}")
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=2).ping())
+        except (redis.ConnectionError, redis.BusyLoadingError):
+            return False
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def stop(self) -> None:
+        """SIGTERM (Redis writes what it appended and exits), SIGKILL past a deadline."""
+        if self.proc is not None:
+            terminate(self.proc, 30)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own (tests/conftest.RedisServer)."""
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
 class Metrics:
     """One /metrics scrape, parsed with prometheus_client's own text parser."""
 

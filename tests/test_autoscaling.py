@@ -36,8 +36,9 @@ METRIC_NAME = re.compile(r"\bhonest_diffusion_[a-z_]+\b")
 
 
 def keda_query() -> str:
-    (scaled,) = [d for d in yaml.safe_load_all((DOCKER / "kubernetes-keda.yaml").read_text()) if d]
-    (trigger,) = scaled["spec"]["triggers"]
+    documents = [d for d in yaml.safe_load_all((DOCKER / "kubernetes-keda.yaml").read_text()) if d]
+    (scaled,) = [d for d in documents if d["kind"] == "ScaledObject"]
+    (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
     return trigger["metadata"]["query"]
 
 

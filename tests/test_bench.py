@@ -150,3 +150,13 @@ def test_the_jobs_bench_prints_its_rows_and_loses_no_job():
     lost = rows["jobs lost through a worker SIGKILL and a whole-server SIGKILL + restart"]
     assert lost.startswith("| jobs lost through a worker SIGKILL and a whole-server SIGKILL + restart | 0 of 4 |"), lost
     assert rows["completed webhooks duplicated / missing"].endswith("| pass |"), done.stdout
+
+
+def test_the_fleet_bench_prints_both_stores_one_and_two_replicas_and_loses_no_job():
+    done = bench("fleet.py", "--seconds", "1", "--rounds", "1", "--jobs", "3")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    for store in ("SQLite", "Redis"):
+        assert f"a job through {store}, submit to done (median)" in rows, done.stdout
+    assert "images/s through jobs, two replicas on one Redis" in rows, done.stdout
+    lost = rows["jobs lost through a worker SIGKILL, a whole-replica SIGKILL and a Redis restart"]
+    assert "| 0 of 3 |" in lost and lost.endswith("| pass |"), lost

@@ -33,14 +33,25 @@ def load_yaml(name: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all((DOCKER / name).read_text()) if doc]
 
 
+def plain_env(pairs: list[dict]) -> dict[str, str]:
+    """A container's environment given as values (not API_KEYS_FILE, nor what comes from a Secret or the pod)."""
+    return {item["name"]: item["value"] for item in pairs if item["name"] != "API_KEYS_FILE" and "value" in item}
+
+
+def scaled_object() -> dict:
+    (scaled,) = [d for d in load_yaml("kubernetes-keda.yaml") if d["kind"] == "ScaledObject"]
+    return scaled
+
+
 def load_json(name: str) -> dict:
     return json.loads((DOCKER / name).read_text())
 
 
 def env_settings(pairs: list[dict]) -> Settings:
     """The settings a manifest's environment gives, validated exactly as the server would at start (but
-    for API_KEYS_FILE, which only exists inside the pod: its mount is checked on its own)."""
-    env = {item["name"]: item["value"] for item in pairs if item["name"] != "API_KEYS_FILE"}
+    for API_KEYS_FILE, which only exists inside the pod: its mount is checked on its own, and the values
+    the pod gets from a Secret or its own name, checked where they are made)."""
+    env = plain_env(pairs)
     return Settings.from_env(env).for_workers(int(env.get("WEB_CONCURRENCY", "1")))  # gunicorn reads that one
 
 
@@ -187,10 +198,10 @@ def as_hpa(behavior: dict) -> dict:
 def test_the_kubernetes_manifests_pass_the_kubernetes_schemas_offline():
     import kubernetes_validate
 
-    for name in ("kubernetes.yaml", "kubernetes-hpa.yaml"):
+    for name in ("kubernetes.yaml", "kubernetes-hpa.yaml", "kubernetes-redis.yaml"):
         for document in load_yaml(name):
             validate_offline(document)
-    (scaled,) = load_yaml("kubernetes-keda.yaml")
+    scaled = scaled_object()
     validate_offline(as_hpa(scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]))
     (inference,) = load_yaml("kserve-inferenceservice.yaml")
     validate_offline(as_pod(inference["spec"]["predictor"]["containers"]))
@@ -218,7 +229,7 @@ def test_a_scale_down_or_a_node_drain_never_cuts_off_a_job_nor_takes_every_ready
     assert pod["terminationGracePeriodSeconds"] >= K8S_PRESTOP_S + settings.graceful_timeout
     (budget,) = [d for d in load_yaml("kubernetes.yaml") if d["kind"] == "PodDisruptionBudget"]
     assert budget["spec"]["selector"]["matchLabels"] == labels
-    (scaled,) = load_yaml("kubernetes-keda.yaml")
+    scaled = scaled_object()
     assert budget["spec"]["maxUnavailable"] < scaled["spec"]["minReplicaCount"], "a drain leaves a ready pod"
     assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "a pod that never got ready blocks none"
     spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
@@ -234,11 +245,11 @@ def test_keda_and_the_hpa_scale_on_the_same_per_pod_load_with_the_same_arithmeti
     per_pod_target = settings.workers * settings.max_ongoing  # full batches, nothing waiting
     per_pod_capacity = settings.workers * (settings.max_ongoing + settings.max_queued)
 
-    (scaled,) = load_yaml("kubernetes-keda.yaml")
+    scaled = scaled_object()
     assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    (trigger,) = spec["triggers"]
+    (trigger,) = [t for t in spec["triggers"] if t["type"] == "prometheus"]
     assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")  # divided by replicas
     metadata = trigger["metadata"]
     assert all(isinstance(value, str) for value in metadata.values()), "KEDA's trigger metadata is strings"
@@ -318,3 +329,63 @@ def test_cloud_run_and_fargate_autoscaling_agree_with_the_admission_limits():
     (container,) = load_json("fargate-task-definition.json")["containerDefinitions"]
     settings = env_settings(container["environment"])
     assert tracking["ScaleInCooldown"] >= settings.startup_budget_needed()
+
+
+def test_the_fleet_shares_one_redis_and_keda_scales_on_its_backlog(tmp_path):
+    """kubernetes.yaml's replicas read JOB_STORE from the Secret kubernetes-redis.yaml's Redis takes its
+    password from; KEDA's redis-streams trigger watches the stream and group the store uses, with the same
+    per-pod arithmetic as the Prometheus trigger; the Redis arguments are run by Debian's redis-server."""
+    import redis
+
+    from tests.conftest import free_port, terminate, wait_for
+    from webapp.queue import open_store
+    from webapp.queue.streams import GROUP
+
+    deployment, settings = deployment_settings()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    sourced = {item["name"]: item["valueFrom"] for item in container["env"] if "valueFrom" in item}
+    secret = sourced["JOB_STORE"]["secretKeyRef"]
+    assert sourced["REPLICA_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # unique per pod
+
+    redis_set, service = load_yaml("kubernetes-redis.yaml")
+    (redis_container,) = redis_set["spec"]["template"]["spec"]["containers"]
+    (password_env,) = redis_container["env"]
+    assert password_env["valueFrom"]["secretKeyRef"] == {"name": secret["name"], "key": "password"}
+    assert secret["key"] == "url"
+    (port,) = service["spec"]["ports"]
+
+    scaled = scaled_object()
+    (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "redis-streams"]
+    metadata = trigger["metadata"]
+    assert metadata["address"] == f"{service['metadata']['name']}.default.svc:{port['port']}"
+    url = f"redis://:secret@{service['metadata']['name']}:{port['port']}/0"
+    store = open_store(Settings.from_env({**plain_env(container["env"]), "JOB_STORE": url}))
+    assert (metadata["stream"], metadata["consumerGroup"]) == (store.stream, GROUP)
+    assert int(metadata["lagCount"]) == settings.workers * settings.max_ongoing  # as the Prometheus threshold
+    (auth,) = [d for d in load_yaml("kubernetes-keda.yaml") if d["kind"] == "TriggerAuthentication"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": secret["name"], "key": "password"}]
+
+    # The arguments as Redis reads them: append-only with an fsync a second, no eviction, the password.
+    args = [arg.replace("$(REDIS_PASSWORD)", "manifest-test") for arg in redis_container["args"]]
+    port_here = free_port()
+    command = ["redis-server", *args, "--bind", "127.0.0.1", "--port", str(port_here), "--dir", str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis(port=port_here, password="manifest-test", socket_timeout=2)
+        wait_for(lambda: _pings(client), 30, "redis-server with the manifest's arguments")
+        config = {key: client.config_get(key)[key] for key in ("appendonly", "appendfsync", "maxmemory-policy")}
+        assert config == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port_here, socket_timeout=2).ping()
+    finally:
+        terminate(proc, 30)
+
+
+def _pings(client) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.BusyLoadingError):
+        return False

@@ -105,7 +105,9 @@ IDEMPOTENCY_CONFLICT = _code(
     "idempotency_conflict", 422, "the Idempotency-Key already names a job made from another body"
 )
 JOB_STORE_UNAVAILABLE = _code(
-    "job_store_unavailable", 503, "the job store is full (JOB_STORE_MAX_MB) or cannot be written; nothing was stored"
+    "job_store_unavailable",
+    503,
+    "the job store is full (JOB_STORE_MAX_MB, or Redis's maxmemory) or cannot be reached; a submit stored nothing",
 )
 FOLLOWERS_FULL = _code(
     "followers_full",

@@ -14,6 +14,7 @@ passed to it by gunicorn.conf.py, flat.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -419,10 +420,16 @@ def _default_job_store(value: Any) -> Any:
 
 
 def _job_store(value: str) -> str:
-    """JOB_STORE: ``sqlite:///`` and an absolute path, as SQLAlchemy writes a SQLite URL (four slashes)."""
+    """JOB_STORE: ``sqlite:///`` and an absolute path, as SQLAlchemy writes a SQLite URL (four slashes), or a
+    Redis URL (``redis://``, ``rediss://`` for TLS) as redis-py reads it."""
+    if value.startswith(("redis://", "rediss://")):
+        return value
     path = value.removeprefix("sqlite:///")
     if path == value or not path.startswith("/"):
-        raise ValueError("JOB_STORE must be sqlite:/// followed by an absolute path (sqlite:////data/jobs.sqlite3)")
+        raise ValueError(
+            "JOB_STORE must be sqlite:/// followed by an absolute path (sqlite:////data/jobs.sqlite3), or a "
+            "redis:// or rediss:// URL"
+        )
     return value
 
 
@@ -434,7 +441,15 @@ class _Jobs(_Group):
         "JOB_STORE",
         "",
         "Where jobs are kept: sqlite:/// and an absolute path (WAL mode), in a folder mounted as a volume; empty "
-        "= $XDG_STATE_HOME (~/.local/state)/honest-diffusion/jobs.sqlite3 (the image sets /var/lib/honest-diffusion).",
+        "= $XDG_STATE_HOME (~/.local/state)/honest-diffusion/jobs.sqlite3 (the image sets /var/lib/honest-diffusion); "
+        "or redis://[:password@]host:port/db (rediss:// for TLS), one queue for a fleet of replicas.",
+    )
+    replica_name: str = _setting(
+        "REPLICA_NAME",
+        "",
+        "This replica's name in a shared job store (its workers' leases carry it; unique per replica, a pod's "
+        "name); empty = the host name.",
+        max_length=200,
     )
     job_ttl: int = _setting(
         "JOB_TTL", 86400, "Seconds a job and its images are kept; after that it answers 410.", ge=1, le=31536000
@@ -552,6 +567,11 @@ class Settings(_Jobs, _Access, _Traffic, _Health, _Model, _Serving):
     def model_name(self) -> str:
         """The served model's id for OpenAI clients."""
         return self.served_model_name or self.model_id
+
+    @property
+    def replica(self) -> str:
+        """This replica's name in the job store (REPLICA_NAME, else the host name)."""
+        return self.replica_name or socket.gethostname()
 
     def serves(self, name: str) -> bool:
         """Whether a client asking for model ``name`` means the one served here: its served name or its id."""

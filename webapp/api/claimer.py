@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import tenacity
 from flask import Flask, g
 
 from webapp import errors
@@ -22,7 +24,8 @@ from webapp.api.images import FORMATS
 from webapp.api.openai import protocol
 from webapp.api.params import parse
 from webapp.errors import ApiError
-from webapp.queue.store import JobStore, StoredJob, StoreUnavailable
+from webapp.queue import Store
+from webapp.queue.store import StoredJob, StoreUnavailable
 from webapp.runtime import Runtime
 from webapp.telemetry import logs
 
@@ -39,12 +42,14 @@ def image_url(job_id: str, n: int) -> str:
 class Claimer:
     """Claims and runs stored jobs for one worker (``start`` returns at once; ``wake`` after a submit here)."""
 
-    def __init__(self, app: Flask, runtime: Runtime, store: JobStore, owner: str) -> None:
+    def __init__(self, app: Flask, runtime: Runtime, store: Store, owner: str) -> None:
         self.app, self.runtime, self.store, self.owner = app, runtime, store, owner
         self.settings = runtime.settings
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._held: dict[str, jobs.Admitted | None] = {}  # claimed job id -> its engine job, once admitted
+        self.store_error: str | None = None  # why the store failed this thread's last look; None while it answers
+        self.store_answered = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"claimer-{runtime.slot}", daemon=True)
 
@@ -79,11 +84,15 @@ class Claimer:
                         self.store.sweep()
                         next_sweep = now + SWEEP_INTERVAL_S
                     claimed = self._claim()
+                if failing:
+                    log.info("job_store_available", slot=self.runtime.slot)
                 failing = False
+                self.store_error, self.store_answered = None, True
             except StoreUnavailable as exc:
                 if not failing:
                     log.warning("job_store_unavailable", slot=self.runtime.slot, error=str(exc))
                 failing = True
+                self.store_error = str(exc)
             except Exception:  # a bug here must not end the thread: stored jobs would wait for nobody
                 log.exception("claimer_error", slot=self.runtime.slot)
             if not claimed:
@@ -143,25 +152,47 @@ class Claimer:
         total = admitted.params.steps_run
         canceled = False
         for step in jobs.steps(admitted):
-            if not self.store.progress(stored.id, self.owner, step, total):
+            if not self._progress(stored, step, total):
                 admitted.job.abandon()  # asked to cancel (or no longer ours): stop between steps
                 canceled = True
                 break
         if canceled:
-            self.store.finish(stored.id, self.owner, "canceled", errors.CANCELED, "canceled while running")
+            message = "canceled while running"
+            self._settle(self.store.finish, stored.id, self.owner, "canceled", errors.CANCELED, message)
             log.info("job_canceled", slot=self.runtime.slot, job=stored.id)
             return
         try:
             images = jobs.wait(admitted)
         except ApiError as exc:
-            self.store.finish(stored.id, self.owner, "failed", exc.code, exc.message)
+            self._settle(self.store.finish, stored.id, self.owner, "failed", exc.code, exc.message)
             log.info("job_failed", slot=self.runtime.slot, job=stored.id, code=exc.code)
             return
         body, data = jobs.answer(admitted, images)
         output = stored_output(stored.id, body)
         media_type = FORMATS[admitted.params.output_format]
-        if self.store.succeed(stored.id, self.owner, output, [(media_type, item) for item in data]):
+        if self._settle(self.store.succeed, stored.id, self.owner, output, [(media_type, item) for item in data]):
             log.info("job_succeeded", slot=self.runtime.slot, job=stored.id, attempt=stored.attempt)
+
+    def _progress(self, stored: StoredJob, step: int, total: int) -> bool:
+        """Record a step; False when a client asked to cancel. A store that cannot be written now (a Redis
+        restarting) loses the step's record, not the job: it runs on, and its end is written when it can."""
+        try:
+            return self.store.progress(stored.id, self.owner, step, total)
+        except StoreUnavailable as exc:
+            log.warning("job_store_unavailable", slot=self.runtime.slot, job=stored.id, error=str(exc))
+            return True
+
+    def _settle(self, write: Callable[..., bool], *args: Any) -> bool:
+        """Write a job's end (its images and status), tried again while the store cannot take it, for as long
+        as the job's lease would last: images drawn are not thrown away for a store's restart. Past that
+        the lease has lapsed and another attempt owns the job."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(self.settings.job_lease_seconds),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=2),
+            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            reraise=True,
+        )
+        return retrying(write, *args)
 
     def _settle_refused(self, stored: StoredJob, exc: ApiError) -> None:
         """A claimed job the engine would not take: back to the queue when the worker is the reason (not

@@ -13,7 +13,7 @@ import time
 from flask import Blueprint, Response, jsonify, request
 
 from webapp import errors
-from webapp.api import auth, context
+from webapp.api import auth, context, job_routes
 from webapp.board import readiness
 from webapp.board.readiness import Verdict
 from webapp.telemetry import logs
@@ -68,9 +68,14 @@ def healthz() -> tuple[Response, int]:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """200 when READY_POLICY holds over the live workers; 503 at once otherwise, with the reason."""
+    """200 when READY_POLICY holds over the live workers; 503 at once otherwise, with the reason. The job
+    store's state is told beside the verdict and never changes it: the synchronous routes serve without
+    it (docs/architecture.md §17)."""
     verdict = current_verdict()
     body = _body(verdict, "ready" if verdict.ready else "not_ready", verdict.ready_reason, verdict.ready_brief)
+    body["job_store"], why = job_routes.store_state()
+    if why is not None and full_detail():
+        body["job_store_error"] = why
     return jsonify(body), 200 if verdict.ready else 503
 
 

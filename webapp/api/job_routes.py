@@ -30,10 +30,10 @@ from webapp.api.claimer import PARSERS, Claimer, stored_output
 from webapp.api.images import FORMATS
 from webapp.engine.core import NotReady
 from webapp.errors import ApiError, InvalidRequest
+from webapp.queue import Store, open_store
 from webapp.queue.store import (
     STATUSES,
     IdempotencyConflict,
-    JobStore,
     StoredJob,
     StoreUnavailable,
     lease_owner,
@@ -68,12 +68,12 @@ def _waiting_place() -> bool:
 
 def install(app: Flask, runtime: Runtime) -> None:
     """Give ``app`` the job store, and for a worker with an engine the claimer that runs stored jobs."""
-    job_store = JobStore(runtime.settings)
+    job_store = open_store(runtime.settings)
     app.extensions[_STORE] = job_store
     app.extensions[_WAITERS] = threading.BoundedSemaphore(max(1, waiting_places(runtime.settings)))
     app.extensions[_WAITERS_ANY] = waiting_places(runtime.settings) > 0
     if runtime.engine is not None:
-        claimer = Claimer(app, runtime, job_store, lease_owner(os.getpid()))
+        claimer = Claimer(app, runtime, job_store, lease_owner(runtime.settings, os.getpid()))
         deliverer = webhooks.Deliverer(job_store, runtime.settings, _body, runtime.slot)
         app.extensions[_CLAIMER], app.extensions[_DELIVERER] = claimer, deliverer
         claimer.start()
@@ -93,8 +93,17 @@ def shutdown(app: Flask) -> None:
             log.warning("job_store_unavailable", error=str(exc))
 
 
-def store() -> JobStore:
+def store() -> Store:
     return current_app.extensions[_STORE]
+
+
+def store_state() -> tuple[str, str | None]:
+    """What this worker's claimer last saw of the job store, without asking it (a probe does no I/O):
+    ("up", None), ("unavailable", why), or ("unknown", None) before its first look or with no engine."""
+    claimer = current_app.extensions.get(_CLAIMER)
+    if claimer is None or (not claimer.store_answered and claimer.store_error is None):
+        return "unknown", None
+    return ("unavailable", claimer.store_error) if claimer.store_error is not None else ("up", None)
 
 
 def wants_async() -> bool:
@@ -182,7 +191,8 @@ def keep_finished(route: str, kept: dict[str, object], admitted: jobs.Admitted, 
 
 
 def _store_unavailable(exc: StoreUnavailable) -> ApiError:
-    message = f"the job store cannot take a job now ({exc}); nothing was stored"
+    stored = " nothing was stored;" if request.method == "POST" else ""
+    message = f"the job store cannot answer now ({exc});{stored} try again after Retry-After"
     return ApiError(errors.JOB_STORE_UNAVAILABLE, message, headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
 

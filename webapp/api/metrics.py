@@ -18,7 +18,8 @@ from webapp.api import context, job_routes
 from webapp.board import metric_files, readiness
 from webapp.board.readiness import view_workers
 from webapp.board.slots import State
-from webapp.queue.store import JobStore, StoreUnavailable
+from webapp.queue import Store
+from webapp.queue.store import StoreUnavailable
 from webapp.telemetry.recorder import PREFIX, recorder
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ class JobsCollector:
     """The stored jobs by status and the age of the oldest queued one (what an autoscaler scales on), read
     from the job store at scrape time (docs/architecture.md §17); nothing until a job was ever submitted."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Any]:

@@ -161,6 +161,8 @@ def _answer_schemas() -> dict[str, Any]:
                 "policy": {"type": "string"},
                 "required_ready": {"type": "integer"},
                 "workers": {"type": "array", "items": worker},
+                "job_store": {"enum": ["up", "unavailable", "unknown"]},
+                "job_store_error": {"type": "string"},
             },
         },
     }

@@ -37,8 +37,8 @@ from standardwebhooks.webhooks import Webhook
 
 from webapp import errors
 from webapp.errors import InvalidRequest
-from webapp.queue.outbox import Outbox
-from webapp.queue.store import WEBHOOK_EVENTS, JobStore, StoreUnavailable
+from webapp.queue import Store
+from webapp.queue.store import WEBHOOK_EVENTS, StoreUnavailable
 from webapp.settings import Settings
 from webapp.telemetry import logs
 from webapp.telemetry.recorder import recorder
@@ -183,9 +183,9 @@ def send(url: str, delivery_id: str, body: str, settings: Settings) -> None:
 class Deliverer:
     """A worker's thread that sends due webhook deliveries, one at a time, from the store's outbox."""
 
-    def __init__(self, store: JobStore, settings: Settings, describe: Any, slot: int) -> None:
+    def __init__(self, store: Store, settings: Settings, describe: Any, slot: int) -> None:
         self.store, self.settings, self.describe, self.slot = store, settings, describe, slot
-        self.outbox = Outbox(store)
+        self.outbox = store.outbox
         self.policy = retry_policy(settings)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"webhooks-{slot}", daemon=True)

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import sqlite3
 import threading
 import time
@@ -153,10 +152,10 @@ def new_id() -> str:
     return "job_" + secrets.token_urlsafe(18)
 
 
-def lease_owner(pid: int) -> str:
-    """The name a worker's leases carry: this host and the worker's pid (the master releases a dead
-    worker's jobs by it)."""
-    return f"{socket.gethostname()}/{pid}"
+def lease_owner(settings: Settings, pid: int) -> str:
+    """The name a worker's leases carry: this replica (REPLICA_NAME, else the host) and the worker's pid (the
+    master releases a dead worker's jobs by it)."""
+    return f"{settings.replica}/{pid}"
 
 
 def sqlite_path(url: str) -> Path:
@@ -173,6 +172,7 @@ class JobStore:
         self.lease_s = settings.job_lease_seconds
         self.max_attempts = settings.job_max_attempts
         self.max_bytes = settings.job_store_max_mb * 1024 * 1024
+        self.outbox = outbox.Outbox(self)
         self._local = threading.local()
 
     def exists(self) -> bool:

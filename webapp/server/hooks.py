@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from webapp.board import lifecycle, metric_files
 from webapp.board.readiness import Gate
 from webapp.board.slots import DIR_PREFIX, Board, master_holds
-from webapp.queue.store import JobStore, StoreUnavailable, lease_owner
+from webapp.queue import open_store
+from webapp.queue.store import StoreUnavailable, lease_owner
 from webapp.settings import Settings, SettingsError, refusal
 from webapp.telemetry import logs
 
@@ -238,13 +239,14 @@ class ServerHooks:
         if self.board is not None and slot is not None:
             lifecycle.bury(self.board, slot, worker.pid)
         stopping = self.board is not None and self.board.shutting_down
-        self._release_jobs(f"worker pid {worker.pid} died", lease_owner(worker.pid), counted=not stopping)
+        holder = lease_owner(self.settings, worker.pid)
+        self._release_jobs(f"worker pid {worker.pid} died", holder, counted=not stopping)
 
     def _release_jobs(self, reason: str, holder: str | None = None, counted: bool = True) -> None:
         """Put the stored jobs of a dead holder (``holder``, or every one) back in the queue at once, rather
         than when their leases lapse; as a death (``counted``), or not, when the server is stopping and its
         workers were killed past GRACEFUL_TIMEOUT (docs/architecture.md §17)."""
-        store = JobStore(self.settings)
+        store = open_store(self.settings)
         if not store.exists():
             return
         try:
@@ -264,7 +266,7 @@ class ServerHooks:
         # past GRACEFUL_TIMEOUT, often before child_exit saw them. Their jobs go back to the queue without
         # counting an attempt (docs/architecture.md §17). A master that is SIGKILLed never gets here: its
         # jobs are released at the next start, as deaths.
-        store = JobStore(self.settings)
+        store = open_store(self.settings)
         if store.exists():
             try:
                 requeued = store.requeue()
