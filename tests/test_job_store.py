@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import RedisServer, wait_for
+from tests.conftest import RedisServer
 from webapp import errors
 from webapp.queue import Store, open_store
 from webapp.queue.store import IdempotencyConflict, StoreUnavailable, lease_owner
@@ -112,7 +112,7 @@ def test_cancel_ends_a_queued_job_at_once_and_flags_a_running_one_for_its_holder
     assert store.claim("replica-a/1") is None  # the canceled one is never claimed
     flagged = store.cancel(running.id)
     assert flagged.status == "running" and flagged.cancel_requested
-    assert store.renew("replica-a/1") == [running.id]
+    assert store.renew("replica-a/1", [running.id]) == [running.id]
     assert not store.progress(running.id, "replica-a/1", 1, 2)
     assert store.finish(running.id, "replica-a/1", "canceled", str(errors.CANCELED), "canceled while running")
     assert store.get(running.id).status == "canceled"
@@ -153,25 +153,33 @@ def test_the_replica_gives_back_every_worker_s_jobs_at_a_stop_and_releases_them_
     assert [store.get(job.id).deaths for job in jobs] == [["attempt 1: the container stopped while it ran"]] * 2
 
 
-def test_a_lease_renewed_holds_and_a_lapsed_one_goes_to_another_holder_as_the_next_attempt(make):
+def test_a_lease_renewed_holds_and_one_its_holder_does_not_renew_goes_to_another_as_the_next_attempt(make):
     store = make(JOB_LEASE_SECONDS="1")
-    job, _ = store.submit("alice", "generate", BODY)
-    assert store.claim("replica-a/1").id == job.id
+    other = make(JOB_LEASE_SECONDS="1", REPLICA_NAME="replica-b")  # another replica's store: its own connections
+    kept, _ = store.submit("alice", "generate", BODY)
+    lost, _ = store.submit("alice", "generate", {**BODY, "seed": 2})
+    assert store.claim("replica-a/1").id == kept.id
+    assert store.claim("replica-a/1").id == lost.id  # as if this claim's answer never reached its worker
 
     def taken_over() -> object:
-        store.release("its lease ran out (the worker stopped renewing it)", expired_before=time.time())
-        return store.claim("replica-b/1")  # as a claimer's loop does: release the lapsed, then claim
+        other.release("its lease ran out (the worker stopped renewing it)", expired_before=time.time())
+        return other.claim("replica-b/1")  # as a claimer's loop does: release the lapsed, then claim
 
+    taken = []
     renewed_until = time.monotonic() + 2.5  # over twice the lease, renewed every third of it
     while time.monotonic() < renewed_until:
-        assert store.renew("replica-a/1") == []
-        assert taken_over() is None
+        assert store.renew("replica-a/1", [kept.id]) == []  # only what the worker knows it runs
+        if taken:  # its new holder renews it too
+            assert other.renew("replica-b/1", [lost.id]) == []
+        else:
+            taken += [job for job in [taken_over()] if job is not None]
         time.sleep(0.3)
-    taken = wait_for(taken_over, 10, "the lapsed lease to be taken over")
-    assert taken.id == job.id and taken.attempt == 2 and taken.lease_owner == "replica-b/1"
-    assert "lease ran out" in store.get(job.id).deaths[0]
-    assert not store.succeed(job.id, "replica-a/1", {}, [])  # the old holder lost it
-    assert store.succeed(job.id, "replica-b/1", {}, [])
+    assert [(job.id, job.attempt, job.lease_owner) for job in taken] == [(lost.id, 2, "replica-b/1")]
+    assert "lease ran out" in store.get(lost.id).deaths[0]
+    assert store.get(kept.id).lease_owner == "replica-a/1" and store.get(kept.id).attempt == 1
+    assert not store.succeed(lost.id, "replica-a/1", {}, [])  # the old holder lost it
+    assert store.succeed(lost.id, "replica-b/1", {}, [])
+    assert store.succeed(kept.id, "replica-a/1", {}, [])
 
 
 def test_a_finished_job_past_its_retention_is_swept_to_a_tombstone_and_counted_no_more(store):

@@ -100,9 +100,13 @@ class Claimer:
                 self._wake.clear()
 
     def _renew(self) -> None:
-        """Renew this worker's leases (stopping the jobs a client canceled), and put back in the queue the
-        jobs whose holder stopped renewing (a worker that froze, or one the master never saw die)."""
-        for job_id in self.store.renew(self.owner):
+        """Renew the leases of the jobs this worker runs (stopping the ones a client canceled), and put back
+        in the queue the jobs whose holder stopped renewing (a worker that froze, or one the master never
+        saw die). Only the jobs it knows it runs: a claim whose answer was lost (the store restarted as it
+        answered) left a job under this worker's name that nobody runs, and its lease must lapse."""
+        with self._lock:
+            running = list(self._held)
+        for job_id in self.store.renew(self.owner, running):
             with self._lock:
                 admitted = self._held.get(job_id)
             if admitted is not None:
@@ -151,8 +155,16 @@ class Claimer:
             self._held[stored.id] = admitted
         total = admitted.params.steps_run
         canceled = False
+        unrecorded = 0
         for step in jobs.steps(admitted):
-            if not self._progress(stored, step, total):
+            try:
+                wanted = self.store.progress(stored.id, self.owner, step, total)
+            except StoreUnavailable as exc:  # the step's record is lost, not the job: it runs on
+                if not unrecorded:
+                    log.warning("job_store_unavailable", slot=self.runtime.slot, job=stored.id, error=str(exc))
+                unrecorded += 1
+                continue
+            if not wanted:
                 admitted.job.abandon()  # asked to cancel (or no longer ours): stop between steps
                 canceled = True
                 break
@@ -172,15 +184,6 @@ class Claimer:
         media_type = FORMATS[admitted.params.output_format]
         if self._settle(self.store.succeed, stored.id, self.owner, output, [(media_type, item) for item in data]):
             log.info("job_succeeded", slot=self.runtime.slot, job=stored.id, attempt=stored.attempt)
-
-    def _progress(self, stored: StoredJob, step: int, total: int) -> bool:
-        """Record a step; False when a client asked to cancel. A store that cannot be written now (a Redis
-        restarting) loses the step's record, not the job: it runs on, and its end is written when it can."""
-        try:
-            return self.store.progress(stored.id, self.owner, step, total)
-        except StoreUnavailable as exc:
-            log.warning("job_store_unavailable", slot=self.runtime.slot, job=stored.id, error=str(exc))
-            return True
 
     def _settle(self, write: Callable[..., bool], *args: Any) -> bool:
         """Write a job's end (its images and status), tried again while the store cannot take it, for as long

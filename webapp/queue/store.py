@@ -383,18 +383,17 @@ class JobStore:
                 outbox.announce(db, row["id"], "start", now)
         return _job(row) if row is not None else None
 
-    def renew(self, lease_owner: str) -> list[str]:
-        """Extend every lease ``lease_owner`` holds; the ids of its jobs a client asked to cancel."""
+    def renew(self, lease_owner: str, job_ids: list[str]) -> list[str]:
+        """Extend the leases ``lease_owner`` holds on ``job_ids`` (the jobs it runs: any other job under its
+        name lapses); the ids of those a client asked to cancel."""
+        marks = ",".join("?" * len(job_ids))
         with self.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND status = 'running'",
-                (time.time() + self.lease_s, lease_owner),
-            )
             rows = db.execute(
-                "SELECT id FROM jobs WHERE lease_owner = ? AND status = 'running' AND cancel_requested = 1",
-                (lease_owner,),
+                f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND status = 'running' AND id IN ({marks}) "
+                "RETURNING id, cancel_requested",
+                (time.time() + self.lease_s, lease_owner, *job_ids),
             ).fetchall()
-        return [row["id"] for row in rows]
+        return [row["id"] for row in rows if row["cancel_requested"]]
 
     def progress(self, job_id: str, lease_owner: str, step: int, total: int) -> bool:
         """Record a finished denoising step; False when the job was asked to cancel (or is no longer

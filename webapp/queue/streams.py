@@ -41,7 +41,7 @@ GROUP = "workers"
 GIVEN_BACK = "given-back"  # the consumer that holds entries given back, idle for ever: the next XAUTOCLAIM takes them
 GIVEN_BACK_IDLE_MS = 10**9  # about 11 days: past any lease (JOB_LEASE_SECONDS is at most an hour)
 # Redis's answers that mean "not now" (a restart loading its data, a full memory, a failed disk), not a bug here.
-UNAVAILABLE_REPLIES = ("LOADING", "OOM", "MISCONF", "READONLY", "MASTERDOWN", "BUSY", "NOREPLICAS")
+UNAVAILABLE_REPLIES = ("LOADING ", "OOM ", "MISCONF ", "READONLY ", "MASTERDOWN ", "BUSY ", "NOREPLICAS ")
 
 # Shared by every script. ARGV: 1 prefix, 2 a random nonce (delivery ids), 3 now, 4 JOB_TTL, then its own.
 PREAMBLE = """
@@ -191,11 +191,12 @@ announce(id, 'start')
 return redis.call('HGETALL', key)
 """
 
-# ARGV 5 lease owner, 6 lease until. Returns the ids a client asked to cancel.
+# ARGV 5 lease owner, 6 lease until, then the ids of the jobs it runs. Returns those a client asked to cancel.
 RENEW = """
 local owner = ARGV[5]
 local canceled = {}
-for _, id in ipairs(redis.call('SMEMBERS', P .. 'held:' .. owner)) do
+for i = 7, #ARGV do
+  local id = ARGV[i]
   local key = jobkey(id)
   local status, holder, queue, entry, cancel =
     unpack(redis.call('HMGET', key, 'status', 'lease_owner', 'queue', 'entry', 'cancel_requested'))
@@ -599,10 +600,13 @@ class RedisJobStore:
                 return _job({key.decode(): value.decode() for key, value in zip(pairs, pairs, strict=True)})
         return None
 
-    def renew(self, lease_owner: str) -> list[str]:
-        """Extend the leases ``lease_owner`` holds (its entries' idle time starts again); the ids of its jobs
-        a client asked to cancel."""
-        return [raw.decode() for raw in self._run("renew", lease_owner, repr(time.time() + self.lease_s))]
+    def renew(self, lease_owner: str, job_ids: list[str]) -> list[str]:
+        """Extend the leases ``lease_owner`` holds on ``job_ids`` (their entries' idle time starts again; any
+        other job under its name lapses); the ids of those a client asked to cancel."""
+        if not job_ids:
+            return []
+        until = repr(time.time() + self.lease_s)
+        return [raw.decode() for raw in self._run("renew", lease_owner, until, *job_ids)]
 
     def progress(self, job_id: str, lease_owner: str, step: int, total: int) -> bool:
         return self._run("progress", job_id, lease_owner, step, total) == 0
