@@ -11,9 +11,11 @@ test command installs it):
 3. Nothing lost: --jobs jobs submitted to replica A; A's worker SIGKILLed while it runs one; then, once its
    replacement is ready, all of A (master and worker) SIGKILLed with whatever it holds, and Redis restarted
    (SIGTERM, then started on the same folder) while B works: jobs that did not succeed.
-   JOB_LEASE_SECONDS=5, so B takes over what A ran after 5 s.
+   JOB_LEASE_SECONDS=5, so B takes over what A ran after 5 s; JOB_MAX_ATTEMPTS=3, since a job may die
+   with A's worker and again with the whole of A.
 
-Each replica: one worker, MAX_ONGOING=4, TORCH_THREADS=1 (one CPU each: on this 2-CPU machine two replicas
+Each replica: one worker, MAX_ONGOING=4, THREADS=24 (a long poll's place for each client),
+TORCH_THREADS=1 (one CPU each: on this 2-CPU machine two replicas
 have a CPU each, and a third would only share them). Tiny model, 64x64, 10 steps. Redis: redis-server on a
 free loopback port in a temporary folder, append-only with an fsync every second.
 """
@@ -36,7 +38,10 @@ import traffic
 from servers import RedisServer, poll, server
 
 LEASE_S = 5
-REPLICA = {"WEB_CONCURRENCY": "1", "MAX_ONGOING": "4", "TORCH_THREADS": "1", "JOB_LEASE_SECONDS": str(LEASE_S)}
+# THREADS 24: room for every client's long poll (THREADS - MAX_ONGOING - MAX_QUEUED - 2 = 10 waiting places).
+# JOB_MAX_ATTEMPTS 3: a job may die with A's worker and again with the whole of A (as in bench/jobs.py).
+REPLICA = {"WEB_CONCURRENCY": "1", "MAX_ONGOING": "4", "TORCH_THREADS": "1", "THREADS": "24",
+           "JOB_LEASE_SECONDS": str(LEASE_S), "JOB_MAX_ATTEMPTS": "3"}  # fmt: skip
 DONE = jobs.DONE
 
 

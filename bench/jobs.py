@@ -69,9 +69,12 @@ def job_clients(urls: list[str], clients: int, seconds: float) -> dict[str, obje
             with lock:
                 known_ids.append(answer.json()["id"])
             while True:  # a long poll: the answer comes when the job is done (or after 60 s)
-                job = session.get(location, headers={"Prefer": "wait=60"}, timeout=90).json()
+                answer = session.get(location, headers={"Prefer": "wait=60"}, timeout=90)
+                job = answer.json()
                 if job["status"] in DONE:
                     break
+                if "Preference-Applied" not in answer.headers:  # every waiting place taken: poll, politely
+                    time.sleep(0.05)
             with lock:
                 submits.append(submitted)
                 (images if job["status"] == "succeeded" else failed).append(time.monotonic())

@@ -10,8 +10,8 @@ import signal
 
 import pytest
 
-from tests.conftest import RedisServer, Server, running_server, wait_for
-from tests.test_jobs import FINISHED, submit
+from tests.conftest import Receiver, RedisServer, Server, running_server, wait_for
+from tests.test_jobs import FINISHED, WEBHOOK_SECRET, submit
 
 pytestmark = pytest.mark.slow  # servers of its own, to break (the fast lane is -m 'not slow')
 SLOW = {"prompt": "a slow green triangle", "num_inference_steps": 20}
@@ -34,6 +34,9 @@ def replica(name: str, redis_store: RedisServer, model_cache, tmp_path_factory, 
         JOB_STORE=redis_store.url,
         REPLICA_NAME=name,
         JOB_LEASE_SECONDS=str(LEASE_S),
+        WEBHOOK_SECRET=WEBHOOK_SECRET,
+        WEBHOOK_ALLOW_PRIVATE="1",  # the receiver is on loopback: tests never send anywhere else
+        WEBHOOK_RETRY_SCHEDULE="0.2,0.2,0.2",
         **env,
     )
 
@@ -62,7 +65,9 @@ def worker_pid(server: Server) -> int:
 
 def test_a_job_submitted_to_one_replica_is_followed_fetched_and_canceled_through_the_other(fleet):
     a, b = fleet
-    ids = [submit(a, {**SLOW, "seed": seed}).json()["id"] for seed in range(3)]
+    hook = Receiver(WEBHOOK_SECRET, 503)  # the first delivery fails: one replica or the other sends it again
+    hooked = {**SLOW, "seed": 0, "webhook": hook.url, "webhook_events_filter": ["completed"]}
+    ids = [submit(a, hooked).json()["id"], *(submit(a, {**SLOW, "seed": seed}).json()["id"] for seed in (1, 2))]
     last = b.get(f"/v1/jobs/{ids[-1]}").json()
     assert last["status"] == "queued", last  # one job at a time on each replica: the third waits
     canceled = b.post(f"/v1/jobs/{ids[-1]}/cancel").json()
@@ -74,6 +79,17 @@ def test_a_job_submitted_to_one_replica_is_followed_fetched_and_canceled_through
     image = b.get(done[0]["output"]["images"][0]["url"])
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
     assert a.get(f"/v1/jobs/{ids[-1]}").json()["status"] == "canceled"
+    # The shared outbox: each delivery attempt made by one replica, the retry under the same webhook-id.
+    try:
+        wait_for(lambda: len(hook.got) >= 2, 30, "the webhook to be sent again after its 503")
+        events = hook.events()
+        assert [(e["type"], e["data"]["id"], e["answered"]) for e in events] == [
+            ("job.completed", ids[0], 503),
+            ("job.completed", ids[0], 200),
+        ], events
+        assert events[0]["id"] == events[1]["id"]
+    finally:
+        hook.close()
 
 
 def test_redis_down_refuses_submits_and_polls_with_503_keeps_generate_and_ready_and_loses_no_job(fleet, redis_store):
