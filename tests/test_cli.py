@@ -62,6 +62,10 @@ def test_config_shows_each_value_and_its_source_with_keys_redacted():
     assert "do-not-print-me" not in result.stdout + result.stderr
     table = cli("config", env={"API_KEYS": "do-not-print-me"}).stdout
     assert "do-not-print-me" not in table and "(set, redacted)" in table
+    # A job store's URL carries its password: shown with the password redacted, the rest as set.
+    store = cli("config", "--json", env={"JOB_STORE": "redis://:do-not-print-me@redis.internal:6379/0"})
+    assert json.loads(store.stdout)["JOB_STORE"]["value"] == "redis://:(redacted)@redis.internal:6379/0"
+    assert "do-not-print-me" not in store.stdout + store.stderr
 
 
 def test_config_refuses_a_bad_value_with_the_servers_own_message(start_server):

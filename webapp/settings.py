@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -715,9 +716,19 @@ def effective(settings: Settings, environ: Mapping[str, str]) -> list[Effective]
         if isinstance(value, SecretStr):
             text = "(set, redacted)" if value.get_secret_value() else ""
         else:
-            text = "" if value is None else _text(value)
+            text = "" if value is None else without_password(_text(value))
         rows.append(Effective(variable, text, "environment" if variable in environ else "default"))
     return rows
+
+
+def without_password(text: str) -> str:
+    """``text`` with the password of a URL in it redacted (JOB_STORE=redis://:password@host carries one)."""
+    parts = urllib.parse.urlsplit(text) if "://" in text else None
+    if parts is None or parts.password is None:
+        return text
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}(redacted)@{host}"))
 
 
 def resolve_callable(spec: str) -> Callable[..., object]:
