@@ -378,6 +378,17 @@ def test_the_fleet_shares_one_redis_and_keda_scales_on_its_backlog(tmp_path):
         assert config == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port_here, socket_timeout=2).ping()
+
+        # What KEDA reads (XINFO GROUPS): the lag is the jobs no worker has taken, and stays known when a
+        # queued job is canceled (its entry is left for a claim to drop, not deleted).
+        local_url = f"redis://:manifest-test@127.0.0.1:{port_here}/0"
+        local = open_store(Settings.from_env({**plain_env(container["env"]), "JOB_STORE": local_url}))
+        submitted = [local.submit("alice", "generate", {"prompt": "a red circle", "seed": n})[0] for n in range(5)]
+        local.claim("replica-a/1")
+        local.claim("replica-a/1")
+        local.cancel(submitted[3].id)
+        (group,) = client.xinfo_groups(metadata["stream"])
+        assert (group["name"].decode(), group["lag"], group["pending"]) == (metadata["consumerGroup"], 3, 2)
     finally:
         terminate(proc, 30)
 
