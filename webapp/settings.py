@@ -466,7 +466,11 @@ class _Jobs(_Group):
         "JOB_MAX_ATTEMPTS", 2, "Attempts at a job whose worker died, before it fails naming the deaths.", ge=1, le=100
     )
     job_store_max_mb: int = _setting(
-        "JOB_STORE_MAX_MB", 1024, "The store's largest size; a full store makes submits 503.", ge=1, le=1048576
+        "JOB_STORE_MAX_MB",
+        1024,
+        "The SQLite store's largest size; a full store makes submits 503 (a Redis is bounded by its maxmemory).",
+        ge=1,
+        le=1048576,
     )
     job_poll_interval: Number = _setting(
         "JOB_POLL_INTERVAL", 0.05, "Seconds between a READY worker's looks for queued jobs.", ge=0.01, le=60
