@@ -11,7 +11,7 @@ test command installs it):
 3. Nothing lost: --jobs jobs submitted to replica A; A's worker SIGKILLed while it runs one; then, once its
    replacement is ready, all of A (master and worker) SIGKILLed with whatever it holds, and Redis restarted
    (SIGTERM, then started on the same folder) while B works: jobs that did not succeed.
-   JOB_LEASE_SECONDS=5, so B takes over what A ran after 5 s; JOB_MAX_ATTEMPTS=3, since a job may die
+   JOB_LEASE_SECONDS=5 (--lease), so B takes over what A ran after 5 s; JOB_MAX_ATTEMPTS=3, since a job may die
    with A's worker and again with the whole of A.
 
 Each replica: one worker, MAX_ONGOING=4, THREADS=24 (a long poll's place for each client),
@@ -37,17 +37,17 @@ import requests
 import traffic
 from servers import RedisServer, poll, server
 
-LEASE_S = 5
 # THREADS 24: room for every client's long poll (THREADS - MAX_ONGOING - MAX_QUEUED - 2 = 10 waiting places).
 # JOB_MAX_ATTEMPTS 3: a job may die with A's worker and again with the whole of A (as in bench/jobs.py).
 REPLICA = {"WEB_CONCURRENCY": "1", "MAX_ONGOING": "4", "TORCH_THREADS": "1", "THREADS": "24",
-           "JOB_LEASE_SECONDS": str(LEASE_S), "JOB_MAX_ATTEMPTS": "3"}  # fmt: skip
+           "JOB_MAX_ATTEMPTS": "3"}  # fmt: skip
 DONE = jobs.DONE
 
 
 @contextlib.contextmanager
-def replica(cache: str, store: str, name: str) -> Iterator[tuple[str, object]]:
-    with server(cache, JOB_STORE=store, REPLICA_NAME=name, **REPLICA) as (url, proc, _):
+def replica(cache: str, store: str, name: str, lease_s: float) -> Iterator[tuple[str, object]]:
+    env = {**REPLICA, "JOB_STORE": store, "REPLICA_NAME": name, "JOB_LEASE_SECONDS": f"{lease_s:g}"}
+    with server(cache, **env) as (url, proc, _):
         poll(url + "/readyz", lambda r: r.status_code == 200, 300)
         yield url, proc
 
@@ -109,20 +109,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load per throughput run")
     parser.add_argument("--rounds", type=int, default=3, help="throughput runs of each")
     parser.add_argument("--jobs", type=int, default=20, help="one-at-a-time jobs, and jobs through the kills")
+    parser.add_argument("--lease", type=float, default=5.0, help="JOB_LEASE_SECONDS: when B takes over A's jobs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         redis_server = RedisServer(Path(cache) / "redis")
         try:
-            with replica(cache, f"sqlite:///{cache}/jobs.sqlite3", "sqlite") as (url, _):
+            with replica(cache, f"sqlite:///{cache}/jobs.sqlite3", "sqlite", args.lease) as (url, _):
                 traffic.drive(url, 2, min(2.0, args.seconds))  # warm up
                 on_sqlite = one_at_a_time(url, args.jobs)
             alone, pair = [], []
-            with replica(cache, redis_server.url, "a") as a:
+            with replica(cache, redis_server.url, "a", args.lease) as a:
                 traffic.drive(a[0], 2, min(2.0, args.seconds))  # warm up
                 on_redis = one_at_a_time(a[0], args.jobs)
                 for _ in range(args.rounds):
                     alone.append(jobs.job_clients([a[0]], jobs.CLIENTS, args.seconds))
-                with replica(cache, redis_server.url, "b") as b:
+                with replica(cache, redis_server.url, "b", args.lease) as b:
                     for _ in range(args.rounds):
                         pair.append(jobs.job_clients([a[0], b[0]], jobs.CLIENTS, args.seconds))
                     killed = kills(a, b[0], redis_server, args.jobs)

@@ -153,7 +153,7 @@ def test_the_jobs_bench_prints_its_rows_and_loses_no_job():
 
 
 def test_the_fleet_bench_prints_both_stores_one_and_two_replicas_and_loses_no_job():
-    done = bench("fleet.py", "--seconds", "1", "--rounds", "1", "--jobs", "3")
+    done = bench("fleet.py", "--seconds", "1", "--rounds", "1", "--jobs", "3", "--lease", "2")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
     for store in ("SQLite", "Redis"):
         assert f"a job through {store}, submit to done (median)" in rows, done.stdout
