@@ -231,3 +231,26 @@ def test_a_store_that_cannot_be_reached_says_so_and_nothing_is_half_written(make
         broken.submit("alice", "generate", BODY)
     with pytest.raises(StoreUnavailable):
         broken.claim(f"replica-a/{os.getpid()}")
+
+
+def test_redis_keeps_no_listing_of_a_swept_job_and_no_key_of_a_finished_one_past_its_tombstone(tmp_path):
+    """Beside the contract: Redis's own housekeeping. Nothing a job leaves grows without bound: its ids go
+    from the listings at the sweep, and its hash and images carry their expiry."""
+    server = RedisServer(tmp_path / "redis")
+    try:
+        store = open_store(Settings.from_env({"JOB_STORE": server.url, "JOB_TTL": "60"}))
+        job, _ = store.submit("alice", "generate", BODY, idempotency_key="k")
+        store.claim("replica-a/1")
+        store.succeed(job.id, "replica-a/1", {}, [("image/png", PNG)])
+        client = server.client()
+        prefix = "honest-diffusion:"
+        assert client.zscore(prefix + "jobs", job.id) is not None
+        assert 0 < client.ttl(f"{prefix}img:{job.id}:0") <= 61  # EXPIREAT a whole second
+        assert 60 < client.ttl(f"{prefix}job:{job.id}") <= 121  # the 410 tombstone outlives the job by JOB_TTL
+        assert 0 < client.ttl(f"{prefix}idem:alice:k") <= 60
+        assert store.sweep(now=time.time() + 61) == 1
+        assert client.zscore(prefix + "jobs", job.id) is None
+        assert client.zscore(prefix + "owner:alice", job.id) is None
+        assert client.xlen(store.stream) == 0 and client.exists(f"{prefix}img:{job.id}:0") == 0
+    finally:
+        server.stop()

@@ -324,6 +324,9 @@ for _, status in ipairs({'succeeded', 'failed', 'canceled'}) do
       redis.call('HSET', key, 'swept', 1, 'request', '{}')
       redis.call('HDEL', key, 'output')
       redis.call('HINCRBY', key, 'version', 1)
+      -- listings leave a swept job out: its ids go from them now, so they hold only what they can show
+      redis.call('ZREM', P .. 'jobs', id)
+      redis.call('ZREM', P .. 'owner:' .. redis.call('HGET', key, 'owner'), id)
     end
     redis.call('ZREM', set, id)
     n = n + 1
