@@ -116,3 +116,15 @@ def test_a_stock_worker_class_stops_gunicorn_rather_than_give_each_worker_a_boar
         assert "create_app needs the worker's runtime" in "\n".join(server.log_lines())
     finally:
         server.stop()
+
+
+def test_an_unset_replica_name_is_the_host_and_a_suffix_new_at_each_start_and_kept_for_the_workers():
+    """Two replicas on one host must never share the name their leases carry: a start releases the jobs held
+    under its own name (docs/architecture.md §18)."""
+    import socket
+
+    first, second = Settings.from_env({}), Settings.from_env({})
+    assert first.replica_name.startswith(socket.gethostname() + "-")
+    assert first.replica_name != second.replica_name
+    assert first.for_workers(2).replica_name == first.replica_name  # the workers' leases carry the master's
+    assert Settings.from_env({"REPLICA_NAME": "pod-7"}).replica_name == "pod-7"

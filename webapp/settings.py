@@ -14,6 +14,7 @@ passed to it by gunicorn.conf.py, flat.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import tempfile
 import urllib.parse
@@ -434,6 +435,12 @@ def _job_store(value: str) -> str:
     return value
 
 
+def _replica_name(value: str) -> str:
+    """REPLICA_NAME, or the host name and a random suffix: two replicas on one host, or on hosts that all call
+    themselves localhost, must never share a name (a start releases the jobs held under its own)."""
+    return value or f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
 class _Jobs(_Group):
     """Asynchronous jobs (docs/architecture.md §17): where they are kept, for how long, and how often one is
     tried again."""
@@ -445,11 +452,12 @@ class _Jobs(_Group):
         "= $XDG_STATE_HOME (~/.local/state)/honest-diffusion/jobs.sqlite3 (the image sets /var/lib/honest-diffusion); "
         "or redis://[:password@]host:port/db (rediss:// for TLS), one queue for a fleet of replicas.",
     )
-    replica_name: str = _setting(
+    replica_name: Annotated[str, AfterValidator(_replica_name)] = _setting(
         "REPLICA_NAME",
         "",
-        "This replica's name in a shared job store (its workers' leases carry it; unique per replica, a pod's "
-        "name); empty = the host name.",
+        "This replica's name in a shared job store, which its workers' leases carry: unique per replica and "
+        "the same across its restarts (a pod's name), so a restarted replica gives back its jobs at once; "
+        "empty = the host name and a random suffix, new at each start (its jobs then wait out their lease).",
         max_length=200,
     )
     job_ttl: int = _setting(
@@ -572,11 +580,6 @@ class Settings(_Jobs, _Access, _Traffic, _Health, _Model, _Serving):
     def model_name(self) -> str:
         """The served model's id for OpenAI clients."""
         return self.served_model_name or self.model_id
-
-    @property
-    def replica(self) -> str:
-        """This replica's name in the job store (REPLICA_NAME, else the host name)."""
-        return self.replica_name or socket.gethostname()
 
     def serves(self, name: str) -> bool:
         """Whether a client asking for model ``name`` means the one served here: its served name or its id."""

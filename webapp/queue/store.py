@@ -153,9 +153,9 @@ def new_id() -> str:
 
 
 def lease_owner(settings: Settings, pid: int) -> str:
-    """The name a worker's leases carry: this replica (REPLICA_NAME, else the host) and the worker's pid (the
+    """The name a worker's leases carry: this replica (REPLICA_NAME) and the worker's pid (the
     master releases a dead worker's jobs by it)."""
-    return f"{settings.replica}/{pid}"
+    return f"{settings.replica_name}/{pid}"
 
 
 def sqlite_path(url: str) -> Path:

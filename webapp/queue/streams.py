@@ -417,7 +417,7 @@ class RedisJobStore:
         self.lease_s = settings.job_lease_seconds
         self.max_attempts = settings.job_max_attempts
         self.queue = settings.model_name
-        self.replica = settings.replica
+        self.replica = settings.replica_name
         self.stream = f"{PREFIX}queue:{self.queue}"
         self.client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
         self.outbox = RedisOutbox(self)
