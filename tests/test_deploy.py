@@ -400,3 +400,25 @@ def _pings(client) -> bool:
         return bool(client.ping())
     except (redis.ConnectionError, redis.BusyLoadingError):
         return False
+
+
+def test_every_manifest_that_runs_several_replicas_takes_its_job_store_from_a_secret():
+    """Each platform here runs more than one replica: with the SQLite default, a job would be known only to
+    the replica that took it (a poll on another is 404) and lost with it. So each reads JOB_STORE, a Redis
+    URL with its password, from the platform's secret store, never from the manifest's text."""
+    deployment = load_yaml("kubernetes.yaml")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    (inference,) = load_yaml("kserve-inferenceservice.yaml")
+    kserve = inference["spec"]["predictor"]["containers"][0]["env"]
+    (service,) = load_yaml("cloudrun-service.yaml")
+    cloudrun = service["spec"]["template"]["spec"]["containers"][0]["env"]
+    for env in (deployment, kserve, cloudrun):
+        (store,) = [item for item in env if item["name"] == "JOB_STORE"]
+        assert "value" not in store and "secretKeyRef" in store["valueFrom"], store
+    assert [item["valueFrom"] for item in kserve if item["name"] == "REPLICA_NAME"] == [
+        {"fieldRef": {"fieldPath": "metadata.name"}}
+    ]
+    (container,) = load_json("fargate-task-definition.json")["containerDefinitions"]
+    assert "JOB_STORE" not in {item["name"] for item in container["environment"]}
+    (secret,) = [item for item in container["secrets"] if item["name"] == "JOB_STORE"]
+    assert secret["valueFrom"].startswith("arn:aws:secretsmanager:")
+    assert load_json("fargate-task-definition.json")["executionRoleArn"].startswith("arn:aws:iam::")  # reads it
