@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_for
 from webapp import errors
 from webapp.queue import Store, open_store
 from webapp.queue.store import IdempotencyConflict, StoreUnavailable, lease_owner
@@ -180,6 +180,21 @@ def test_a_lease_renewed_holds_and_one_its_holder_does_not_renew_goes_to_another
     assert not store.succeed(lost.id, "replica-a/1", {}, [])  # the old holder lost it
     assert store.succeed(lost.id, "replica-b/1", {}, [])
     assert store.succeed(kept.id, "replica-a/1", {}, [])
+
+
+def test_a_lapsed_lease_is_put_back_in_the_queue_by_any_replica_as_a_death_and_claimed_first(make):
+    store = make(JOB_LEASE_SECONDS="1")
+    other = make(JOB_LEASE_SECONDS="1", REPLICA_NAME="replica-b")
+    job, _ = store.submit("alice", "generate", BODY)
+    later, _ = store.submit("alice", "generate", {**BODY, "seed": 2})
+    assert store.claim("replica-a/1").id == job.id
+    reason = "its lease ran out (the worker stopped renewing it)"
+    assert other.release(reason, expired_before=time.time()) == 0  # renewed or not, it has not lapsed yet
+    assert wait_for(lambda: other.release(reason, expired_before=time.time()), 10, "the lease to lapse") == 1
+    lapsed = other.get(job.id)
+    assert lapsed.status == "queued" and lapsed.lease_owner is None and reason in lapsed.deaths[0]
+    assert other.claim("replica-b/1").id == job.id  # ahead of the later job
+    assert other.get(job.id).attempt == 2 and other.get(later.id).status == "queued"
 
 
 def test_a_finished_job_past_its_retention_is_swept_to_a_tombstone_and_counted_no_more(store):

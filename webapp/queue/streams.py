@@ -9,6 +9,7 @@ lease it holds, exactly as the SQLite store's guarded UPDATEs:
                       XADD of its id to ``queue:<model>``; committed before the 202 is sent
     claim             XAUTOCLAIM first (an entry idle past the lease: its holder died, or it was given back),
                       then XREADGROUP ``>``; then the take script: queued -> running, attempt + 1
+    lapse             at each renew, entries idle past the lease (XPENDING IDLE) are given back as deaths
     renew             the take's lease is the entry's idle time in the group: XCLAIM (JUSTID, min-idle 0) by
                       its holder resets it every third of JOB_LEASE_SECONDS
     succeed / fail    by the lease's holder only; XACK and XDEL of the entry, the images beside the job
@@ -162,6 +163,32 @@ redis.call('ZADD', P .. 'owner:' .. owner, seq, id)
 redis.call('ZADD', P .. 's:' .. queue .. ':queued', seq, id)
 redis.call('HSET', key, 'entry', redis.call('XADD', P .. 'queue:' .. queue, '*', 'job', id))
 return {'new', id}
+"""
+
+# ARGV 5 the model's queue, 6 the lease in ms, 7 JOB_MAX_ATTEMPTS, 8 the reason, then entries found idle past
+# the lease. Each, still idle past it now (its holder may have renewed since it was listed), is given back: a
+# running job as a death, a job never taken (a claim whose answer was lost) as it is.
+LAPSE = """
+local stream = P .. 'queue:' .. ARGV[5]
+local n = 0
+for i = 9, #ARGV do
+  local entry = ARGV[i]
+  local still = redis.call('XPENDING', stream, 'workers', 'IDLE', tonumber(ARGV[6]), entry, entry, 1)
+  if #still == 1 and still[1][2] ~= 'given-back' then
+    local found = redis.call('XRANGE', stream, entry, entry)
+    local id = #found == 1 and found[1][2][2] or nil
+    local status, mine = nil, nil
+    if id then status, mine = unpack(redis.call('HMGET', jobkey(id), 'status', 'entry')) end
+    if mine == entry and status == 'running' then
+      local holder = redis.call('HGET', jobkey(id), 'lease_owner') or '?'
+      if death(id, ARGV[8] .. ' (' .. holder .. ')', tonumber(ARGV[7])) then given_back(id) end
+      n = n + 1
+    elseif mine == entry and status == 'queued' then
+      given_back(id)
+    end
+  end
+end
+return n
 """
 
 # ARGV 5 id, 6 entry, 7 lease owner, 8 lease until, 9 JOB_MAX_ATTEMPTS, 10 the lapsed lease's reason.
@@ -426,7 +453,8 @@ class RedisJobStore:
             name: self.client.register_script(PREAMBLE + body)
             for name, body in (("submit", SUBMIT), ("take", TAKE), ("renew", RENEW), ("progress", PROGRESS),
                                ("end", END), ("record", RECORD), ("cancel", CANCEL), ("give_back", GIVE_BACK),
-                               ("sweep", SWEEP), ("delivery_claim", DELIVERY_CLAIM), ("delivery_end", DELIVERY_END))
+                               ("sweep", SWEEP), ("delivery_claim", DELIVERY_CLAIM), ("delivery_end", DELIVERY_END),
+                               ("lapse", LAPSE))
         }  # fmt: skip
 
     def describe(self) -> str:
@@ -630,11 +658,20 @@ class RedisJobStore:
         )
 
     def release(self, reason: str, lease_owner: str | None = None, expired_before: float | None = None) -> int:
-        """A dead holder's jobs, as deaths: those of ``lease_owner``, or (neither given) of every worker of
-        this replica (it restarted). Lapsed leases (``expired_before``) need nothing here: the next claim's
-        XAUTOCLAIM takes them, as the next attempt."""
+        """A dead holder's jobs, as deaths: those of ``lease_owner``, those whose lease lapsed (``expired_before``:
+        their entries idle in the group past JOB_LEASE_SECONDS, found with XPENDING), or (neither given) those of
+        every worker of this replica (it restarted). A job given back is claimed first by any replica."""
         if expired_before is not None:
-            return 0
+            self._ensure_group()
+            lease_ms = int(self.lease_s * 1000)
+            lapsed = self._call(
+                "be read",
+                lambda: self.client.xpending_range(self.stream, GROUP, "-", "+", 100, idle=lease_ms),
+            )
+            entries = [row["message_id"].decode() for row in lapsed if row["consumer"].decode() != GIVEN_BACK]
+            if not entries:
+                return 0
+            return self._run("lapse", self.queue, lease_ms, self.max_attempts, reason, *entries)
         return sum(
             self._run("give_back", owner, "", 1, reason, self.max_attempts, self.queue)
             for owner in self._owners(lease_owner)
