@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -27,11 +28,16 @@ __all__ = ["ROOT", "Receiver", "RedisServer", "free_port", "poll", "server"]
 FORK_SERVER = os.environ.get("TEST_FORK_SERVER", "")
 if FORK_SERVER:
     FORKS.append(ForkServer.attach(FORK_SERVER))
-FORKED_NOTE = (
-    "note: servers forked from the test suite's fork server (TEST_FORK_SERVER): their start times and memory "
-    "are not a fresh start's"
-)
-_noted: list[bool] = []
+
+
+@functools.cache
+def note_forked() -> None:
+    """Say once, beside the table, that this run's figures are not a fresh start's."""
+    print(
+        "note: servers forked from the test suite's fork server (TEST_FORK_SERVER): their start times and memory "
+        "are not a fresh start's",
+        flush=True,
+    )
 
 
 def poll(
@@ -66,9 +72,8 @@ def server(cache: str, *args: str, **env: str) -> Iterator[tuple[str, subprocess
         full_env.setdefault("JOB_STORE", f"sqlite:///{folder}/jobs.sqlite3")
         started = time.monotonic()
         running = Server(full_env, Path(folder) / "gunicorn.log", args)
-        if isinstance(running.proc, Forked) and not _noted:
-            print(FORKED_NOTE, flush=True)
-            _noted.append(True)
+        if isinstance(running.proc, Forked):
+            note_forked()
         try:
             yield running.url, running.proc, started
         finally:

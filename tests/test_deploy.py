@@ -339,7 +339,7 @@ def test_the_fleet_shares_one_redis_and_keda_scales_on_its_backlog(tmp_path):
 
     from tests.conftest import free_port, terminate, wait_for
     from webapp.queue import open_store
-    from webapp.queue.streams import GROUP
+    from webapp.queue.lua import GROUP
 
     deployment, settings = deployment_settings()
     (container,) = deployment["spec"]["template"]["spec"]["containers"]

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from tests.conftest import Receiver, RedisServer, Server, running_server, wait_for
-from tests.test_jobs import FINISHED, WEBHOOK_SECRET, submit
+from tests.test_jobs import WEBHOOK_SECRET, finished, submit
 
 pytestmark = pytest.mark.slow  # servers of its own, to break (the fast lane is -m 'not slow')
 SLOW = {"prompt": "a slow green triangle", "num_inference_steps": 20}
@@ -50,14 +50,6 @@ def fleet(redis_store, model_cache, tmp_path_factory):
         yield a, b
 
 
-def finished(server: Server, job_id: str, deadline_s: float = 180) -> dict:
-    def done() -> dict | None:
-        response = server.get(f"/v1/jobs/{job_id}")
-        return response.json() if response.status_code == 200 and response.json()["status"] in FINISHED else None
-
-    return wait_for(done, deadline_s, f"job {job_id} to finish", interval=0.1)
-
-
 def worker_pid(server: Server) -> int:
     (worker,) = server.workers()
     return worker["pid"]
@@ -72,7 +64,7 @@ def test_a_job_submitted_to_one_replica_is_followed_fetched_and_canceled_through
     assert last["status"] == "queued", last  # one job at a time on each replica: the third waits
     canceled = b.post(f"/v1/jobs/{ids[-1]}/cancel").json()
     assert canceled["status"] == "canceled", canceled
-    done = [finished(b, job_id) for job_id in ids[:2]]
+    done = [finished(b, job_id, 180) for job_id in ids[:2]]
     assert [job["status"] for job in done] == ["succeeded", "succeeded"], done
     # The idle replica took work from the busy one: both ran one of the jobs A was given.
     assert {job["output"]["worker"]["pid"] for job in done} == {worker_pid(a), worker_pid(b)}, done

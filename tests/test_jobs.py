@@ -27,9 +27,12 @@ def submit(server: Server, body: dict, **headers: str) -> requests.Response:
 
 
 def finished(server: Server, job_id: str, deadline_s: float = 120, **headers: str) -> dict:
+    """The job once it has finished; a 503 meanwhile (its store restarting, tests/test_fleet.py) is waited out."""
+
     def done() -> dict | None:
-        job = server.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        return job if job["status"] in FINISHED else None
+        response = server.get(f"/v1/jobs/{job_id}", headers=headers)
+        job = response.json() if response.status_code == 200 else {}
+        return job if job.get("status") in FINISHED else None
 
     return wait_for(done, deadline_s, f"job {job_id} to finish", interval=0.1)
 

@@ -48,8 +48,8 @@ class Claimer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._held: dict[str, jobs.Admitted | None] = {}  # claimed job id -> its engine job, once admitted
-        self.store_error: str | None = None  # why the store failed this thread's last look; None while it answers
-        self.store_answered = False
+        self._store_error: str | None = None  # why the store failed this thread's last look; None if it answered
+        self._store_answered = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"claimer-{runtime.slot}", daemon=True)
 
@@ -71,7 +71,6 @@ class Claimer:
     def _run(self) -> None:
         renew_every = self.settings.job_lease_seconds / 3
         next_renew = next_sweep = 0.0
-        failing = False
         while not self._stop.is_set():
             claimed = False
             try:
@@ -84,20 +83,25 @@ class Claimer:
                         self.store.sweep()
                         next_sweep = now + SWEEP_INTERVAL_S
                     claimed = self._claim()
-                if failing:
+                if self._store_error is not None:
                     log.info("job_store_available", slot=self.runtime.slot)
-                failing = False
-                self.store_error, self.store_answered = None, True
+                self._store_error, self._store_answered = None, True
             except StoreUnavailable as exc:
-                if not failing:
+                if self._store_error is None:
                     log.warning("job_store_unavailable", slot=self.runtime.slot, error=str(exc))
-                failing = True
-                self.store_error = str(exc)
+                self._store_error = str(exc)
             except Exception:  # a bug here must not end the thread: stored jobs would wait for nobody
                 log.exception("claimer_error", slot=self.runtime.slot)
             if not claimed:
                 self._wake.wait(self.settings.job_poll_interval)
                 self._wake.clear()
+
+    def store_state(self) -> tuple[str, str | None]:
+        """What this thread last saw of the job store: ("up", None), ("unavailable", why), or ("unknown",
+        None) before its first look. Read by /readyz, which asks the store nothing itself."""
+        if self._store_error is not None:
+            return "unavailable", self._store_error
+        return ("up", None) if self._store_answered else ("unknown", None)
 
     def _renew(self) -> None:
         """Renew the leases of the jobs this worker runs (stopping the ones a client canceled), and put back

@@ -98,12 +98,10 @@ def store() -> Store:
 
 
 def store_state() -> tuple[str, str | None]:
-    """What this worker's claimer last saw of the job store, without asking it (a probe does no I/O):
-    ("up", None), ("unavailable", why), or ("unknown", None) before its first look or with no engine."""
+    """What this worker's claimer last saw of the job store (``Claimer.store_state``); "unknown" with no
+    engine (no claimer)."""
     claimer = current_app.extensions.get(_CLAIMER)
-    if claimer is None or (not claimer.store_answered and claimer.store_error is None):
-        return "unknown", None
-    return ("unavailable", claimer.store_error) if claimer.store_error is not None else ("up", None)
+    return claimer.store_state() if claimer is not None else ("unknown", None)
 
 
 def wants_async() -> bool:
